@@ -17,6 +17,10 @@ class AuthenticationError(ConnectError):
     """Wrong password, unknown user or a failed proof. Never retried automatically."""
 
 
+class ConfigError(ParnetError):
+    """A missing, malformed or unsafe configuration or secret file; the message names it and the fix."""
+
+
 class ConnectionClosed(ParnetError, OSError):
     """The peer or the network ended the link (also an ``OSError`` so retry code catches it)."""
 
