@@ -1,0 +1,64 @@
+"""parnet: cluster execution for Python, after GNU Octave's ``parallel`` package.
+
+Start ``parnet server`` on a few machines, connect with ``pconnect``, then evaluate code
+remotely (``reval``, ``rfeval``), move values directly between any two machines (``psend``,
+``precv``), and map functions over all machines and their cores (``netcellfun``,
+``netarrayfun``). Authenticated and encrypted by default (TLS 1.3 + SRP-6a).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .client import (
+    install_vars,
+    network_get_info,
+    network_set,
+    pconnect,
+    pserver,
+    reval,
+    rfeval,
+    sclose,
+)
+from .errors import (
+    AuthenticationError,
+    ConnectError,
+    ConnectionClosed,
+    ParnetError,
+    ProtocolError,
+    RemoteError,
+)
+from .network import Connections, NodeInfo, precv, psend, select_sockets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError", "ConnectError", "ConnectionClosed", "Connections", "NodeInfo",
+    "ParnetError", "ProtocolError", "RemoteError", "fload", "fsave", "install_vars",
+    "netarrayfun", "netcellfun", "network_get_info", "network_set", "parallel_generate_srp_data",
+    "pararrayfun", "parcellfun", "pconnect", "precv", "pserver", "psend", "reval", "rfeval",
+    "sclose", "select", "select_sockets",
+]
+
+_LAZY = {
+    "parallel_generate_srp_data": ("parnet.auth.keyfile", "parallel_generate_srp_data"),
+    "netcellfun": ("parnet.maps.netmap", "netcellfun"),
+    "netarrayfun": ("parnet.maps.netmap", "netarrayfun"),
+    "parcellfun": ("parnet.maps.localmap", "parcellfun"),
+    "pararrayfun": ("parnet.maps.localmap", "pararrayfun"),
+    "fsave": ("parnet.helpers", "fsave"),
+    "fload": ("parnet.helpers", "fload"),
+    "select": ("parnet.helpers", "select"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Modules written in parallel are imported on first use; keeps `import parnet` light.
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'parnet' has no attribute {name!r}")

@@ -1,0 +1,414 @@
+"""The client side: ``pconnect`` and the calls that send commands to servers.
+
+``pconnect`` sets a network up in three parallel phases (DESIGN.md, "Connection set-up"):
+
+1. to every server at once: command connection, preamble, TLS, SRP (client checks the
+   server's proof before anything else is sent);
+2. SETUP to every worker (its node id, every node's address, the cwd, and only its own
+   pairwise keys); meanwhile the client opens its own data link to every server;
+3. wait for every worker's READY (its links to all other nodes are up).
+
+Any failure closes everything opened so far and raises ``ConnectError`` naming the server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import getpass
+import ipaddress
+import itertools
+import os
+import socket
+import sys
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from . import handshake
+from .constants import CMD_PORT
+from .errors import ConnectError, ConnectionClosed, ParnetError, ProtocolError
+from .link import Link, wait_links
+from .network import Connections, Network, NodeInfo, _single
+from .wire import messages as msg
+from .wire import serialize
+
+_open_networks: weakref.WeakSet[Network] = weakref.WeakSet()
+_req_ids = itertools.count(1)
+
+
+def parse_host(spec: str) -> tuple[str, int]:
+    """``"name"``, ``"name:port"``, ``"[v6addr]:port"`` or a bare IPv6 address -> (host, port)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"bad host {spec!r}")
+    spec = spec.strip()
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else CMD_PORT
+        return host, port
+    if spec.count(":") == 1:
+        host, port = spec.split(":")
+        return host, int(port)
+    return spec, CMD_PORT
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def _check_hosts(hosts: Sequence[str]) -> list[tuple[str, int]]:
+    if isinstance(hosts, str) or not isinstance(hosts, Sequence) or not hosts:
+        raise ValueError("hosts must be a non-empty list of server names")
+    addrs = [parse_host(h) for h in hosts]
+    if len(set(addrs)) != len(addrs):
+        raise ValueError(f"server names must be unique: {list(hosts)}")
+    loop = [_is_loopback(h) for h, _ in addrs]
+    if any(loop[1:]) and not all(loop):
+        bad = [hosts[k] for k in range(1, len(hosts)) if loop[k]]
+        raise ValueError(f"a loopback name ({', '.join(bad)}) is accepted only as the first server, or when "
+                         "every server is on this machine: the other servers must reach it by that name")
+    return addrs
+
+
+def _credentials(password_file: str | None, user: str | None) -> tuple[str, str]:
+    if user is not None:
+        return user, getpass.getpass(f"parnet password for {user}: ")
+    from .auth.keyfile import read_client_password
+
+    return read_client_password(password_file)
+
+
+def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str | None = None,
+             user: str | None = None, timeout: float = 30.0) -> Connections:
+    """Connects to the servers ``hosts`` and sets up the full mesh between all of them.
+
+    Args:
+        hosts: server names, ``"name"`` or ``"name:cmdport"`` (IPv6: ``"[addr]:port"``).
+        use_tls: TLS + SRP authentication (the servers must agree).
+        password_file: the client SRP file (default ``$PARNET_HOME/srp/client/user_passwd``).
+        user: ask for this user's password at the terminal instead of reading the file.
+        timeout: seconds for the whole set-up.
+
+    Returns:
+        The network's ``Connections``: ``[0]`` is this machine, ``[1:]`` the servers in order.
+
+    Raises:
+        ValueError: bad or duplicate names, misplaced loopback name.
+        ConnectError: a server could not be reached, set up, or (``AuthenticationError``)
+            authenticated; the message names it. Nothing is left open.
+    """
+    addrs = _check_hosts(hosts)
+    names = [str(h) for h in hosts]
+    deadline = time.monotonic() + timeout
+    username = password = ""
+    ctx = None
+    master = None
+    if use_tls:
+        from .auth.pairkeys import new_master_secret
+        from .auth.tls import client_context
+
+        username, password = _credentials(password_file, user)
+        ctx = client_context()
+        master = new_master_secret()
+    netid = uuid.uuid4().bytes
+    net = Network(netid, names, 0)
+    n = len(addrs)
+    pool = ThreadPoolExecutor(max_workers=min(32, n))
+    try:
+        def login(k: int) -> tuple[Link, int]:
+            host, port = addrs[k - 1]
+            pre = handshake.Preamble(1, handshake.KIND_CMD, use_tls, netid, 0, k)
+            sock, dport = handshake.open_channel(host, port, pre, deadline=deadline, ctx=ctx)
+            link = Link(sock, name=f"{names[k - 1]} (node {k}, command)", authenticated=not use_tls)
+            try:
+                if use_tls:
+                    from .auth.tls import cert_binding
+
+                    cb = cert_binding(sock.getpeercert(binary_form=True))
+                    handshake.srp_client(link, username, password, cb, True, deadline)
+            except BaseException:
+                link.close()
+                raise
+            return link, dport
+
+        results = _gather(pool, login, range(1, n + 1), names)
+        data_addrs = []
+        for k, (link, dport) in enumerate(results, start=1):
+            net.nodes[k].cmd = link
+            data_addrs.append((addrs[k - 1][0], dport))
+        for k in range(1, n + 1):
+            keys = {}
+            if master is not None:
+                from .auth.pairkeys import pair_key
+
+                keys = {j: pair_key(master, netid, k, j) for j in range(n + 1) if j != k}
+            setup = {"node": k, "hosts": names, "data_addrs": data_addrs, "cwd": os.getcwd(),
+                     "keys": keys, "nlocaljobs": 0, "timeout": max(0.5, deadline - time.monotonic())}
+            net.nodes[k].cmd.send_frame(msg.SETUP, serialize.dumps(setup)[0])  # type: ignore[union-attr]
+
+        def data_link(k: int) -> Link:
+            host, dport = data_addrs[k - 1]
+            pre = handshake.Preamble(1, handshake.KIND_DATA, use_tls, netid, 0, k)
+            sock, _ = handshake.open_channel(host, dport, pre, deadline=deadline, ctx=ctx)
+            link = Link(sock, name=f"{names[k - 1]} (node {k})", authenticated=not use_tls)
+            if use_tls:
+                from .auth.pairkeys import pair_key
+                from .auth.tls import cert_binding
+
+                cb = cert_binding(sock.getpeercert(binary_form=True))
+                handshake.tags_initiator(link, pair_key(master, netid, 0, k), netid, 0, k, cb, deadline)  # type: ignore[arg-type]
+            return link
+
+        for k, link in enumerate(_gather(pool, data_link, range(1, n + 1), names), start=1):
+            net.nodes[k].data = link
+        for k in range(1, n + 1):
+            _await_ready(net, k, deadline)
+    except BaseException:
+        net.close()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        if master is not None:
+            master[:] = bytes(len(master))
+    _open_networks.add(net)
+    return Connections(net, range(n + 1))
+
+
+def _gather(pool: ThreadPoolExecutor, fn: Callable[[int], Any], ks: range, names: list[str]) -> list[Any]:
+    """Runs ``fn(k)`` for every k at once; on any failure closes what the others opened."""
+    futs = [pool.submit(fn, k) for k in ks]
+    out: list[Any] = []
+    first: BaseException | None = None
+    for k, fut in zip(ks, futs, strict=True):
+        try:
+            out.append(fut.result())
+        except BaseException as e:  # noqa: BLE001
+            if first is None:
+                first = e if isinstance(e, ConnectError) else ConnectError(f"{names[k - 1]}: {e}")
+                first.__cause__ = e if first is not e else e.__cause__
+    if first is not None:
+        for r in out:
+            (r[0] if isinstance(r, tuple) else r).close()
+        raise first
+    return out
+
+
+def _await_ready(net: Network, k: int, deadline: float) -> None:
+    node = net.nodes[k]
+    assert node.cmd is not None
+    try:
+        f = node.cmd.recv_frame(deadline)
+    except TimeoutError:
+        raise ConnectError(f"{node.host}: the server did not finish setting up the network in time") from None
+    except (ConnectionClosed, ProtocolError) as e:
+        raise ConnectError(f"{node.host}: {e}") from e
+    if f.code == msg.SETUP_FAILED:
+        raise ConnectError(f"{node.host}: {serialize.loads(f.body)}")
+    if f.code != msg.READY:
+        raise ConnectError(f"{node.host}: unexpected message {f.code} during set-up")
+    info = serialize.loads(f.body, f.buffers)
+    node.nproc = int(info.get("nproc", 1))
+
+
+def _servers(connections: Connections, what: str) -> tuple[Network, list[int]]:
+    if not isinstance(connections, Connections):
+        raise TypeError(f"{what}: expected a Connections object, got {type(connections).__name__}")
+    net = connections.network
+    if not net.is_client:
+        raise ParnetError(f"{what} can only be called at the client")
+    if net.closed:
+        raise ConnectionClosed("the network is closed")
+    return net, [k for k in connections.indices if k != 0]
+
+
+def _send_cmd(net: Network, k: int, code: int, body: bytes, bufs: Sequence = (), flags: int = 0) -> None:
+    node = net.nodes[k]
+    net.raise_errors([k])
+    if node.cmd is None or not node.open:
+        raise ConnectionClosed(f"{net.name(k)} is not open: {node.closed_reason or 'closed'}")
+    try:
+        node.cmd.send_frame(code, body, bufs, flags)
+    except ConnectionClosed:
+        net._lost(k, "command link closed")
+        raise
+
+
+def reval(commands: str, connections: Connections) -> None:
+    """Runs the Python source ``commands`` at every server in ``connections``.
+
+    Returns as soon as the command is sent; commands run in order, in one namespace per
+    server and network, where ``sockets``, ``psend``, ``precv``, ``select_sockets`` and
+    ``np`` are predefined.
+
+    Raises:
+        RemoteError: an earlier command at one of these servers failed.
+        ConnectionClosed: a server is gone.
+    """
+    if not isinstance(commands, str):
+        raise TypeError("reval: commands must be a str of Python source")
+    net, ks = _servers(connections, "reval")
+    body, bufs, flags = serialize.dumps(commands)
+    for k in ks:
+        _send_cmd(net, k, msg.REVAL, body, bufs, flags)
+
+
+def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: int | None = None,
+           isout: Sequence[bool] | None = None, wait: bool = True, **kwargs: Any) -> Any:
+    """Calls ``func(*args, **kwargs)`` at the one server ``connection``.
+
+    Returns:
+        With ``wait``: the result (with ``nout=k``: a list of the outputs picked by ``isout``
+        from the k-tuple ``func`` returns). Without: ``None``; read the result later with
+        ``precv(connection)``.
+
+    Raises:
+        RemoteError: ``func`` raised there. ConnectionClosed: the server is gone.
+    """
+    k = _single(connection, "rfeval")
+    net, _ = _servers(connection, "rfeval")
+    if k == 0:
+        raise ValueError("rfeval: the connection must be a server, not the local machine")
+    if nout is not None and (not isinstance(nout, int) or nout < 0):
+        raise ValueError("rfeval: nout must be an int >= 0")
+    if isout is not None:
+        isout = [bool(b) for b in isout]
+        if nout is None or len(isout) != nout:
+            raise ValueError("rfeval: isout needs nout and must have nout elements")
+    req = next(_req_ids)
+    body, bufs, flags = serialize.dumps((req, func, args, kwargs, nout, isout, wait))
+    _send_cmd(net, k, msg.CALL, body, bufs, flags)
+    if not wait:
+        return None
+    node = net.nodes[k]
+    while True:
+        net.pump_cmd(k)
+        if req in node.results:
+            return node.results.pop(req)
+        net.raise_errors([k])
+        if not node.open:
+            raise ConnectionClosed(f"{net.name(k)} is gone: {node.closed_reason}")
+        wait_links([node.cmd], None)  # type: ignore[list-item]
+
+
+def sclose(connections: Connections) -> None:
+    """Closes the whole network ``connections`` belongs to; its server workers exit. Idempotent."""
+    if not isinstance(connections, Connections):
+        raise TypeError(f"sclose: expected a Connections object, got {type(connections).__name__}")
+    net = connections.network
+    if net.closed:
+        return
+    if net.is_client:
+        for node in net.nodes[1:]:
+            if node.cmd is not None and node.cmd.usable:
+                try:
+                    node.cmd.send_frame(msg.CLOSE)
+                    node.cmd.flush(1.0)
+                except OSError:
+                    pass
+    net.close()
+    _open_networks.discard(net)
+
+
+def network_get_info(connections: Connections) -> list[NodeInfo]:
+    """One ``NodeInfo`` per node in ``connections`` (API.md)."""
+    if not isinstance(connections, Connections):
+        raise TypeError(f"network_get_info: expected a Connections object, got {type(connections).__name__}")
+    net = connections.network
+    out = []
+    for k in connections.indices:
+        node = net.nodes[k]
+        if k == net.self_index:
+            out.append(NodeInfo(True, len(os.sched_getaffinity(0)), node.nlocaljobs, "", not net.closed,
+                                net.id_str, k))
+            continue
+        if net.is_client and not net.closed:
+            net.pump_cmd(k)
+        is_open = node.open and not net.closed
+        out.append(NodeInfo(False, node.nproc, node.nlocaljobs, node.host, is_open, net.id_str, k))
+    return out
+
+
+def network_set(connections: Connections, key: str, val: int) -> None:
+    """Sets ``key`` (only ``"nlocaljobs"``: int >= 0, 0 = the server's processor count) on
+    every server in ``connections``."""
+    if key != "nlocaljobs":
+        raise ValueError(f"network_set: unknown key {key!r} (known: 'nlocaljobs')")
+    if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+        raise ValueError("network_set: nlocaljobs needs an int >= 0")
+    net, ks = _servers(connections, "network_set")
+    body = serialize.dumps((key, val))[0]
+    for k in ks:
+        _send_cmd(net, k, msg.SET, body)
+        net.nodes[k].nlocaljobs = val
+
+
+def install_vars(*names: str, connections: Connections, **values: Any) -> None:
+    """Installs variables into the ``reval`` namespace of every server in ``connections``.
+
+    Each name in ``names`` is looked up in the caller's scope (locals, then globals);
+    ``values`` gives name=value pairs. The data goes to one server only and spreads from
+    there over server-to-server links along a binary tree, so the client uploads it once.
+
+    Raises:
+        NameError: a name is not defined in the caller's scope.
+    """
+    frame = sys._getframe(1)
+    allv: dict[str, Any] = {}
+    try:
+        for name in names:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"install_vars: bad variable name {name!r}")
+            if name in frame.f_locals:
+                allv[name] = frame.f_locals[name]
+            elif name in frame.f_globals:
+                allv[name] = frame.f_globals[name]
+            else:
+                raise NameError(f"install_vars: name {name!r} is not defined")
+    finally:
+        del frame
+    allv.update(values)
+    net, ks = _servers(connections, "install_vars")
+    if not ks or not allv:
+        return
+    children = {p: [ks[c] for c in (2 * p + 1, 2 * p + 2) if c < len(ks)] for p in range(len(ks))}
+    body, bufs, flags = serialize.dumps({"values": allv, "children": children[0]})
+    _send_cmd(net, ks[0], msg.INSTALL, body, bufs, flags)
+    for p in range(1, len(ks)):
+        b = serialize.dumps({"parent": ks[(p - 1) // 2], "children": children[p]})[0]
+        _send_cmd(net, ks[p], msg.INSTALL, b)
+
+
+def pserver(*args: str, use_tls: bool = True, auth_file: str | None = None, cmd_port: int = 12502,
+            data_port: int = 12501, bind: str | None = None, allow_root: bool = False) -> None:
+    """Starts a server daemon in the background (returns once it listens), or, called as
+    ``pserver("kill")``, stops the server that matches ``bind``/``cmd_port``.
+
+    Raises:
+        ParnetError: it could not start (the daemon's own message: port in use, no auth data,
+            running as root without ``allow_root``), or there is no server to kill.
+    """
+    from .server.daemon import kill_server
+    from .server.launch import start_background
+
+    if args:
+        if args != ("kill",):
+            raise ValueError(f"pserver: unknown arguments {args!r} (only 'kill')")
+        kill_server(cmd_port, bind)
+        return
+    start_background(use_tls=use_tls, auth_file=auth_file, cmd_port=cmd_port, data_port=data_port,
+                     bind=bind, allow_root=allow_root)
+
+
+@atexit.register
+def _close_all() -> None:
+    for net in list(_open_networks):
+        try:
+            sclose(Connections(net, [0]))
+        except Exception:  # noqa: BLE001, S110 - best effort at exit
+            pass

@@ -1,0 +1,361 @@
+"""One framed, bidirectional connection to one peer.
+
+Theory of operation (DESIGN.md, "The central tension"):
+
+* **Receive in the caller's thread.** ``recv_frame``/``poll`` read the socket themselves,
+  through the sans-IO ``FrameDecoder``; there is no reader thread and so no thread hand-off
+  on the hot path. Partial frames survive timeouts: the decoder keeps its state.
+* **Never block the sender on the receiver.** ``send_frame`` writes directly (non-blocking)
+  while the socket takes data. When a write stalls because the peer is not reading, the
+  unsent rest is *copied* (so the caller may reuse its buffers) and handed to a per-link
+  writer thread, and ``send_frame`` returns. Later frames queue behind it, keeping order.
+  The copy happens only on that stalled path; a peer that reads keeps the path zero-copy.
+* **TLS** uses the stdlib ``SSLSocket`` in non-blocking mode. An OpenSSL object must never
+  be used by two threads at once, so every ``SSL_read``/``SSL_write`` runs under ``_io_lock``;
+  the lock is never held while waiting for the socket (waits are ``poll`` calls outside it).
+  A TLS write that stalls (``SSLWantWriteError``) must be retried with the same bytes: the
+  writer thread resumes at the same chunk boundary, from a copy (OpenSSL accepts a moved
+  buffer, ``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER``).
+* Before authentication the decoder accepts only small raw frames (``MAX_PREAUTH_FRAME``,
+  no buffers, codes below ``FIRST_PICKLED``); ``mark_authenticated`` lifts the limits.
+
+Errors: a peer that closes or breaks the connection surfaces as ``ConnectionClosed``
+(naming the link); malformed input as ``RemoteProtocolError`` (and the link is closed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+
+from .constants import MAX_FRAME, MAX_PREAUTH_FRAME
+from .errors import ConnectionClosed, RemoteProtocolError
+from .wire import messages as msg
+from .wire.framing import Frame, FrameDecoder, encode_frame
+
+log = logging.getLogger(__name__)
+
+_TLS_CHUNK = 256 * 1024
+_IOV_MAX = 512
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+_DEBUG = bool(os.environ.get("PARNET_DEBUG"))
+
+
+def _remaining(deadline: float | None) -> int:
+    """Milliseconds for poll(): -1 for no deadline."""
+    if deadline is None:
+        return -1
+    return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+
+
+class Link:
+    """A framed connection. Not shared for *receiving* between threads; sending is thread-safe.
+
+    Args:
+        sock: a connected socket (plain or ``SSLSocket`` after its handshake).
+        name: how the link is named in errors and logs, e.g. ``"node 2 (h2:12502)"``.
+        authenticated: whether pickled frames may be received from the start.
+    """
+
+    def __init__(self, sock: socket.socket, *, name: str, authenticated: bool = False) -> None:
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.name = name
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self._io_lock = threading.Lock() if self.tls else contextlib.nullcontext()
+        self._send_lock = threading.Lock()
+        self._cv = threading.Condition(self._send_lock)
+        self._backlog: deque[list[bytes | memoryview]] = deque()
+        self._writer: threading.Thread | None = None
+        self._poller = select.poll()
+        self._poller.register(self._fd, _POLLIN)
+        self.authenticated = authenticated
+        self._dec = FrameDecoder(MAX_FRAME) if authenticated else FrameDecoder(MAX_PREAUTH_FRAME, 0)
+        self.error: BaseException | None = None  # why the link broke, if it did
+        self.closed = False
+        self.eof = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("broken" if self.error else "open")
+        return f"<Link {self.name} {state}{' tls' if self.tls else ''}>"
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (for waiting on several links)."""
+        return self._fd
+
+    def mark_authenticated(self) -> None:
+        """Authentication succeeded: accept pickled frames up to the configured size."""
+        self.authenticated = True
+        self._dec.set_limits(MAX_FRAME, 0xFFFF)
+
+    # -- sending ---------------------------------------------------------------------
+    def send_frame(self, code: int, body: bytes = b"", buffers: list | tuple = (), flags: int = 0) -> None:
+        """Sends one frame without waiting for the peer to read it.
+
+        Raises:
+            ConnectionClosed: the link is closed or broken (earlier writes failed).
+        """
+        pieces = encode_frame(code, body, buffers, flags)
+        if _DEBUG:
+            log.debug("pid %d send %s on %s: %d bytes", os.getpid(), msg.NAMES.get(code, code),
+                      self.name, sum(memoryview(p).nbytes for p in pieces))
+        with self._send_lock:
+            self._check_open()
+            if not self._backlog:
+                try:
+                    pieces = self._send_now(pieces)
+                except OSError as e:
+                    raise self._broken(e) from e
+                if not pieces:
+                    return
+            else:
+                pieces = [bytes(p) for p in pieces]
+            self._backlog.append(pieces)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name=f"parnet-writer {self.name}", daemon=True)
+                self._writer.start()
+            self._cv.notify_all()
+
+    def _send_now(self, pieces: list) -> list[bytes]:
+        """Writes what the socket takes now; returns a copy of the unsent rest (empty: done)."""
+        if self.tls:
+            for k, p in enumerate(pieces):
+                mv = memoryview(p)
+                off = 0
+                while off < mv.nbytes:
+                    chunk = mv[off : off + _TLS_CHUNK]
+                    try:
+                        with self._io_lock:
+                            n = self._sock.send(chunk)
+                    except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                        return [bytes(mv[off:])] + [bytes(q) for q in pieces[k + 1 :]]
+                    off += n
+            return []
+        views = [memoryview(p) for p in pieces]
+        while views:
+            try:
+                n = self._sock.sendmsg(views[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                return [bytes(v) for v in views]
+            while n and views:
+                if n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+        return []
+
+    def _write_loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._backlog and not self.closed:
+                        self._cv.wait()
+                    if self.closed:
+                        return
+                    item = self._backlog[0]
+                for piece in item:
+                    self._write_blocking(memoryview(piece))
+                with self._cv:
+                    if self._backlog:
+                        self._backlog.popleft()
+                    self._cv.notify_all()
+        except Exception as e:  # noqa: BLE001 - a broken link is reported to the next caller
+            with self._cv:
+                self._broken(e)
+                self._backlog.clear()
+                self._cv.notify_all()
+        finally:
+            with self._cv:
+                self._writer = None
+                self._cv.notify_all()
+
+    def _write_blocking(self, mv: memoryview) -> None:
+        wpoll = select.poll()
+        wpoll.register(self._fd, select.POLLOUT)
+        off = 0
+        while off < mv.nbytes:
+            if self.closed:
+                raise ConnectionClosed(f"in {self.name}: closed while sending")
+            chunk = mv[off : off + _TLS_CHUNK] if self.tls else mv[off:]
+            try:
+                with self._io_lock:
+                    n = self._sock.send(chunk)
+                off += n
+            except _WOULD_BLOCK:
+                wpoll.poll(1000)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Waits until every queued frame is written; returns False on timeout or error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._backlog and self.error is None and not self.closed:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+            return not self._backlog
+
+    # -- receiving -------------------------------------------------------------------
+    def has_frame(self) -> bool:
+        """Whether a whole frame is already received (``recv_frame`` will not wait)."""
+        return self._dec.has_frame()
+
+    def poll(self) -> bool:
+        """Reads whatever has arrived without waiting; True if a whole frame is ready.
+
+        Raises:
+            ConnectionClosed: the peer closed the link (and no whole frame is left).
+            RemoteProtocolError: the peer sent a malformed frame.
+        """
+        for _ in range(64):
+            if self._dec.has_frame():
+                return True
+            if not self._read_some():
+                return False
+        return self._dec.has_frame()
+
+    def recv_frame(self, deadline: float | None = None) -> Frame:
+        """Returns the next frame, waiting until ``deadline`` (a ``time.monotonic()`` value).
+
+        Raises:
+            TimeoutError: the deadline passed first (a partial frame is kept for later).
+            ConnectionClosed: the peer closed or reset the link.
+            RemoteProtocolError: malformed data; the link is closed.
+        """
+        while True:
+            f = self._dec.next_frame()
+            if f is not None:
+                return self._check(f)
+            if not self._read_some():
+                if not self._poller.poll(_remaining(deadline)) and deadline is not None:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"no message from {self.name} in time")
+
+    def recv_frame_timeout(self, timeout: float | None) -> Frame:
+        """``recv_frame`` with a timeout in seconds (None: wait without limit)."""
+        return self.recv_frame(None if timeout is None else time.monotonic() + timeout)
+
+    def _check(self, f: Frame) -> Frame:
+        if not self.authenticated and f.code >= msg.FIRST_PICKLED:
+            err = RemoteProtocolError(f"in {self.name}: message {f.code} before authentication")
+            self.close()
+            raise err
+        if _DEBUG:
+            log.debug("pid %d recv %s on %s (%r)", os.getpid(), msg.NAMES.get(f.code, f.code), self.name, f)
+        return f
+
+    def _read_some(self) -> bool:
+        """One non-blocking read. True if bytes arrived, False if none are available now."""
+        if self.closed:
+            raise ConnectionClosed(f"in {self.name}: link is closed")
+        if self.eof:
+            raise self._eof_error()
+        try:
+            buf = self._dec.buffer()
+            with self._io_lock:
+                n = self._sock.recv_into(buf)
+        except _WOULD_BLOCK:
+            return False
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            n = 0
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return False
+            self.eof = True
+            err = self._broken(e)
+            raise err from e
+        if n == 0:
+            self.eof = True
+            raise self._eof_error()
+        try:
+            self._dec.commit(n)
+        except RemoteProtocolError as e:
+            log.warning("closing %s: %s", self.name, e)
+            self.close()
+            raise RemoteProtocolError(f"in {self.name}: {e}") from None
+        return True
+
+    def _eof_error(self) -> ConnectionClosed:
+        how = " in the middle of a message" if self._dec.mid_frame() else ""
+        err = ConnectionClosed(f"in {self.name}: connection closed by the peer{how}")
+        if self.error is None:
+            self.error = err
+        return err
+
+    # -- state -----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ConnectionClosed(f"in {self.name}: link is closed")
+        if self.error is not None:
+            raise ConnectionClosed(f"in {self.name}: {self.error}") from self.error
+
+    def _broken(self, e: BaseException) -> ConnectionClosed:
+        if self.error is None:
+            self.error = e
+        if isinstance(e, ConnectionClosed):
+            return e
+        return ConnectionClosed(f"in {self.name}: {e}")
+
+    @property
+    def usable(self) -> bool:
+        """Open and not known to be broken."""
+        return not self.closed and self.error is None and not self.eof
+
+    def close(self) -> None:
+        """Closes the connection at once (queued, unsent frames are dropped). Idempotent."""
+        with self._cv:
+            if self.closed:
+                return
+            self.closed = True
+            self._cv.notify_all()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError, ValueError):
+            self._poller.unregister(self._fd)
+        with self._io_lock, contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_links(links: list[Link], deadline: float | None, extra_fds: tuple[int, ...] = ()) -> list[int]:
+    """Waits until one of ``links`` has something to read; returns the positions that may.
+
+    A link that already holds a whole frame, or TLS data inside OpenSSL, counts as ready
+    without touching the socket.
+    """
+    ready = [k for k, lk in enumerate(links) if lk.has_frame() or (lk.tls and lk._sock.pending())]
+    if ready:
+        return ready
+    p = select.poll()
+    fds = {}
+    for k, lk in enumerate(links):
+        if lk.closed or lk.eof:
+            ready.append(k)
+            continue
+        fds[lk.fileno()] = k
+        p.register(lk.fileno(), _POLLIN)
+    if ready:
+        return ready
+    for fd in extra_fds:
+        p.register(fd, _POLLIN)
+    events = p.poll(_remaining(deadline))
+    return sorted({fds[fd] for fd, _ in events if fd in fds})

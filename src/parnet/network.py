@@ -1,0 +1,420 @@
+"""A node's view of one client network: the N+1 slots, their links, and the data calls.
+
+The same ``Network`` type serves the client (node 0) and each server worker (node i >= 1).
+Slot ``self_index`` is the local machine and has no link. Every other slot has one data
+link (``Link``); at the client, each server slot also has its command link, which carries
+remote errors back. ``psend``/``precv``/``select_sockets`` run entirely in the caller's
+thread (see ``link``): no reader threads.
+
+Remote errors (client only): the worker reports a failed command as an ``ERROR`` frame on
+its command link. The client picks such frames up whenever it touches that server
+(``reval``, ``precv``, ``select_sockets``, ``rfeval``): ``raise_errors`` turns the first
+pending report into ``RemoteError``. A ``precv`` waiting on a server also waits on that
+server's command link, so a failure there ends the wait at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConnectionClosed, ProtocolError, RemoteError
+from .link import Link, wait_links
+from .wire import messages as msg
+from .wire import serialize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeInfo:
+    """What ``network_get_info`` reports about one node."""
+
+    local_machine: bool
+    nproc: int
+    nlocaljobs: int
+    peername: str
+    open: bool
+    network_id: str
+    real_node_id: int
+
+
+class Node:
+    """One slot of the network as this process sees it."""
+
+    def __init__(self, index: int, host: str) -> None:
+        self.index = index
+        self.host = host
+        self.data: Link | None = None
+        self.cmd: Link | None = None  # client side only
+        self.nproc = 0
+        self.nlocaljobs = 0
+        self.open = True
+        self.errors: deque[dict[str, Any]] = deque()
+        self.results: dict[int, Any] = {}  # rfeval results that came on the command link
+        self.stash: deque[Any] = deque()  # VALUE frames read while looking for another kind
+        self.closed_reason: str = ""
+
+    def __repr__(self) -> str:
+        return f"<Node {self.index} {self.host!r}{'' if self.open else ' closed'}>"
+
+
+class Network:
+    """The nodes of one client network, from this process's side.
+
+    Args:
+        netid: the 16-byte network id.
+        hosts: the server names in ``pconnect`` order (slot 0, the client, is not in it).
+        self_index: this process's slot (0 at the client).
+    """
+
+    def __init__(self, netid: bytes, hosts: Sequence[str], self_index: int) -> None:
+        self.netid = netid
+        self.self_index = self_index
+        self.nodes = [Node(0, "")] + [Node(k + 1, h) for k, h in enumerate(hosts)]
+        self.closed = False
+        self.on_close: list[Any] = []
+        self.cmd_handler: Any = None  # client: handles non-error frames from command links
+
+    @property
+    def is_client(self) -> bool:
+        """Whether this process is the client (node 0)."""
+        return self.self_index == 0
+
+    @property
+    def id_str(self) -> str:
+        """The network id as a UUID string."""
+        return str(uuid.UUID(bytes=self.netid))
+
+    def name(self, k: int) -> str:
+        """How node ``k`` is named in messages."""
+        if k == 0:
+            return "the client (node 0)"
+        return f"{self.nodes[k].host} (node {k})"
+
+    # -- the data calls --------------------------------------------------------------
+    def psend(self, value: Any, idxs: Sequence[int]) -> None:
+        """Sends ``value`` to every node in ``idxs`` except this one."""
+        targets = [k for k in idxs if k != self.self_index]
+        if not targets:
+            return
+        body, buffers, flags = serialize.dumps(value)
+        for k in targets:
+            link = self._data_link(k)
+            link.send_frame(msg.VALUE, body, buffers, flags)
+
+    def precv(self, k: int, timeout: float | None = None) -> Any:
+        """Receives the next value from node ``k``."""
+        if k == self.self_index:
+            raise ValueError("precv: cannot receive from the local machine itself")
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        link = self._data_link(k)
+        node = self.nodes[k]
+        if node.stash:
+            f = node.stash.popleft()
+            return serialize.loads(f.body, f.buffers)
+        if self.is_client and node.cmd is not None:
+            self.raise_errors([k])
+            while not link.has_frame():
+                try:
+                    if link.poll():
+                        break
+                except ConnectionClosed:
+                    self._lost(k, "data link closed")
+                    self.raise_errors([k])
+                    raise
+                ready = wait_links([link, node.cmd], deadline)
+                if 1 in ready:
+                    self.pump_cmd(k)
+                    self.raise_errors([k])
+                if not ready and deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"precv: nothing from {self.name(k)} within {timeout} s")
+        try:
+            f = link.recv_frame(deadline)
+        except TimeoutError:
+            raise TimeoutError(f"precv: nothing from {self.name(k)} within {timeout} s") from None
+        except ConnectionClosed:
+            self._lost(k, "data link closed")
+            raise
+        if f.code != msg.VALUE:
+            raise ProtocolError(f"unexpected message {f.code} on the data link from {self.name(k)}")
+        return serialize.loads(f.body, f.buffers)
+
+    def select(self, idxs: Sequence[int], timeout: float | None) -> list[int]:
+        """Positions in ``idxs`` whose node has a value ready for ``precv``."""
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while True:
+            if self.is_client:
+                self.raise_errors(idxs)
+            ready = []
+            links: list[Link] = []
+            owners: list[int] = []
+            for pos, k in enumerate(idxs):
+                if k == self.self_index:
+                    continue
+                node = self.nodes[k]
+                link = node.data
+                if link is None:
+                    continue
+                if node.stash:
+                    ready.append(pos)
+                    continue
+                try:
+                    if link.poll():
+                        ready.append(pos)
+                        continue
+                except ConnectionClosed:
+                    self._lost(k, "data link closed")
+                    ready.append(pos)  # precv will raise ConnectionClosed at once
+                    continue
+                links.append(link)
+                owners.append(-1 - pos)
+                if self.is_client and node.cmd is not None and node.cmd.usable:
+                    links.append(node.cmd)
+                    owners.append(k)
+            if ready or not links:
+                return ready
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return []
+            got = wait_links(links, deadline)
+            for g in got:
+                if owners[g] >= 0:
+                    self.pump_cmd(owners[g])
+            if not got and deadline is not None and time.monotonic() >= deadline:
+                return []
+
+    def recv_special(self, k: int, code: int, deadline: float | None = None) -> Any:
+        """Receives the next frame of kind ``code`` from node ``k``'s data link, keeping any
+        user values that come before it for later ``precv`` calls (in order)."""
+        link = self._data_link(k)
+        while True:
+            f = link.recv_frame(deadline)
+            if f.code == code:
+                return f
+            if f.code != msg.VALUE:
+                raise ProtocolError(f"unexpected message {f.code} on the data link from {self.name(k)}")
+            self.nodes[k].stash.append(f)
+
+    # -- client: command links -----------------------------------------------------
+    def pump_cmd(self, k: int) -> None:
+        """Reads whatever frames have arrived on server ``k``'s command link (client side)."""
+        node = self.nodes[k]
+        link = node.cmd
+        if link is None or not link.usable:
+            return
+        try:
+            while link.poll():
+                f = link.recv_frame()
+                self._on_cmd_frame(k, f)
+        except ConnectionClosed:
+            self._lost(k, "command link closed (the server or its worker has gone)")
+        except ProtocolError as e:
+            self._lost(k, f"protocol error on the command link: {e}")
+
+    def _on_cmd_frame(self, k: int, f: Any) -> None:
+        node = self.nodes[k]
+        if f.code == msg.ERROR:
+            node.errors.append(serialize.loads(f.body, f.buffers))
+        elif f.code == msg.RESULT:
+            req, value = serialize.loads(f.body, f.buffers)
+            node.results[req] = value
+        elif self.cmd_handler is not None:
+            self.cmd_handler(k, f)
+        else:
+            log.warning("unexpected message %s from %s", msg.NAMES.get(f.code, f.code), self.name(k))
+
+    def raise_errors(self, idxs: Sequence[int]) -> None:
+        """Raises ``RemoteError`` for the first pending remote failure among ``idxs``."""
+        for k in idxs:
+            if k == self.self_index:
+                continue
+            node = self.nodes[k]
+            if node.cmd is not None and node.cmd.usable and node.cmd.poll():
+                self.pump_cmd(k)
+            if node.errors:
+                rep = node.errors.popleft()
+                more = len(node.errors)
+                node.errors.clear()
+                raise remote_error_from(rep, node.host, k, more)
+
+    def _lost(self, k: int, why: str) -> None:
+        node = self.nodes[k]
+        if node.open:
+            node.open = False
+            node.closed_reason = why
+            log.info("lost %s: %s", self.name(k), why)
+
+    def _data_link(self, k: int) -> Link:
+        if not 0 <= k < len(self.nodes):
+            raise IndexError(f"no node {k} in this network")
+        if self.closed:
+            raise ConnectionClosed("the network is closed")
+        node = self.nodes[k]
+        if node.data is None:
+            raise ConnectionClosed(f"no data link to {self.name(k)}")
+        if not node.open and not node.data.has_frame():
+            why = node.closed_reason or "closed"
+            raise ConnectionClosed(f"{self.name(k)} is not open: {why}")
+        return node.data
+
+    def close(self) -> None:
+        """Closes every link of this node. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for node in self.nodes:
+            node.open = False
+            for link in (node.data, node.cmd):
+                if link is not None:
+                    link.close()
+        for cb in self.on_close:
+            cb()
+
+
+def remote_error_from(rep: dict[str, Any], host: str, node: int, more: int = 0) -> RemoteError:
+    """Builds the ``RemoteError`` for an error report sent by a worker."""
+    original = None
+    if rep.get("pickled") is not None:
+        try:
+            original = serialize.loads(rep["pickled"])
+        except Exception:  # noqa: BLE001 - the text report stands alone
+            original = None
+    err = RemoteError(host, node, rep.get("type", "Exception"), rep.get("message", ""),
+                      rep.get("traceback", ""), original, more)
+    if original is not None:
+        err.__cause__ = original
+    return err
+
+
+class Connections:
+    """A network's nodes, or a subset of them (API.md). ``conns[0]`` is the local machine.
+
+    Indexing with an int gives a single connection, with a slice, a list of ints or a list
+    of bools a subset; iterating yields single connections. ``with`` closes the network.
+    """
+
+    __slots__ = ("_net", "_idx")
+
+    def __init__(self, net: Network, idx: Sequence[int]) -> None:
+        self._net = net
+        self._idx = tuple(idx)
+
+    @property
+    def network(self) -> Network:
+        """The network these connections belong to."""
+        return self._net
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """The node indices (0 = client) of this subset."""
+        return self._idx
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    def __iter__(self) -> Iterator[Connections]:
+        for k in self._idx:
+            yield Connections(self._net, (k,))
+
+    def __getitem__(self, key: int | slice | Sequence[int] | Sequence[bool]) -> Connections:
+        idx = self._idx
+        if isinstance(key, bool):
+            raise TypeError("index with an int, a slice, or a list of ints or bools")
+        if isinstance(key, int):
+            return Connections(self._net, (idx[key],))
+        if isinstance(key, slice):
+            return Connections(self._net, idx[key])
+        keys = list(key)
+        if keys and all(isinstance(b, bool) for b in keys):
+            if len(keys) != len(idx):
+                raise IndexError(f"bool index of length {len(keys)} for {len(idx)} connections")
+            return Connections(self._net, [k for k, b in zip(idx, keys, strict=True) if b])
+        if not all(isinstance(k, int) for k in keys):
+            raise TypeError("index with an int, a slice, or a list of ints or bools")
+        return Connections(self._net, [idx[k] for k in keys])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Connections) and other._net is self._net and other._idx == self._idx
+
+    def __hash__(self) -> int:
+        return hash((id(self._net), self._idx))
+
+    def __str__(self) -> str:
+        net = self._net
+        lines = [f"parnet network {net.id_str} ({len(self._idx)} of {len(net.nodes)} nodes"
+                 f"{', closed' if net.closed else ''}):"]
+        for k in self._idx:
+            node = net.nodes[k]
+            if k == net.self_index:
+                desc = "local machine"
+            else:
+                desc = f"{node.host or 'client'}  {'open' if node.open and not net.closed else 'closed'}"
+            lines.append(f"  [{k}] node {k}: {desc}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Connections {self._net.id_str[:8]} nodes={list(self._idx)}>"
+
+    def __enter__(self) -> Connections:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from .client import sclose
+
+        sclose(self)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("Connections cannot be sent to another machine; use `sockets` there")
+
+
+def _single(conns: Connections, what: str) -> int:
+    if not isinstance(conns, Connections):
+        raise TypeError(f"{what}: expected a Connections object, got {type(conns).__name__}")
+    if len(conns) != 1:
+        raise ValueError(f"{what}: needs one single connection, got {len(conns)}")
+    return conns.indices[0]
+
+
+def psend(value: Any, connections: Connections) -> None:
+    """Sends ``value`` to every node in ``connections`` except the calling one.
+
+    Never waits for the receiver to call ``precv``: what the socket does not take at once is
+    queued and written in the background, in order.
+
+    Raises:
+        ConnectionClosed: a target node is gone; pickling errors: the value cannot be sent.
+    """
+    if not isinstance(connections, Connections):
+        raise TypeError(f"psend: expected a Connections object, got {type(connections).__name__}")
+    connections.network.psend(value, connections.indices)
+
+
+def precv(single_connection: Connections, timeout: float | None = None) -> Any:
+    """Returns the next value sent by the one node in ``single_connection``, in send order.
+
+    Raises:
+        ValueError: the connection is the calling node itself, or not a single one.
+        TimeoutError: nothing arrived within ``timeout`` seconds.
+        ConnectionClosed: the peer is gone.
+        RemoteError: (client) the server reported a failed command.
+    """
+    k = _single(single_connection, "precv")
+    return single_connection.network.precv(k, timeout)
+
+
+def select_sockets(connections: Connections, timeout: float | None, nfds: int | None = None) -> list[int]:
+    """Positions (0-based, into ``connections``) of the nodes ``precv`` can read at once.
+
+    ``timeout`` in seconds; negative or None waits without limit; 0 polls. At the client it
+    raises ``RemoteError`` when a server among ``connections`` reported a failed command.
+    ``nfds`` is accepted for compatibility and ignored.
+    """
+    if not isinstance(connections, Connections):
+        raise TypeError(f"select_sockets: expected a Connections object, got {type(connections).__name__}")
+    return connections.network.select(connections.indices, timeout)

@@ -1,0 +1,70 @@
+"""Starting a daemon in the background and waiting until it listens (or says why not)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import subprocess
+import sys
+import time
+
+from ..errors import ParnetError
+from .daemon import default_log_file
+
+
+def server_argv(*, use_tls: bool = True, auth_file: str | None = None, cmd_port: int = 12502,
+                data_port: int = 12501, bind: str | None = None, allow_root: bool = False,
+                log_file: str | None = None) -> list[str]:
+    """The ``parnet server`` options for these settings."""
+    argv = ["--cmd-port", str(cmd_port), "--data-port", str(data_port)]
+    if not use_tls:
+        argv.append("--no-tls")
+    if auth_file:
+        argv += ["--auth-file", str(auth_file)]
+    if bind:
+        argv += ["--bind", bind]
+    if allow_root:
+        argv.append("--allow-root")
+    if log_file:
+        argv += ["--log-file", str(log_file)]
+    return argv
+
+
+def start_background(timeout: float = 30.0, **opts: object) -> int:
+    """Starts ``parnet server --foreground`` detached; returns its pid once it listens.
+
+    Raises:
+        ParnetError: with the server's own message when it could not start.
+    """
+    r, w = os.pipe()
+    log_file = opts.get("log_file") or default_log_file(opts.get("bind"), opts.get("cmd_port", 12502))  # type: ignore[arg-type]
+    argv = [sys.executable, "-m", "parnet", "server", "--foreground", "--ready-fd", str(w),
+            *server_argv(**opts)]  # type: ignore[arg-type]
+    with open(log_file, "ab") as errf:
+        os.chmod(log_file, 0o600)
+        proc = subprocess.Popen(argv, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=errf, close_fds=True)
+    os.close(w)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(r)
+    text = out.decode(errors="replace").strip()
+    if text.startswith("ok"):
+        return proc.pid
+    if proc.poll() is None and not text:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        raise ParnetError(f"parnet server did not start within {timeout} s (log: {log_file})")
+    code = proc.wait(timeout=5) if proc.poll() is None else proc.returncode
+    raise ParnetError(text.removeprefix("error: ") or f"parnet server exited with status {code} (log: {log_file})")

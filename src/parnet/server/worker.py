@@ -1,0 +1,405 @@
+"""One worker process per client network on a server.
+
+Life of a worker (forked by the daemon, which already read the connection's preamble)::
+
+    authenticate the command link (TLS + SRP, or nothing with --no-tls)  -> tell daemon "A"
+    SETUP from the client: node id, all hosts and data ports, cwd, pairwise keys
+    build the mesh: connect to every later node's data port (tag exchange as initiator);
+        take every earlier node's data connection from the daemon (fd passing, responder)
+    READY to the client
+    loop: run commands in order in one persistent namespace; report failures as ERROR
+    CLOSE or the client gone: close links, stop the local pool, exit
+
+The command loop runs in the main thread and reads the command link itself. A watchdog
+thread waits (in the kernel, no polling) for the client's side of the command connection
+to hang up, so a client killed while a command runs still ends its worker at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import logging
+import os
+import select
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import handshake
+from ..constants import AUTH_DEADLINE
+from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError
+from ..link import Link, wait_links
+from ..network import Connections, Network, precv, psend, select_sockets
+from ..wire import messages as msg
+from ..wire import serialize
+
+log = logging.getLogger("parnet.worker")
+
+MAX_REPORT = 64 * 1024
+
+
+@dataclass
+class ServerConfig:
+    """What the daemon hands each worker (inherited through fork)."""
+
+    use_tls: bool
+    data_port: int
+    server_ctx: Any = None  # ssl.SSLContext for accepted connections
+    client_ctx: Any = None  # ssl.SSLContext for outgoing data links
+    cb: bytes = b""  # own certificate binding
+    auth: Any = None  # keyfile.ServerAuth
+
+
+def error_report(e: BaseException, skip: int = 0) -> dict[str, Any]:
+    """The ERROR payload for exception ``e``: text always, the pickled exception if it travels."""
+    tb = e.__traceback__
+    for _ in range(skip):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(e), e, tb))[-MAX_REPORT:]
+    pickled = None
+    try:
+        body, bufs, _ = serialize.dumps(e)
+        if not bufs and len(body) <= MAX_REPORT:
+            serialize.loads(body)
+            pickled = body
+    except Exception:  # noqa: BLE001 - the text is enough
+        pickled = None
+    t = type(e)
+    name = t.__qualname__ if t.__module__ in ("builtins", "__main__") else f"{t.__module__}.{t.__qualname__}"
+    return {"type": name, "message": str(e)[:MAX_REPORT], "traceback": text, "pickled": pickled}
+
+
+class Worker:
+    """The worker of one client network (see the module docstring)."""
+
+    def __init__(self, cfg: ServerConfig, sock: socket.socket, ctl: socket.socket, peer: str,
+                 pre: handshake.Preamble, accepted_at: float) -> None:
+        self.cfg = cfg
+        self.ctl = ctl
+        self.peer = peer
+        self.netid = pre.netid
+        self.accepted_at = accepted_at
+        self._raw_sock = sock
+        self.cmd: Link | None = None
+        self.net: Network | None = None
+        self.ns: dict[str, Any] = {}
+        self._code_cache: dict[str, Any] = {}
+        self.nlocaljobs = 0
+        self.map_runner: Any = None
+
+    # -- set-up ------------------------------------------------------------------------
+    def authenticate(self) -> None:
+        """TLS + SRP on the command connection, within the auth deadline."""
+        deadline = self.accepted_at + AUTH_DEADLINE
+        sock = self._raw_sock
+        if self.cfg.use_tls:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            sock = self.cfg.server_ctx.wrap_socket(sock, server_side=True)
+            self.cmd = Link(sock, name=f"client {self.peer}")
+            user = handshake.srp_server(self.cmd, self.cfg.auth.lookup, self.cfg.auth.fake_secret,
+                                        self.cfg.cb, True, deadline, on_success=self._tell_daemon)
+            log.info("client %s authenticated as %r", self.peer, user)
+        else:
+            self.cmd = Link(sock, name=f"client {self.peer}", authenticated=True)
+            self._tell_daemon()
+
+    def _tell_daemon(self) -> None:
+        with contextlib.suppress(OSError):
+            self.ctl.send(b"A")
+
+    def setup(self) -> None:
+        """Receives SETUP, builds the mesh, answers READY (or SETUP_FAILED)."""
+        assert self.cmd is not None
+        f = self.cmd.recv_frame(time.monotonic() + 60)
+        if f.code != msg.SETUP:
+            raise ConnectError(f"expected SETUP, got message {f.code}")
+        s = serialize.loads(f.body, f.buffers)
+        node = s["node"]
+        net = self.net = Network(self.netid, s["hosts"], node)
+        self.data_addrs: list[tuple[str, int]] = [tuple(a) for a in s["data_addrs"]]  # type: ignore[misc]
+        self.keys: dict[int, bytes] = s.get("keys") or {}
+        self.nlocaljobs = s.get("nlocaljobs", 0)
+        cwd = s.get("cwd")
+        os.chdir(cwd if cwd and os.path.isdir(cwd) else tempfile.gettempdir())
+        deadline = time.monotonic() + s.get("timeout", 30.0)
+        try:
+            self._build_mesh(net, node, deadline)
+        except Exception as e:  # noqa: BLE001 - reported to the client, which fails pconnect
+            log.warning("network %s: mesh set-up failed: %s", net.id_str[:8], e)
+            with contextlib.suppress(OSError):
+                self.cmd.send_frame(msg.SETUP_FAILED, serialize.dumps(str(e))[0])
+                self.cmd.flush(2)
+            raise
+        self.ns.update(
+            __name__="__parnet__", sockets=Connections(net, range(len(net.nodes))),
+            psend=psend, precv=precv, select_sockets=select_sockets, np=np,
+        )
+        nproc = len(os.sched_getaffinity(0))
+        ready = {"nproc": nproc, "pid": os.getpid(), "python": sys.version.split()[0]}
+        self.cmd.send_frame(msg.READY, serialize.dumps(ready)[0])
+        log.info("network %s: node %d ready (%d links)", net.id_str[:8], node, len(net.nodes) - 1)
+
+    def _build_mesh(self, net: Network, node: int, deadline: float) -> None:
+        n = len(net.nodes)
+
+        def outgoing(j: int) -> Link:
+            host, port = self.data_addrs[j - 1]
+            pre = handshake.Preamble(1, handshake.KIND_DATA, self.cfg.use_tls, self.netid, node, j)
+            try:
+                sock, _ = handshake.open_channel(host, port, pre, deadline=deadline, ctx=self.cfg.client_ctx)
+                link = Link(sock, name=f"node {j} ({host})", authenticated=not self.cfg.use_tls)
+                if self.cfg.use_tls:
+                    from ..auth.tls import cert_binding
+
+                    cb = cert_binding(sock.getpeercert(binary_form=True))
+                    handshake.tags_initiator(link, self.keys[j], self.netid, node, j, cb, deadline)
+                return link
+            except (OSError, ParnetError, TimeoutError) as e:
+                raise ConnectError(
+                    f"server {node} ({net.nodes[node].host}) could not reach server {j} ({host}) "
+                    f"at {host}:{port}: {e}"
+                ) from e
+
+        pool = ThreadPoolExecutor(max_workers=max(1, n - node - 1)) if node + 1 < n else None
+        futures = {j: pool.submit(outgoing, j) for j in range(node + 1, n)} if pool else {}
+        try:
+            waiting = set(range(node))
+            while waiting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    names = ", ".join(net.name(k) for k in sorted(waiting))
+                    raise ConnectError(f"server {node} ({net.nodes[node].host}): no data connection "
+                                       f"from {names} in time")
+                r, _, _ = select.select([self.ctl], [], [], left)
+                if not r:
+                    continue
+                got = self._take_fd()
+                if got is None:
+                    continue
+                pre, sock = got
+                if pre.src not in waiting or pre.dst != node:
+                    sock.close()
+                    continue
+                try:
+                    net.nodes[pre.src].data = self._accept_data(sock, pre, deadline)
+                    waiting.discard(pre.src)
+                except (OSError, ParnetError, TimeoutError) as e:
+                    log.warning("data connection from node %d refused: %s", pre.src, e)
+                    sock.close()
+            for j, fut in futures.items():
+                net.nodes[j].data = fut.result(timeout=max(0.01, deadline - time.monotonic()))
+        finally:
+            if pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _take_fd(self) -> tuple[handshake.Preamble, socket.socket] | None:
+        data, fds, _, _ = socket.recv_fds(self.ctl, 64, 1)
+        if not data and not fds:
+            raise ConnectionClosed("the daemon has gone")
+        if not fds:
+            return None
+        sock = socket.socket(fileno=fds[0])
+        try:
+            return handshake.parse_preamble(data[: handshake.PREAMBLE.size]), sock
+        except ParnetError:
+            sock.close()
+            return None
+
+    def _accept_data(self, sock: socket.socket, pre: handshake.Preamble, deadline: float) -> Link:
+        assert self.net is not None
+        name = f"node {pre.src} ({self.net.nodes[pre.src].host or 'client'})"
+        if not self.cfg.use_tls:
+            return Link(sock, name=name, authenticated=True)
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        tls = self.cfg.server_ctx.wrap_socket(sock, server_side=True)
+        link = Link(tls, name=name)
+        handshake.tags_responder(link, self.keys.get(pre.src), self.netid, pre.src, pre.dst,
+                                 self.cfg.cb, deadline)
+        return link
+
+    # -- the command loop ------------------------------------------------------------
+    def serve(self) -> None:
+        """Runs commands until CLOSE or until the client is gone."""
+        assert self.cmd is not None
+        cmd = self.cmd
+        while True:
+            if not cmd.has_frame():
+                ready = wait_links([cmd], None, extra_fds=(self.ctl.fileno(),))
+                if not ready:
+                    self._drain_ctl()
+                    continue
+            try:
+                f = cmd.recv_frame()
+            except ConnectionClosed:
+                log.info("network %s: client gone", self.net.id_str[:8] if self.net else "?")
+                return
+            if f.code == msg.CLOSE:
+                log.info("network %s: closed by the client", self.net.id_str[:8] if self.net else "?")
+                return
+            self.dispatch(f)
+
+    def _drain_ctl(self) -> None:
+        r, _, _ = select.select([self.ctl], [], [], 0)
+        if r:
+            got = self._take_fd()
+            if got is not None:
+                got[1].close()  # a data connection after set-up: not part of this network
+
+    def dispatch(self, f: Any) -> None:
+        """Runs one command frame; a failure is reported on the command link."""
+        try:
+            payload = serialize.loads(f.body, f.buffers)
+        except Exception as e:  # noqa: BLE001
+            self.report(e)
+            return
+        try:
+            if f.code == msg.REVAL:
+                exec(self._compile(payload), self.ns)
+            elif f.code == msg.CALL:
+                self._call(*payload)
+            elif f.code == msg.INSTALL:
+                self._install(payload)
+            elif f.code == msg.SET:
+                key, val = payload
+                if key == "nlocaljobs":
+                    self.nlocaljobs = int(val)
+            elif f.code == msg.MAP:
+                self._map(payload)
+            else:
+                log.warning("unknown command %d", f.code)
+        except BaseException as e:  # noqa: BLE001 - user code may raise anything
+            if isinstance(e, SystemExit | KeyboardInterrupt) and f.code != msg.REVAL:
+                raise
+            self.report(e, skip=1)
+
+    def _compile(self, code: str) -> Any:
+        co = self._code_cache.get(code)
+        if co is None:
+            name = f"<reval-{len(self._code_cache)}>"
+            co = compile(code, name, "exec")
+            # keep the source so tracebacks show the failing line
+            linecache.cache[name] = (len(code), None, code.splitlines(True), name)
+            if len(self._code_cache) < 4096:
+                self._code_cache[code] = co
+        return co
+
+    def _call(self, req: int, func: Any, args: tuple, kwargs: dict, nout: int | None,
+              isout: list[bool] | None, reply_on_cmd: bool) -> None:
+        try:
+            out = func(*args, **kwargs)
+            if nout is not None:
+                if not isinstance(out, tuple) or len(out) != nout:
+                    got = f"a {len(out)}-tuple" if isinstance(out, tuple) else type(out).__name__
+                    raise ValueError(f"rfeval: function was to return {nout} outputs (a tuple), got {got}")
+                sel = isout if isout is not None else [True] * nout
+                out = [o for o, keep in zip(out, sel, strict=True) if keep]
+        except BaseException as e:  # noqa: BLE001
+            if reply_on_cmd:
+                self.report(e, skip=1, req=req)
+                return
+            raise
+        body, bufs, flags = serialize.dumps((req, out))
+        if reply_on_cmd:
+            assert self.cmd is not None
+            self.cmd.send_frame(msg.RESULT, body, bufs, flags)
+        else:
+            assert self.net is not None
+            self.net.psend(out, [0])
+
+    def _install(self, payload: dict[str, Any]) -> None:
+        """install_vars: take the values (from the client, or from the parent node in the
+        spreading tree over data links), install them, and pass them on to the children."""
+        assert self.net is not None
+        if "values" in payload:
+            values = payload["values"]
+            frame_body, frame_bufs, flags = serialize.dumps(values) if payload.get("children") else (b"", [], 0)
+        else:
+            f = self.net.recv_special(payload["parent"], msg.INSTALL)
+            frame_body, frame_bufs, flags = f.body, f.buffers, f.flags
+            values = serialize.loads(f.body, f.buffers)
+        for child in payload.get("children", []):
+            self.net.nodes[child].data.send_frame(msg.INSTALL, frame_body, frame_bufs, flags)  # type: ignore[union-attr]
+        self.ns.update(values)
+
+    def _map(self, payload: Any) -> None:
+        if self.map_runner is None:
+            from ..maps.netmap import WorkerMapRunner
+
+            self.map_runner = WorkerMapRunner(self)
+        self.map_runner.run(payload)
+
+    def report(self, e: BaseException, skip: int = 0, req: int | None = None) -> None:
+        """Sends an ERROR report for ``e`` to the client."""
+        rep = error_report(e, skip)
+        rep["req"] = req
+        log.info("command failed: %s: %s", rep["type"], rep["message"][:200])
+        try:
+            assert self.cmd is not None
+            self.cmd.send_frame(msg.ERROR, serialize.dumps(rep)[0])
+        except (OSError, AssertionError):
+            pass
+
+    def close(self) -> None:
+        """Closes the network's links and stops the local pool."""
+        if self.map_runner is not None:
+            with contextlib.suppress(Exception):
+                self.map_runner.close()
+        if self.net is not None:
+            for node in self.net.nodes:
+                if node.data is not None:
+                    node.data.flush(1.0)
+            self.net.close()
+        if self.cmd is not None:
+            self.cmd.flush(1.0)
+            self.cmd.close()
+
+
+def _watch_client(fd: int, on_gone: Any) -> None:
+    p = select.poll()
+    p.register(fd, select.POLLRDHUP)
+    while True:
+        events = p.poll()
+        if any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, ev in events):
+            on_gone()
+            return
+
+
+def run_worker(cfg: ServerConfig, sock: socket.socket, ctl: socket.socket, peer: str,
+               pre: handshake.Preamble, accepted_at: float) -> int:
+    """Entry point in the forked child; returns the exit status."""
+    w = Worker(cfg, sock, ctl, peer, pre, accepted_at)
+    try:
+        w.authenticate()
+    except (AuthenticationError, OSError, ParnetError, TimeoutError, ValueError) as e:
+        log.warning("client %s: authentication failed: %s", peer, e)
+        with contextlib.suppress(OSError):
+            ctl.send(b"F")
+        return 1
+    fd = w.cmd.fileno() if w.cmd else -1
+
+    def gone() -> None:
+        log.info("client %s hung up; worker %d exits", peer, os.getpid())
+        with contextlib.suppress(Exception):
+            if w.map_runner is not None:
+                w.map_runner.close(kill=True)
+        os._exit(0)
+
+    threading.Thread(target=_watch_client, args=(fd, gone), name="parnet-watchdog", daemon=True).start()
+    try:
+        w.setup()
+        w.serve()
+    except (OSError, ParnetError, TimeoutError) as e:
+        log.info("worker for %s ends: %s", peer, e)
+    finally:
+        w.close()
+    return 0
