@@ -1,0 +1,119 @@
+"""Real servers for integration tests: started as detached daemons, stopped by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from parnet import pconnect
+from parnet.server.launch import start_background
+
+PASSWORD = "test-password-0123456789"
+USER = "tester"
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Polls ``cond`` until it returns a true value; fails the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """Direct child pids of ``pid`` (live ones)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    st = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(st[1]) == pid and st[0] != "Z":
+                out.append(int(d))
+    return out
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of ``pid``."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def free_port_pair() -> int:
+    """An even port in a high range whose +1 is the data port (random per call)."""
+    return random.randrange(20000, 40000, 2)
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM, wait, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(pid), 5, f"pid {pid} to die")
+
+
+class Cluster:
+    """``n`` real parnet servers on 127.0.0.2, 127.0.0.3, ... (one port pair for all)."""
+
+    def __init__(self, n: int, tls: bool, first_ip: int = 2) -> None:
+        self.tls = tls
+        self.port = free_port_pair()
+        self.ips = [f"127.0.0.{first_ip + k}" for k in range(n)]
+        self.pids: list[int] = []
+        self.hosts = [f"{ip}:{self.port}" for ip in self.ips]
+        try:
+            for ip in self.ips:
+                self.pids.append(self.start_one(ip))
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_one(self, ip: str) -> int:
+        """Starts the server for ``ip``; returns its pid."""
+        for _ in range(5):
+            try:
+                return start_background(use_tls=self.tls, cmd_port=self.port, data_port=self.port + 1,
+                                        bind=ip, allow_root=True)
+            except Exception as e:  # port taken by something else: try another pair
+                if "in use" not in str(e) or self.pids:
+                    raise
+                self.port = free_port_pair()
+                self.hosts = [f"{x}:{self.port}" for x in self.ips]
+        raise RuntimeError("no free port pair")
+
+    def connect(self, **kw: Any) -> Any:
+        """``pconnect`` to every server in the mode of this cluster."""
+        return pconnect(self.hosts, use_tls=self.tls, **kw)
+
+    def workers(self, k: int) -> list[int]:
+        """Worker pids of server ``k`` (0-based position)."""
+        return children(self.pids[k])
+
+    def stop(self) -> None:
+        """Stops every server by pid."""
+        for pid in self.pids:
+            stop_pid(pid)
