@@ -1,0 +1,8 @@
+"""Authentication: TLS 1.3 plus SRP-6a bound to the channel (see SECURITY.md).
+
+- ``sb64``: GnuTLS's SRP base64 codec.
+- ``srp``: the sans-IO login (``SrpClient``, ``SrpServer``) and its math.
+- ``keyfile``: ``tpasswd`` / ``tpasswd.conf`` / ``user_passwd`` files, ``parnet keygen``.
+- ``tls``: TLS 1.3 contexts, each server's certificate, the channel binding.
+- ``pairkeys``: pairwise keys and tags for data links.
+"""
