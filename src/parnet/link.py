@@ -214,6 +214,14 @@ class Link:
         """Whether a whole frame is already received (``recv_frame`` will not wait)."""
         return self._dec.has_frame()
 
+    def readable_now(self) -> bool:
+        """Whether a read would find data (or EOF) now; one ``poll`` call, no exception."""
+        if self.closed or self.eof:
+            return True
+        if self.tls and self._sock.pending():
+            return True
+        return bool(self._poller.poll(0))
+
     def poll(self) -> bool:
         """Reads whatever has arrived without waiting; True if a whole frame is ready.
 
@@ -224,8 +232,18 @@ class Link:
         for _ in range(64):
             if self._dec.has_frame():
                 return True
-            if not self._read_some():
+            if not self.readable_now() or not self._read_some():
                 return False
+        return self._dec.has_frame()
+
+    def pull(self) -> bool:
+        """Reads once, for a caller that already knows the socket is readable; True if a
+        whole frame is ready. (Saves the readiness check ``poll`` would make.)"""
+        try:
+            self._read_some()
+        except ConnectionClosed:
+            if not self._dec.has_frame():
+                raise
         return self._dec.has_frame()
 
     def recv_frame(self, deadline: float | None = None) -> Frame:
@@ -240,10 +258,10 @@ class Link:
             f = self._dec.next_frame()
             if f is not None:
                 return self._check(f)
-            if not self._read_some():
-                if not self._poller.poll(_remaining(deadline)) and deadline is not None:
-                    if time.monotonic() >= deadline:
-                        raise TimeoutError(f"no message from {self.name} in time")
+            if (self.tls and self._sock.pending()) or self._poller.poll(_remaining(deadline)):
+                self._read_some()
+            elif deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"no message from {self.name} in time")
 
     def recv_frame_timeout(self, timeout: float | None) -> Frame:
         """``recv_frame`` with a timeout in seconds (None: wait without limit)."""
@@ -345,6 +363,11 @@ def wait_links(links: list[Link], deadline: float | None, extra_fds: tuple[int, 
     ready = [k for k, lk in enumerate(links) if lk.has_frame() or (lk.tls and lk._sock.pending())]
     if ready:
         return ready
+    if len(links) == 1 and not extra_fds:
+        lk = links[0]
+        if lk.closed or lk.eof or lk._poller.poll(_remaining(deadline)):
+            return [0]
+        return []
     p = select.poll()
     fds = {}
     for k, lk in enumerate(links):

@@ -16,6 +16,7 @@ server's command link, so a failure there ends the wait at once.
 from __future__ import annotations
 
 import logging
+import select
 import time
 import uuid
 from collections import deque
@@ -29,6 +30,12 @@ from .wire import messages as msg
 from .wire import serialize
 
 log = logging.getLogger(__name__)
+
+
+def _ms(deadline: float | None) -> int:
+    if deadline is None:
+        return -1
+    return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
 
 
 @dataclass
@@ -59,9 +66,20 @@ class Node:
         self.results: dict[int, Any] = {}  # rfeval results that came on the command link
         self.stash: deque[Any] = deque()  # VALUE frames read while looking for another kind
         self.closed_reason: str = ""
+        self._poller: select.poll | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.index} {self.host!r}{'' if self.open else ' closed'}>"
+
+    def poller(self) -> select.poll:
+        """A poll object over this node's data and command links (client side), cached."""
+        if self._poller is None:
+            p = select.poll()
+            for link in (self.data, self.cmd):
+                if link is not None:
+                    p.register(link.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+            self._poller = p
+        return self._poller
 
 
 class Network:
@@ -119,20 +137,28 @@ class Network:
             f = node.stash.popleft()
             return serialize.loads(f.body, f.buffers)
         if self.is_client and node.cmd is not None:
-            self.raise_errors([k])
-            while not link.has_frame():
-                try:
-                    if link.poll():
-                        break
-                except ConnectionClosed:
-                    self._lost(k, "data link closed")
-                    self.raise_errors([k])
-                    raise
-                ready = wait_links([link, node.cmd], deadline)
-                if 1 in ready:
-                    self.pump_cmd(k)
-                    self.raise_errors([k])
-                if not ready and deadline is not None and time.monotonic() >= deadline:
+            # Wait on the data link and the command link at once (one cached poll object):
+            # a failure reported on the command link ends the wait.
+            self.raise_errors([k], check=False)
+            poller = node.poller()
+            cmd_fd = node.cmd.fileno()
+            while True:
+                for fd, _ in poller.poll(0 if link.has_frame() else _ms(deadline)):
+                    if fd == cmd_fd:
+                        self.pump_cmd(k)
+                        self.raise_errors([k], check=False)
+                    else:
+                        try:
+                            link.pull()
+                        except ConnectionClosed:
+                            self._lost(k, "data link closed")
+                            self.raise_errors([k])
+                            raise
+                if link.has_frame() or (link.tls and link._sock.pending()):
+                    break
+                if not link.usable and not link.has_frame():
+                    break  # recv_frame raises ConnectionClosed
+                if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"precv: nothing from {self.name(k)} within {timeout} s")
         try:
             f = link.recv_frame(deadline)
@@ -229,13 +255,14 @@ class Network:
         else:
             log.warning("unexpected message %s from %s", msg.NAMES.get(f.code, f.code), self.name(k))
 
-    def raise_errors(self, idxs: Sequence[int]) -> None:
-        """Raises ``RemoteError`` for the first pending remote failure among ``idxs``."""
+    def raise_errors(self, idxs: Sequence[int], check: bool = True) -> None:
+        """Raises ``RemoteError`` for the first pending remote failure among ``idxs``
+        (reading what has arrived on their command links first, unless ``check`` is False)."""
         for k in idxs:
             if k == self.self_index:
                 continue
             node = self.nodes[k]
-            if node.cmd is not None and node.cmd.usable and node.cmd.poll():
+            if check and node.cmd is not None and node.cmd.usable and node.cmd.readable_now():
                 self.pump_cmd(k)
             if node.errors:
                 rep = node.errors.popleft()

@@ -37,7 +37,7 @@ import numpy as np
 from .. import handshake
 from ..constants import AUTH_DEADLINE
 from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError
-from ..link import Link, wait_links
+from ..link import Link
 from ..network import Connections, Network, precv, psend, select_sockets
 from ..wire import messages as msg
 from ..wire import serialize
@@ -232,12 +232,22 @@ class Worker:
         """Runs commands until CLOSE or until the client is gone."""
         assert self.cmd is not None
         cmd = self.cmd
+        poller = select.poll()
+        poller.register(cmd.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.register(self.ctl.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        ctl_fd = self.ctl.fileno()
         while True:
-            if not cmd.has_frame():
-                ready = wait_links([cmd], None, extra_fds=(self.ctl.fileno(),))
-                if not ready:
+            if not cmd.has_frame() and not (cmd.tls and cmd._sock.pending()):
+                events = poller.poll()
+                if all(fd == ctl_fd for fd, _ in events):
                     self._drain_ctl()
                     continue
+                try:
+                    if not cmd.pull():
+                        continue
+                except ConnectionClosed:
+                    log.info("network %s: client gone", self.net.id_str[:8] if self.net else "?")
+                    return
             try:
                 f = cmd.recv_frame()
             except ConnectionClosed:
