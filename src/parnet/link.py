@@ -143,6 +143,15 @@ class Link:
                         return [bytes(mv[off:])] + [bytes(q) for q in pieces[k + 1 :]]
                     off += n
             return []
+        if len(pieces) == 1:  # the common small frame: one plain send()
+            p0 = pieces[0]
+            try:
+                n = self._sock.send(p0)
+            except (BlockingIOError, InterruptedError):
+                return [bytes(p0)]
+            if n == len(p0):
+                return []
+            return [bytes(memoryview(p0)[n:])]
         views = [memoryview(p) for p in pieces]
         while views:
             try:
@@ -207,7 +216,7 @@ class Link:
                 if left is not None and left <= 0:
                     return False
                 self._cv.wait(left)
-            return not self._backlog
+            return not self._backlog and self.error is None and not self.closed
 
     # -- receiving -------------------------------------------------------------------
     def has_frame(self) -> bool:
@@ -258,6 +267,8 @@ class Link:
             f = self._dec.next_frame()
             if f is not None:
                 return self._check(f)
+            if self.closed or self.eof:
+                self._read_some()  # raises ConnectionClosed
             if (self.tls and self._sock.pending()) or self._poller.poll(_remaining(deadline)):
                 self._read_some()
             elif deadline is not None and time.monotonic() >= deadline:

@@ -56,6 +56,8 @@ def encode_frame(
     Raises:
         LocalProtocolError: a field does not fit the frame format.
     """
+    if isinstance(body, memoryview) and (body.format != "B" or body.ndim != 1):
+        body = body.cast("B") if body.c_contiguous else body.tobytes()
     if not 0 <= code <= 255 or not 0 <= flags <= 255:
         raise LocalProtocolError(f"bad code/flags {code}/{flags}")
     nbuf = len(buffers)
@@ -170,6 +172,14 @@ class FrameDecoder:
         if self.broken is not None:
             raise self.broken
         sc = self._scratch
+        # fast path: whole small frames without buffers sitting in scratch
+        while self._hdr is None and self._end - self._start >= HEADER.size:
+            code, flags, nbuf, body_len = HEADER.unpack_from(sc, self._start)
+            end = self._start + HEADER.size + body_len
+            if nbuf or end > self._end or HEADER.size + body_len > self.max_frame:
+                break
+            self._frames.append(Frame(code, flags, bytes(sc[self._start + HEADER.size : end])))
+            self._start = end
         while True:
             avail = self._end - self._start
             if self._hdr is None:

@@ -6,8 +6,9 @@ authenticated (the link layer enforces it; pre-authentication frames carry raw b
 ``dumps`` tries the C pickler first (fast, and by reference for importable functions) and
 falls back to cloudpickle when that fails or when the pickle refers to ``__main__`` (such
 functions and classes do not exist on the other side, so they must travel by value).
-Buffers of at least ``OOB_MIN`` bytes (NumPy arrays, bytearrays, anything exposing pickle-5
-buffers) are kept out of band: they are written to the socket from the original memory and
+Buffers of at least ``OOB_MIN`` bytes that pickle offers through ``buffer_callback`` (NumPy
+arrays, ``pickle.PickleBuffer`` objects; not plain ``bytes``/``bytearray``, which CPython
+pickles in band) are kept out of band: they are written to the socket from the original memory and
 read into their own preallocated buffers, without further copies.
 """
 
