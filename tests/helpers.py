@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
 from parnet import pconnect
-from parnet.server.launch import start_background
+from parnet.server.launch import pid_alive, start_background, stop_pid  # noqa: F401
 
 PASSWORD = "test-password-0123456789"
 USER = "tester"
@@ -27,15 +25,6 @@ def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "cond
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def children(pid: int) -> list[int]:
@@ -61,19 +50,6 @@ def fd_count(pid: int) -> int:
 def free_port_pair() -> int:
     """An even port in a high range whose +1 is the data port (random per call)."""
     return random.randrange(20000, 40000, 2)
-
-
-def stop_pid(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM, wait, then SIGKILL."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if pid_alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not pid_alive(pid), 5, f"pid {pid} to die")
 
 
 class Cluster:

@@ -33,9 +33,11 @@ import os
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import numpy as np
 
 from ..errors import ConnectionClosed, RemoteError
 from ..link import wait_links
@@ -49,7 +51,6 @@ from .common import (
     Shared,
     array_columns,
     cell_columns,
-    chunk_ranges,
     dumps_result,
     error_result,
     run_chunk,
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 FAST_JOB = 0.0005  # seconds: faster jobs run in the worker process itself
 _SEND_EVERY = 0.02  # seconds: in-process runs report at least this often
+MIN_BATCH_WORK = 0.002  # seconds of measured work per batch, at least
 _map_ids = itertools.count(1)
 
 
@@ -112,7 +114,7 @@ def _on_map_frame(net: Network, k: int, f: Any) -> None:
     map_id, results = serialize.loads(f.body, f.buffers)
     m = getattr(net, "active_maps", {}).get(map_id)
     if m is not None:
-        m.inbox.extend((k, job, res) for job, res in results)
+        m.inbox.extend((k, job, res, dt) for job, res, dt in results)
 
 
 class NetMap:
@@ -137,11 +139,14 @@ class NetMap:
         self.fun, self.cols, self.n, self.name = fun, cols, n, name
         self.nout, self.vectorized = nout, vectorized
         self.error_handler, self.cum_func = error_handler, cum_func
-        self.jobs = chunk_ranges(n, chunk_size)
+        self.cs = chunk_size
+        self.njobs = -(-n // chunk_size)
         self.asm = Assembler(n, shape=shape, nout=nout, uniform_output=uniform_output,
                              cum_func=cum_func, kind=kind, name=name)  # type: ignore[arg-type]
         self.verbose = verbose
-        self.inbox: deque[tuple[int, int, ChunkResult]] = deque()
+        self.inbox: deque[tuple[int, tuple[int, int], ChunkResult, float]] = deque()
+        self.work_time = 0.0  # measured run time of the jobs back so far, and their count
+        self.work_jobs = 0
         self.map_id = next(_map_ids)
 
     def run(self) -> Any:
@@ -177,36 +182,28 @@ class NetMap:
 
     def _run(self, bar: Any) -> Any:
         net = self.net
+        cs, njobs = self.cs, self.njobs
         spec = {"fun": Shared(self.fun), "nout": self.nout, "vectorized": self.vectorized,
-                "chunk_size": self.jobs[0].stop - self.jobs[0].start, "n": self.n,
+                "chunk_size": cs, "n": self.n,
                 "error_handler": Shared(self.error_handler) if self.error_handler else None,
                 "cum_func": Shared(self.cum_func) if self.cum_func else None}
         alive = [k for k in self.servers if self._send(k, ("start", self.map_id, spec))]
-        pending: deque[int] = deque(range(len(self.jobs)))
-        batches: dict[int, list[set[int]]] = {k: [] for k in alive}
-        done: set[int] = set()
-        lost_with: Counter[int] = Counter()
-
-        def give(k: int) -> None:
-            if not pending:
-                return
-            size = max(1, math.ceil(len(pending) / (2 * max(1, len(alive)))))
-            batch = [pending.popleft() for _ in range(min(size, len(pending)))]
-            items = []
-            for j0, j1 in _runs(batch):  # contiguous job ids travel as one slice
-                a, b = self.jobs[j0].start, self.jobs[j1 - 1].stop
-                items.append((j0, j1, a, [c[a:b] for c in self.cols]))
-            if self._send(k, ("jobs", self.map_id, items)):
-                batches[k].append(set(batch))
-            else:
-                pending.extendleft(reversed(batch))
-
+        # Job j covers elements [j*cs, min(n, (j+1)*cs)). Bookkeeping is per job range, in
+        # numpy arrays, so a map of many tiny jobs costs no per-job Python objects.
+        self.pending: deque[tuple[int, int]] = deque([(0, njobs)])
+        self.npending = njobs
+        self.done = np.zeros(njobs, dtype=bool)
+        self.batch_of = np.full(njobs, -1, dtype=np.int64)
+        self.owner = np.full(njobs, -1, dtype=np.int64)
+        self.left: dict[int, int] = {}  # batch id -> jobs not yet back
+        self.batches: dict[int, set[int]] = {k: set() for k in alive}  # server -> open batch ids
+        self.lost_with = np.zeros(njobs, dtype=np.int8)
+        self.alive = alive
         for _ in range(2):
             for k in list(alive):
-                give(k)
+                self._give(k)
         try:
             while not self.asm.done():
-                self._handle_lost(alive, batches, pending, lost_with, done, give)
                 if not self.inbox:
                     links = [net.nodes[k].cmd for k in alive]
                     ready = wait_links(links, time.monotonic() + 1.0)  # type: ignore[arg-type]
@@ -214,22 +211,24 @@ class NetMap:
                         net.pump_cmd(alive[pos])
                     net.raise_errors(alive)
                 while self.inbox:
-                    k, (j0, j1), res = self.inbox.popleft()
-                    if j0 in done:  # rerun elsewhere after its server was thought lost
+                    k, (j0, j1), res, dt = self.inbox.popleft()
+                    self.work_time += dt
+                    self.work_jobs += j1 - j0
+                    if self.done[j0]:  # rerun elsewhere after its server was lost
                         continue
                     if res.error is not None:
                         raise self._remote_error(k, res)
                     self.asm.add(res)
-                    js = range(j0, j1)
-                    done.update(js)
+                    self.done[j0:j1] = True
                     if bar is not None:
                         bar.update(res.count)
-                    for b in batches.get(k, []):
-                        b.difference_update(js)
-                    if k in batches:
-                        batches[k] = [b for b in batches[k] if b]
-                        if len(batches[k]) < 2 and k in alive:
-                            give(k)
+                    bid = int(self.batch_of[j0])
+                    self.left[bid] -= j1 - j0
+                    if self.left[bid] <= 0:
+                        self.batches[k].discard(bid)
+                        if len(self.batches[k]) < 2 and k in alive:
+                            self._give(k)
+                self._handle_lost()
         except BaseException:
             for k in alive:
                 self._send(k, ("cancel", self.map_id))
@@ -239,29 +238,66 @@ class NetMap:
                 self._send(k, ("end", self.map_id))
         return self.asm.result()
 
-    def _handle_lost(self, alive: list[int], batches: dict[int, list[set[int]]], pending: deque[int],
-                     lost_with: Counter[int], done: set[int], give: Callable[[int], None]) -> None:
-        gone = [k for k in alive if not self.net.nodes[k].open]
+    def _give(self, k: int) -> None:
+        """Sends server ``k`` its next batch (guided self-scheduling)."""
+        if not self.npending:
+            return
+        size = max(1, math.ceil(self.npending / (2 * max(1, len(self.alive)))))
+        if self.work_jobs and self.work_time > 0:
+            # at least MIN_BATCH_WORK seconds of measured work per batch: tiny jobs need few messages
+            size = max(size, math.ceil(MIN_BATCH_WORK * self.work_jobs / self.work_time))
+        elif self.work_jobs:
+            size = self.npending
+        size = min(size, self.npending)
+        bid = len(self.left)
+        items = []
+        taken: list[tuple[int, int]] = []
+        while size:
+            j0, j1 = self.pending.popleft()
+            if j1 - j0 > size:
+                self.pending.appendleft((j0 + size, j1))
+                j1 = j0 + size
+            size -= j1 - j0
+            a, b = j0 * self.cs, min(self.n, j1 * self.cs)
+            items.append((j0, j1, a, [c[a:b] for c in self.cols]))
+            taken.append((j0, j1))
+        njobs = sum(j1 - j0 for j0, j1 in taken)
+        self.npending -= njobs
+        if self._send(k, ("jobs", self.map_id, items)):
+            for j0, j1 in taken:
+                self.batch_of[j0:j1] = bid
+                self.owner[j0:j1] = k
+            self.left[bid] = njobs
+            self.batches[k].add(bid)
+        else:
+            self.pending.extendleft(reversed(taken))
+            self.npending += njobs
+
+    def _handle_lost(self) -> None:
+        gone = [k for k in self.alive if not self.net.nodes[k].open]
         if not gone:
             return
-        arrived = {j for k2, (j0, j1), _ in self.inbox if k2 in gone for j in range(j0, j1)}
         for k in gone:
-            alive.remove(k)
-            lost = sorted({j for b in batches.pop(k, []) for j in b} - done - arrived)
-            for j in lost:
-                lost_with[j] += 1
-                if lost_with[j] >= 2:
-                    idx = self.jobs[j].start
-                    raise RemoteError(self.net.nodes[k].host, k, "ConnectionClosed",
-                                      f"{self.name}: the job at element {idx} was lost with two servers "
-                                      "that died while running it; not retried again")
-            pending.extendleft(reversed(lost))
-            log.warning("%s: %s died; rerunning %d jobs elsewhere", self.name, self.net.name(k), len(lost))
-        if not alive:
+            self.alive.remove(k)
+            self.batches.pop(k, None)
+            lost = np.flatnonzero((self.owner == k) & ~self.done)
+            self.owner[lost] = -1
+            self.lost_with[lost] += 1
+            twice = lost[self.lost_with[lost] >= 2]
+            if twice.size:
+                idx = int(twice[0]) * self.cs
+                raise RemoteError(self.net.nodes[k].host, k, "ConnectionClosed",
+                                  f"{self.name}: the job at element {idx} was lost with two servers "
+                                  "that died while running it; not retried again")
+            for j0, j1 in reversed(_runs(lost.tolist())):
+                self.pending.appendleft((j0, j1))
+            self.npending += lost.size
+            log.warning("%s: %s died; rerunning %d jobs elsewhere", self.name, self.net.name(k), lost.size)
+        if not self.alive:
             raise ConnectionClosed(f"{self.name}: every server has gone")
-        for k in alive:
-            while len(batches[k]) < 2 and pending:
-                give(k)
+        for k in self.alive:
+            while len(self.batches[k]) < 2 and self.npending:
+                self._give(k)
 
     def _remote_error(self, k: int, res: ChunkResult) -> RemoteError:
         index, identifier, message, tb = res.error  # type: ignore[misc]
@@ -323,6 +359,9 @@ class _WMap:
                          error_handler=s["error_handler"], cum_func=s["cum_func"])
 
 
+_NOOP_TASK = ChunkTask(abs, [[0]], 0)
+
+
 class WorkerMapRunner:
     """Runs map jobs on a server worker (see the module docstring)."""
 
@@ -332,6 +371,7 @@ class WorkerMapRunner:
         self._pool: Any = None
         self._pool_n = 0
         self._pool_lock = threading.Lock()
+        self._pool_warm = False
 
     def nlocal(self) -> int:
         """Local processes for map jobs: ``nlocaljobs``, or the processor count when 0."""
@@ -343,7 +383,7 @@ class WorkerMapRunner:
         if kind == "start":
             self.maps[map_id] = _WMap(map_id, payload[2])
             if self.nlocal() > 1 and self._pool is None:
-                threading.Thread(target=self._get_pool, daemon=True, name="parnet-pool-start").start()
+                threading.Thread(target=self._warm_pool, daemon=True, name="parnet-pool-start").start()
             return
         m = self.maps.get(map_id)
         if m is None:
@@ -361,6 +401,20 @@ class WorkerMapRunner:
                 m.queue.clear()
             self.maps.pop(map_id, None)
 
+    def _warm_pool(self) -> None:
+        """Starts the pool off the main thread; maps still probing their first job get
+        ``nlocaljobs - 1`` jobs started there at once (the probe may take long)."""
+        try:
+            pool = self._get_pool()
+            pool.submit(_NOOP_TASK).result(timeout=60)  # processes up and importable
+            self._pool_warm = True
+        except Exception as e:  # noqa: BLE001 - the map will report its own errors
+            log.warning("local pool did not start: %s", e)
+            return
+        for m in list(self.maps.values()):
+            if m.mode is None:
+                self._fill(m, limit=self.nlocal() - 1)
+
     def _get_pool(self) -> Any:
         n = self.nlocal()
         with self._pool_lock:
@@ -371,7 +425,7 @@ class WorkerMapRunner:
                 self._pool_n = n
             return self._pool
 
-    def _send(self, m: _WMap, results: list[tuple[tuple[int, int], ChunkResult]]) -> None:
+    def _send(self, m: _WMap, results: list[tuple[tuple[int, int], ChunkResult, float]]) -> None:
         if not results:
             return
         try:
@@ -379,22 +433,25 @@ class WorkerMapRunner:
         except Exception:  # noqa: BLE001 - an output that cannot travel fails its element
             import pickle
 
-            fixed = [(j, pickle.loads(dumps_result(r))) for j, r in results]
+            fixed = [(j, pickle.loads(dumps_result(r)), dt) for j, r, dt in results]
             body, bufs, flags = serialize.dumps((m.map_id, fixed))
         with contextlib.suppress(OSError):
             self.w.cmd.send_frame(msg.MAP_RESULT, body, bufs, flags)
 
     def _run_here(self, m: _WMap, first_only: bool = False) -> float:
         """Runs queued jobs in this process; returns the duration of the last one."""
-        out: list[tuple[tuple[int, int], ChunkResult]] = []
+        out: list[tuple[tuple[int, int], ChunkResult, float]] = []
         last_send = time.monotonic()
         dt = 0.0
-        while m.queue and not m.cancelled:
-            j, start, args = m.pop_job() if first_only else m.pop_run()
+        while True:
+            with m.lock:
+                if not m.queue or m.cancelled:
+                    break
+                j, start, args = m.pop_job() if first_only else m.pop_run()
             t = time.perf_counter()
             res = run_chunk(m.task(start, args))
             dt = time.perf_counter() - t
-            out.append((j, res))
+            out.append((j, res, dt))
             if first_only:
                 break
             if time.monotonic() - last_send > _SEND_EVERY:
@@ -407,7 +464,7 @@ class WorkerMapRunner:
     def _pump(self, m: _WMap) -> None:
         nloc = self.nlocal()
         if m.mode is None:
-            if nloc > 1 and self._pool is not None:
+            if nloc > 1 and self._pool is not None and self._pool_warm:
                 self._fill(m, limit=nloc - 1)  # speculative: the pool is warm
             dt = self._run_here(m, first_only=True)
             m.mode = "here" if nloc == 1 or dt < FAST_JOB else "pool"
@@ -419,23 +476,26 @@ class WorkerMapRunner:
     def _fill(self, m: _WMap, limit: int | None = None) -> None:
         cap = self.nlocal() if limit is None else limit
         pool = self._pool if limit is not None else self._get_pool()
+        if pool is None:
+            return
         while True:
             with m.lock:
                 if m.cancelled or not m.queue or m.inflight >= cap:
                     return
                 j, start, args = m.pop_job()
                 m.inflight += 1
+            t0 = time.perf_counter()
             try:
                 fut = pool.submit(m.task(start, args))
             except Exception as e:  # noqa: BLE001 - a broken pool fails this job, clearly
                 with m.lock:
                     m.inflight -= 1
-                self._send(m, [(j, error_result(start, len(args[0]) if args else 0, start, e))])
+                self._send(m, [(j, error_result(start, len(args[0]) if args else 0, start, e), 0.0)])
                 continue
             count = len(args[0]) if args else 0
-            fut.add_done_callback(lambda f, j=j, start=start, n=count: self._done(m, j, start, n, f))
+            fut.add_done_callback(lambda f, j=j, start=start, n=count, t0=t0: self._done(m, j, start, n, f, t0))
 
-    def _done(self, m: _WMap, j: tuple[int, int], start: int, count: int, fut: Any) -> None:
+    def _done(self, m: _WMap, j: tuple[int, int], start: int, count: int, fut: Any, t0: float) -> None:
         with m.lock:
             m.inflight -= 1
             cancelled = m.cancelled
@@ -445,7 +505,7 @@ class WorkerMapRunner:
             res = fut.result()
         except BaseException as e:  # noqa: BLE001 - e.g. a pool process died
             res = error_result(start, count, start, e if isinstance(e, Exception) else RuntimeError(str(e)))
-        self._send(m, [(j, res)])
+        self._send(m, [(j, res, time.perf_counter() - t0)])
         self._fill(m)
 
     def close(self, kill: bool = False) -> None:

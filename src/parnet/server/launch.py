@@ -68,3 +68,35 @@ def start_background(timeout: float = 30.0, **opts: object) -> int:
         raise ParnetError(f"parnet server did not start within {timeout} s (log: {log_file})")
     code = proc.wait(timeout=5) if proc.poll() is None else proc.returncode
     raise ParnetError(text.removeprefix("error: ") or f"parnet server exited with status {code} (log: {log_file})")
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie child is reaped and counts as gone)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """Stops a server by pid: SIGTERM, wait up to ``timeout``, then SIGKILL."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)

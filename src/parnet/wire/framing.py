@@ -73,6 +73,8 @@ def encode_frame(
     for b in buffers:
         mv = memoryview(b)
         if mv.nbytes:
+            if not mv.c_contiguous:
+                mv = memoryview(mv.tobytes())  # rare: pickle's buffers are contiguous
             pieces.append(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv)
     return pieces
 

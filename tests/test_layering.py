@@ -1,0 +1,118 @@
+"""The pure layers stay pure: no sockets, TLS or threads under wire/, in auth/srp.py, auth/pairkeys.py.
+
+Checked on the source with ``ast`` (nothing is imported), following imports of other parnet
+modules so that a pure module cannot reach ``socket`` through, say, ``parnet.link``. Imports
+under ``if TYPE_CHECKING:`` do not run and are ignored; package ``__init__`` files are not
+followed (``parnet/__init__.py`` re-exports everything).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PKG = SRC / "parnet"
+FORBIDDEN = {"socket", "ssl", "threading"}
+
+
+def pure_modules() -> list[Path]:
+    paths = sorted((PKG / "wire").glob("*.py"))
+    paths += [PKG / "auth" / "srp.py", PKG / "auth" / "pairkeys.py"]
+    return paths
+
+
+def module_path(name: str) -> Path | None:
+    """The source file of parnet module ``name`` (a dotted name), or None if not parnet's."""
+    parts = name.split(".")
+    if parts[0] != "parnet":
+        return None
+    base = SRC.joinpath(*parts)
+    for p in (base.with_suffix(".py"), base / "__init__.py"):
+        if p.exists():
+            return p
+    return None
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(SRC).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports at run time."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = (
+        module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    )
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            # "from . import x" / "from pkg import sub" may name submodules
+            found.update(
+                f"{mod}.{alias.name}" for alias in node.names if module_path(f"{mod}.{alias.name}")
+            )
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def forbidden_reach(path: Path) -> list[str]:
+    """Chains like ``parnet.wire.x -> parnet.link -> socket`` from ``path`` to a forbidden module."""
+    chains = []
+    seen: set[Path] = set()
+    todo = [(path, [module_name(path)])]
+    while todo:
+        p, chain = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        for name in sorted(imports(p)):
+            if name.split(".")[0] in FORBIDDEN:
+                chains.append(" -> ".join([*chain, name]))
+            sub = module_path(name)
+            # package __init__ files (parnet/__init__.py re-exports the whole API) are not
+            # followed: the pure modules in this list are checked themselves
+            if sub is not None and sub.name != "__init__.py":
+                todo.append((sub, [*chain, name]))
+    return chains
+
+
+@pytest.mark.parametrize("path", pure_modules(), ids=lambda p: str(p.relative_to(PKG)))
+def test_pure_module_uses_no_sockets_tls_or_threads(path: Path) -> None:
+    if not path.exists():
+        pytest.skip(f"{path.relative_to(SRC)} does not exist yet")
+    assert forbidden_reach(path) == []
+
+
+def test_the_checker_sees_forbidden_imports() -> None:
+    """The check itself works: link.py, which must use sockets, is caught."""
+    chains = forbidden_reach(PKG / "link.py")
+    assert {c.rsplit(" -> ", 1)[1] for c in chains} >= {"socket", "ssl", "threading"}
