@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 import pytest
-from helpers import wait_until
 
+from helpers import wait_until
 from parnet import (
     ConnectionClosed,
     Connections,
@@ -22,7 +22,6 @@ from parnet import (
     sclose,
     select_sockets,
 )
-
 
 
 def test_reference_example(cluster) -> None:

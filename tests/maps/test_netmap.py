@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import pytest
-from helpers import wait_until
 
+from helpers import wait_until
 from parnet import (
     RemoteError,
     install_vars,
@@ -110,7 +110,7 @@ def test_pool_path_two_levels(conns) -> None:
 
 def test_install_vars(conns) -> None:
     big = np.arange(100_000)
-    label = "L"
+    label = "L"  # noqa: F841 - installed by name
     install_vars("big", "label", connections=conns, extra=7)
     reval("psend((int(big.sum()), label, extra), sockets[0])", conns[1:])
     for k in (1, 2):
