@@ -26,6 +26,9 @@ from parnet.constants import MAGIC, PROTOCOL_VERSION
 from parnet.wire import messages as msg
 from parnet.wire.framing import HEADER, Frame, FrameDecoder, frame_bytes
 
+#: SRP message kinds (``auth.srp`` wire encoding: version byte, kind byte, length-prefixed fields).
+SRP_HELLO, SRP_CHALLENGE, SRP_PROOF, SRP_SERVER_PROOF = 1, 2, 3, 4
+
 
 # -- raw connections -------------------------------------------------------------------
 def connect(host: str, port: int, src: str | None = None, timeout: float = 5.0) -> socket.socket:
@@ -222,7 +225,7 @@ def start_login(host: str, port: int, user: str, src: str | None = None,
     sock, rep = tls_channel(host, port, preamble(netid=netid), src)
     cb = cert_binding(sock.getpeercert(binary_form=True))
     lg = Login(sock, Frames(sock), netid, rep.data_port, cb)
-    hello = srp._pack(2 - 1, user.encode())  # kind 1: hello
+    hello = srp._pack(SRP_HELLO, user.encode())
     lg.frames.send(msg.AUTH, hello)
     f = lg.frames.recv()
     assert f is not None and f.code == msg.AUTH, f
@@ -255,13 +258,13 @@ def login(host: str, port: int, user: str, password: str, src: str | None = None
 
 def challenge_fields(challenge: bytes) -> tuple[int, bytes, bytes]:
     """(group index, salt, B bytes) of an SRP challenge message."""
-    raw_index, salt, raw_b = srp._unpack(challenge, 2, 3)
+    raw_index, salt, raw_b = srp._unpack(challenge, SRP_CHALLENGE, 3)
     return raw_index[0], salt, raw_b
 
 
 def proof_message(raw_a: bytes, m1: bytes) -> bytes:
     """An SRP proof message (kind 3) with any A and M1."""
-    return srp._pack(3, raw_a, m1)
+    return srp._pack(SRP_PROOF, raw_a, m1)
 
 
 # -- canary ------------------------------------------------------------------------------

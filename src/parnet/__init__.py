@@ -20,6 +20,7 @@ from .client import (
     rfeval,
     sclose,
 )
+from .constants import __version__ as __version__
 from .errors import (
     AuthenticationError,
     ConnectError,
@@ -29,8 +30,6 @@ from .errors import (
     RemoteError,
 )
 from .network import Connections, NodeInfo, precv, psend, select_sockets
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError", "ConnectError", "ConnectionClosed", "Connections", "NodeInfo",

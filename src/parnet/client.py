@@ -14,6 +14,7 @@ Any failure closes everything opened so far and raises ``ConnectError`` naming t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import getpass
 import ipaddress
 import itertools
@@ -22,6 +23,7 @@ import socket
 import sys
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +32,10 @@ from typing import Any
 from . import handshake
 from .constants import CMD_PORT
 from .errors import ConnectError, ConnectionClosed, ParnetError, ProtocolError
+from .heartbeat import DEFAULT_TIMEOUT, monitor
 from .link import Link, wait_links
 from .network import Connections, Network, NodeInfo, _single
+from .server.worker import versions
 from .wire import messages as msg
 from .wire import serialize
 
@@ -85,7 +89,8 @@ def _credentials(password_file: str | None, user: str | None) -> tuple[str, str]
 
 
 def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str | None = None,
-             user: str | None = None, timeout: float = 30.0) -> Connections:
+             user: str | None = None, timeout: float = 30.0, forward_output: bool = True,
+             heartbeat: float | None = None) -> Connections:
     """Connects to the servers ``hosts`` and sets up the full mesh between all of them.
 
     Args:
@@ -94,6 +99,10 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
         password_file: the client SRP file (default ``$PARNET_HOME/srp/client/user_passwd``).
         user: ask for this user's password at the terminal instead of reading the file.
         timeout: seconds for the whole set-up.
+        forward_output: print what the servers' code prints on this process's stderr, each
+            line prefixed with the server's name (beyond Octave).
+        heartbeat: seconds of silence after which a peer counts as dead (default
+            ``$PARNET_HEARTBEAT_TIMEOUT`` or 10; beyond Octave).
 
     Returns:
         The network's ``Connections``: ``[0]`` is this machine, ``[1:]`` the servers in order.
@@ -118,6 +127,7 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
         master = new_master_secret()
     netid = uuid.uuid4().bytes
     net = Network(netid, names, 0)
+    hb = DEFAULT_TIMEOUT if heartbeat is None else float(heartbeat)
     n = len(addrs)
     pool = ThreadPoolExecutor(max_workers=min(32, n))
     try:
@@ -149,7 +159,8 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
 
                 keys = {j: pair_key(master, netid, k, j) for j in range(n + 1) if j != k}
             setup = {"node": k, "hosts": names, "data_addrs": data_addrs, "cwd": os.getcwd(),
-                     "keys": keys, "nlocaljobs": 0, "timeout": max(0.5, deadline - time.monotonic())}
+                     "keys": keys, "nlocaljobs": 0, "timeout": max(0.5, deadline - time.monotonic()),
+                     "forward_output": forward_output, "heartbeat": hb, "versions": versions()}
             net.nodes[k].cmd.send_frame(msg.SETUP, serialize.dumps(setup)[0])  # type: ignore[union-attr]
 
         def data_link(k: int) -> Link:
@@ -169,6 +180,12 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
             net.nodes[k].data = link
         for k in range(1, n + 1):
             _await_ready(net, k, deadline)
+        _warn_versions(net)
+        mon = monitor()
+        for k in range(1, n + 1):
+            for link in (net.nodes[k].cmd, net.nodes[k].data):
+                mon.watch(link, hb, lambda lk, why, k=k: net._lost(k, why))
+        _start_background_pump(mon)
     except BaseException:
         net.close()
         raise
@@ -214,6 +231,38 @@ def _await_ready(net: Network, k: int, deadline: float) -> None:
         raise ConnectError(f"{node.host}: unexpected message {f.code} during set-up")
     info = serialize.loads(f.body, f.buffers)
     node.nproc = int(info.get("nproc", 1))
+    node.versions = info.get("versions", {})  # type: ignore[attr-defined]
+
+
+def _warn_versions(net: Network) -> None:
+    """A different Python, parnet or library version on a node is worth a warning: pickles
+    and code objects may not travel between them."""
+    mine = versions()
+    diffs = []
+    for node in net.nodes[1:]:
+        theirs = getattr(node, "versions", {})
+        d = [f"{key} {theirs.get(key, '?')} (client {mine[key]})" for key in mine if theirs.get(key) != mine[key]]
+        if d:
+            diffs.append(f"{node.host} (node {node.index}): " + ", ".join(d))
+    if diffs:
+        warnings.warn("parnet: versions differ between nodes; values or functions may not travel: "
+                      + "; ".join(diffs), RuntimeWarning, stacklevel=3)
+
+
+_pump_started = False
+
+
+def _start_background_pump(mon: Any) -> None:
+    global _pump_started
+    if _pump_started:
+        return
+    _pump_started = True
+
+    def pump_all() -> None:
+        for net in list(_open_networks):
+            net.background_pump()
+
+    mon.add_task(pump_all)
 
 
 def _servers(connections: Connections, what: str) -> tuple[Network, list[int]]:
@@ -286,14 +335,19 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
     if not wait:
         return None
     node = net.nodes[k]
-    while True:
-        net.pump_cmd(k)
-        if req in node.results:
-            return node.results.pop(req)
-        net.raise_errors([k])
-        if not node.open:
-            raise ConnectionClosed(f"{net.name(k)} is gone: {node.closed_reason}")
-        wait_links([node.cmd], None)  # type: ignore[list-item]
+    with net.read_lock:
+        try:
+            while True:
+                net.pump_cmd(k)
+                if req in node.results:
+                    return node.results.pop(req)
+                net.raise_errors([k])
+                if not node.open:
+                    raise ConnectionClosed(f"{net.name(k)} is gone: {node.closed_reason}")
+                wait_links([node.cmd], None)  # type: ignore[list-item]
+        except KeyboardInterrupt:
+            net.interrupt([k])
+            raise
 
 
 def sclose(connections: Connections) -> None:
@@ -304,6 +358,9 @@ def sclose(connections: Connections) -> None:
     if net.closed:
         return
     if net.is_client:
+        with contextlib.suppress(Exception):
+            for node in net.nodes[1:]:
+                net.pump_cmd(node.index)  # print what the servers said before closing
         for node in net.nodes[1:]:
             if node.cmd is not None and node.cmd.usable:
                 try:
@@ -329,7 +386,8 @@ def network_get_info(connections: Connections) -> list[NodeInfo]:
             continue
         if net.is_client and not net.closed:
             net.pump_cmd(k)
-        is_open = node.open and not net.closed
+        links_ok = all(lk.usable for lk in (node.data, node.cmd) if lk is not None)
+        is_open = node.open and links_ok and not net.closed
         out.append(NodeInfo(False, node.nproc, node.nlocaljobs, node.host, is_open, net.id_str, k))
     return out
 

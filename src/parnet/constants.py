@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+__version__ = "0.1.0"
+
 CMD_PORT = 12502
 DATA_PORT = 12501
 

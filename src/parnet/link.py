@@ -44,6 +44,10 @@ from .wire.framing import Frame, FrameDecoder, encode_frame
 log = logging.getLogger(__name__)
 
 _TLS_CHUNK = 256 * 1024
+_SMALL = 64 * 1024
+#: A stalled write waits this long (ms) for the peer to make room before the rest is copied
+#: to the writer thread; a peer that reads never causes a copy.
+STALL_GRACE_MS = 10
 _IOV_MAX = 512
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
@@ -81,11 +85,15 @@ class Link:
         self._writer: threading.Thread | None = None
         self._poller = select.poll()
         self._poller.register(self._fd, _POLLIN)
+        self._wpoller: select.poll | None = None
         self.authenticated = authenticated
         self._dec = FrameDecoder(MAX_FRAME) if authenticated else FrameDecoder(MAX_PREAUTH_FRAME, 0)
+        if authenticated:
+            self._dec.skip = frozenset((msg.PING,))  # heartbeats carry no message
         self.error: BaseException | None = None  # why the link broke, if it did
         self.closed = False
         self.eof = False
+        self.last_send = time.monotonic()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("broken" if self.error else "open")
@@ -99,6 +107,7 @@ class Link:
         """Authentication succeeded: accept pickled frames up to the configured size."""
         self.authenticated = True
         self._dec.set_limits(MAX_FRAME, 0xFFFF)
+        self._dec.skip = frozenset((msg.PING,))  # heartbeats carry no message
 
     # -- sending ---------------------------------------------------------------------
     def send_frame(self, code: int, body: bytes = b"", buffers: list | tuple = (), flags: int = 0) -> None:
@@ -113,6 +122,7 @@ class Link:
                       self.name, sum(memoryview(p).nbytes for p in pieces))
         with self._send_lock:
             self._check_open()
+            self.last_send = time.monotonic()
             if not self._backlog:
                 try:
                     pieces = self._send_now(pieces)
@@ -129,34 +139,44 @@ class Link:
             self._cv.notify_all()
 
     def _send_now(self, pieces: list) -> list[bytes]:
-        """Writes what the socket takes now; returns a copy of the unsent rest (empty: done)."""
+        """Writes while the peer drains the socket; returns a copy of the unsent rest.
+
+        A full socket is waited on for up to ``STALL_GRACE`` seconds at a time: a peer that
+        is reading frees space within that, and the whole frame goes out from the caller's
+        own memory. Only when the peer makes no progress for that long (it is not reading)
+        is the rest copied, for the writer thread (empty list: all written).
+        """
         if self.tls:
             for k, p in enumerate(pieces):
                 mv = memoryview(p)
                 off = 0
                 while off < mv.nbytes:
-                    chunk = mv[off : off + _TLS_CHUNK]
+                    chunk = mv[off : off + _TLS_CHUNK]  # a retry must present the same chunk
                     try:
                         with self._io_lock:
                             n = self._sock.send(chunk)
                     except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                        if self._wait_writable():
+                            continue
                         return [bytes(mv[off:])] + [bytes(q) for q in pieces[k + 1 :]]
                     off += n
             return []
-        if len(pieces) == 1:  # the common small frame: one plain send()
+        if len(pieces) == 1 and len(pieces[0]) < _SMALL:  # the common small frame: one send()
             p0 = pieces[0]
             try:
                 n = self._sock.send(p0)
             except (BlockingIOError, InterruptedError):
-                return [bytes(p0)]
+                n = 0
             if n == len(p0):
                 return []
-            return [bytes(memoryview(p0)[n:])]
+            pieces = [memoryview(p0)[n:]]
         views = [memoryview(p) for p in pieces]
         while views:
             try:
                 n = self._sock.sendmsg(views[:_IOV_MAX])
             except (BlockingIOError, InterruptedError):
+                if self._wait_writable():
+                    continue
                 return [bytes(v) for v in views]
             while n and views:
                 if n >= views[0].nbytes:
@@ -166,6 +186,13 @@ class Link:
                     views[0] = views[0][n:]
                     n = 0
         return []
+
+    def _wait_writable(self) -> bool:
+        """Waits up to STALL_GRACE for room in the socket; False if the peer made none."""
+        if self._wpoller is None:
+            self._wpoller = select.poll()
+            self._wpoller.register(self._fd, select.POLLOUT)
+        return bool(self._wpoller.poll(STALL_GRACE_MS))
 
     def _write_loop(self) -> None:
         try:
@@ -318,7 +345,18 @@ class Link:
             raise RemoteProtocolError(f"in {self.name}: {e}") from None
         return True
 
+    def declare_dead(self, reason: str) -> None:
+        """Marks the peer dead (no heartbeat): the next receive raises ``ConnectionClosed``
+        with ``reason``, and a receive already waiting wakes up."""
+        if self.error is None:
+            self.error = ConnectionClosed(reason)
+        self.eof = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
     def _eof_error(self) -> ConnectionClosed:
+        if isinstance(self.error, ConnectionClosed):
+            return self.error
         how = " in the middle of a message" if self._dec.mid_frame() else ""
         err = ConnectionClosed(f"in {self.name}: connection closed by the peer{how}")
         if self.error is None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import select
+import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -65,6 +67,8 @@ class Node:
         self.errors: deque[dict[str, Any]] = deque()
         self.results: dict[int, Any] = {}  # rfeval results that came on the command link
         self.stash: deque[Any] = deque()  # VALUE frames read while looking for another kind
+        self.interrupt_pending = False  # Ctrl-C sent, not yet acknowledged
+        self.out_partial = b""  # forwarded output: the unfinished last line
         self.closed_reason: str = ""
         self._poller: select.poll | None = None
 
@@ -98,6 +102,9 @@ class Network:
         self.closed = False
         self.on_close: list[Any] = []
         self.cmd_handler: Any = None  # client: handles non-error frames from command links
+        # Whoever reads command links holds this: user calls, or the heartbeat thread that
+        # prints forwarded output while no call is running (it only ever tries the lock).
+        self.read_lock = threading.RLock()
 
     @property
     def is_client(self) -> bool:
@@ -128,6 +135,16 @@ class Network:
 
     def precv(self, k: int, timeout: float | None = None) -> Any:
         """Receives the next value from node ``k``."""
+        if not self.is_client:
+            return self._precv(k, timeout)
+        with self.read_lock:
+            try:
+                return self._precv(k, timeout)
+            except KeyboardInterrupt:
+                self.interrupt([k])
+                raise
+
+    def _precv(self, k: int, timeout: float | None = None) -> Any:
         if k == self.self_index:
             raise ValueError("precv: cannot receive from the local machine itself")
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
@@ -173,6 +190,16 @@ class Network:
 
     def select(self, idxs: Sequence[int], timeout: float | None) -> list[int]:
         """Positions in ``idxs`` whose node has a value ready for ``precv``."""
+        if not self.is_client:
+            return self._select(idxs, timeout)
+        with self.read_lock:
+            try:
+                return self._select(idxs, timeout)
+            except KeyboardInterrupt:
+                self.interrupt(idxs)
+                raise
+
+    def _select(self, idxs: Sequence[int], timeout: float | None) -> list[int]:
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
             if self.is_client:
@@ -235,9 +262,10 @@ class Network:
         if link is None or not link.usable:
             return
         try:
-            while link.poll():
-                f = link.recv_frame()
-                self._on_cmd_frame(k, f)
+            with self.read_lock:
+                while link.poll():
+                    f = link.recv_frame()
+                    self._on_cmd_frame(k, f)
         except ConnectionClosed:
             self._lost(k, "command link closed (the server or its worker has gone)")
         except ProtocolError as e:
@@ -245,8 +273,18 @@ class Network:
 
     def _on_cmd_frame(self, k: int, f: Any) -> None:
         node = self.nodes[k]
-        if f.code == msg.ERROR:
-            node.errors.append(serialize.loads(f.body, f.buffers))
+        if f.code == msg.OUTPUT:
+            self._print_output(node, bytes(f.body))
+        elif f.code == msg.ERROR:
+            rep = serialize.loads(f.body, f.buffers)
+            if rep.get("interrupted") and node.interrupt_pending:
+                return  # the Ctrl-C the user pressed, not a failure to report later
+            node.errors.append(rep)
+        elif f.code == msg.INTERRUPT:
+            node.interrupt_pending = False
+        elif f.code == msg.SHUTDOWN:
+            why = serialize.loads(f.body)
+            self._lost(k, f"{why} (notice from {node.host})")
         elif f.code == msg.RESULT:
             req, value = serialize.loads(f.body, f.buffers)
             node.results[req] = value
@@ -254,6 +292,52 @@ class Network:
             self.cmd_handler(k, f)
         else:
             log.warning("unexpected message %s from %s", msg.NAMES.get(f.code, f.code), self.name(k))
+
+    def _print_output(self, node: Node, data: bytes) -> None:
+        lines = (node.out_partial + data).split(b"\n")
+        node.out_partial = lines.pop()
+        if lines:
+            prefix = f"[{node.host}] "
+            text = "".join(prefix + ln.decode(errors="replace") + "\n" for ln in lines)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+    def flush_output(self) -> None:
+        """Prints the unfinished last line of each server's forwarded output."""
+        for node in self.nodes:
+            if node.out_partial:
+                data, node.out_partial = node.out_partial, b""
+                self._print_output(node, data + b"\n")
+
+    def background_pump(self) -> None:
+        """Reads command links if no call is using them (prints output, keeps errors)."""
+        if self.closed or not self.read_lock.acquire(blocking=False):
+            return
+        try:
+            for node in self.nodes[1:]:
+                if node.cmd is not None and node.cmd.usable and node.cmd.readable_now():
+                    self.pump_cmd(node.index)
+        finally:
+            self.read_lock.release()
+
+    def interrupt(self, idxs: Sequence[int]) -> None:
+        """Ctrl-C at the client: asks these servers to interrupt their running command and
+        drop queued map jobs. A second Ctrl-C while one is unanswered closes the network."""
+        ks = [k for k in idxs if k != self.self_index and self.nodes[k].open]
+        if any(self.nodes[k].interrupt_pending for k in ks):
+            log.warning("second interrupt: closing the network")
+            from .client import sclose
+
+            sclose(Connections(self, [0]))
+            return
+        for k in ks:
+            node = self.nodes[k]
+            if node.cmd is not None and node.cmd.usable:
+                try:
+                    node.cmd.send_frame(msg.INTERRUPT)
+                    node.interrupt_pending = True
+                except OSError:
+                    pass
 
     def raise_errors(self, idxs: Sequence[int], check: bool = True) -> None:
         """Raises ``RemoteError`` for the first pending remote failure among ``idxs``
@@ -275,6 +359,9 @@ class Network:
         if node.open:
             node.open = False
             node.closed_reason = why
+            for link in (node.data, node.cmd):
+                if link is not None and link.error is None and not link.closed:
+                    link.declare_dead(why)
             log.info("lost %s: %s", self.name(k), why)
 
     def _data_link(self, k: int) -> Link:
@@ -295,6 +382,7 @@ class Network:
         if self.closed:
             return
         self.closed = True
+        self.flush_output()
         for node in self.nodes:
             node.open = False
             for link in (node.data, node.cmd):

@@ -166,7 +166,7 @@ def test_closure_capturing_a_large_array_keeps_it_out_of_band() -> None:
 
     out, buffers, flags = over_the_wire(lookup)
     assert flags & FLAG_CLOUDPICKLE
-    assert len(buffers) == 1 and buffers[0] == bytearray(table.tobytes())
+    assert len(buffers) == 1 and bytes(buffers[0]) == table.tobytes()
     assert out(12345) == 12345.0
 
 

@@ -164,7 +164,11 @@ class NetMap:
 
             bar = tqdm(total=self.n, file=sys.stderr, desc=self.name, unit="el")
         try:
-            return self._run(bar)
+            with net.read_lock:
+                return self._run(bar)
+        except KeyboardInterrupt:
+            net.interrupt(self.servers)
+            raise
         finally:
             net.active_maps.pop(self.map_id, None)  # type: ignore[attr-defined]
             if bar is not None:
@@ -507,6 +511,20 @@ class WorkerMapRunner:
             res = error_result(start, count, start, e if isinstance(e, Exception) else RuntimeError(str(e)))
         self._send(m, [(j, res, time.perf_counter() - t0)])
         self._fill(m)
+
+    def interrupt(self) -> None:
+        """Ctrl-C at the client: drop every queued job and stop the jobs running in the pool
+        (its processes are killed; a new pool starts with the next map)."""
+        busy = False
+        for m in self.maps.values():
+            with m.lock:
+                m.cancelled = True
+                m.queue.clear()
+                busy = busy or m.inflight > 0
+        if busy and self._pool is not None:
+            pool, self._pool, self._pool_warm = self._pool, None, False
+            with contextlib.suppress(Exception):
+                pool.shutdown(kill=True)
 
     def close(self, kill: bool = False) -> None:
         """Stops the maps and the local pool."""

@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import os
 import pickle
 import re
 import select
+import sys
 import threading
 import time
 from typing import Any
@@ -124,6 +126,11 @@ def _init_worker(parent_pid: int) -> None:
     """
     if os.getppid() != parent_pid:
         os._exit(0)
+    # Whole lines in one write each: a server forwards this output to the client, and
+    # several pool processes share its pipe (PIPE_BUF-sized writes do not interleave).
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.reconfigure(line_buffering=True)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
                      name="parnet-parent-watch").start()
 

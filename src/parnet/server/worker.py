@@ -18,16 +18,19 @@ to hang up, so a client killed while a command runs still ends its worker at onc
 from __future__ import annotations
 
 import contextlib
+import io
 import linecache
 import logging
 import os
 import select
+import signal
 import socket
 import sys
 import tempfile
 import threading
 import time
 import traceback
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from .. import handshake
-from ..constants import AUTH_DEADLINE
-from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError
+from ..constants import AUTH_DEADLINE, __version__
+from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
+from ..heartbeat import DEFAULT_TIMEOUT, monitor
 from ..link import Link
 from ..network import Connections, Network, precv, psend, select_sockets
 from ..wire import messages as msg
@@ -96,6 +100,14 @@ class Worker:
         self._code_cache: dict[str, Any] = {}
         self.nlocaljobs = 0
         self.map_runner: Any = None
+        # The main thread owns the command link except while a command runs: then the
+        # monitor thread may read it (for INTERRUPT), deferring other frames.
+        self.reader_lock = threading.Lock()
+        self.busy = False
+        self.busy_since = 0.0
+        self.deferred: deque[Any] = deque()
+        self._interrupt_requested = False
+        self.heartbeat = DEFAULT_TIMEOUT
 
     # -- set-up ------------------------------------------------------------------------
     def authenticate(self) -> None:
@@ -129,6 +141,7 @@ class Worker:
         self.data_addrs: list[tuple[str, int]] = [tuple(a) for a in s["data_addrs"]]  # type: ignore[misc]
         self.keys: dict[int, bytes] = s.get("keys") or {}
         self.nlocaljobs = s.get("nlocaljobs", 0)
+        self.heartbeat = float(s.get("heartbeat", DEFAULT_TIMEOUT))
         cwd = s.get("cwd")
         os.chdir(cwd if cwd and os.path.isdir(cwd) else tempfile.gettempdir())
         deadline = time.monotonic() + s.get("timeout", 30.0)
@@ -145,7 +158,13 @@ class Worker:
             psend=psend, precv=precv, select_sockets=select_sockets, np=np,
         )
         nproc = len(os.sched_getaffinity(0))
-        ready = {"nproc": nproc, "pid": os.getpid(), "python": sys.version.split()[0]}
+        if s.get("forward_output", True):
+            self._redirect_output()
+        mon = monitor()
+        for k, nd in enumerate(net.nodes):
+            if nd.data is not None:
+                mon.watch(nd.data, self.heartbeat, lambda link, why, k=k: net._lost(k, why))
+        ready = {"nproc": nproc, "pid": os.getpid(), "versions": versions()}
         self.cmd.send_frame(msg.READY, serialize.dumps(ready)[0])
         log.info("network %s: node %d ready (%d links)", net.id_str[:8], node, len(net.nodes) - 1)
 
@@ -236,27 +255,141 @@ class Worker:
         poller.register(cmd.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
         poller.register(self.ctl.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
         ctl_fd = self.ctl.fileno()
+        signal.signal(signal.SIGINT, self._on_sigint)
+        threading.Thread(target=self._monitor_loop, name="parnet-cmd-monitor", daemon=True).start()
+        self._acquire_reader()
         while True:
-            if not cmd.has_frame() and not (cmd.tls and cmd._sock.pending()):
-                events = poller.poll()
-                if all(fd == ctl_fd for fd, _ in events):
-                    self._drain_ctl()
-                    continue
-                try:
-                    if not cmd.pull():
+            if self.deferred:
+                f = self.deferred.popleft()
+            else:
+                if not cmd.has_frame() and not (cmd.tls and cmd._sock.pending()):
+                    events = poller.poll()
+                    if all(fd == ctl_fd for fd, _ in events):
+                        self._drain_ctl()
                         continue
+                    try:
+                        if not cmd.pull():
+                            continue
+                    except ConnectionClosed:
+                        log.info("network %s: client gone", self.net.id_str[:8] if self.net else "?")
+                        return
+                try:
+                    f = cmd.recv_frame()
                 except ConnectionClosed:
                     log.info("network %s: client gone", self.net.id_str[:8] if self.net else "?")
                     return
-            try:
-                f = cmd.recv_frame()
-            except ConnectionClosed:
-                log.info("network %s: client gone", self.net.id_str[:8] if self.net else "?")
-                return
             if f.code == msg.CLOSE:
                 log.info("network %s: closed by the client", self.net.id_str[:8] if self.net else "?")
                 return
-            self.dispatch(f)
+            if f.code == msg.INTERRUPT:
+                self._interrupt_maps()
+                self._ack_interrupt()
+                continue
+            self.busy_since = time.monotonic()
+            self.busy = True
+            self.reader_lock.release()
+            try:
+                self.dispatch(f)
+            finally:
+                self._acquire_reader()
+                self.busy = False
+                if self._interrupt_requested:
+                    self._interrupt_requested = False
+                    self._ack_interrupt()
+
+    def _acquire_reader(self) -> None:
+        while True:
+            try:
+                self.reader_lock.acquire()
+                return
+            except KeyboardInterrupt:  # a late interrupt for a command that has ended
+                continue
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.busy and self._interrupt_requested:
+            raise KeyboardInterrupt("interrupted by the client")
+
+    def _monitor_loop(self) -> None:
+        """While a command runs, reads the command link for INTERRUPT (and CLOSE)."""
+        assert self.cmd is not None
+        main = threading.main_thread().ident
+        while True:
+            time.sleep(0.05)
+            if not self.busy or time.monotonic() - self.busy_since < 0.05:
+                continue
+            if not self.reader_lock.acquire(blocking=False):
+                continue
+            try:
+                if not self.busy:
+                    continue
+                while self.cmd.poll():
+                    f = self.cmd.recv_frame()
+                    if f.code == msg.INTERRUPT:
+                        log.info("interrupt requested by the client")
+                        self._interrupt_maps()
+                        if not self._interrupt_requested:
+                            self._interrupt_requested = True
+                            signal.pthread_kill(main, signal.SIGINT)  # type: ignore[arg-type]
+                    elif f.code == msg.CLOSE:
+                        self._exit_now("closed by the client while a command ran")
+                    else:
+                        self.deferred.append(f)
+            except (ConnectionClosed, ProtocolError):
+                self._exit_now("client gone while a command ran")
+            finally:
+                self.reader_lock.release()
+
+    def _interrupt_maps(self) -> None:
+        if self.map_runner is not None:
+            self.map_runner.interrupt()
+
+    def _ack_interrupt(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            self.cmd.send_frame(msg.INTERRUPT)  # type: ignore[union-attr]
+
+    def _exit_now(self, why: str) -> None:
+        log.info("worker %d exits: %s", os.getpid(), why)
+        with contextlib.suppress(Exception):
+            if self.map_runner is not None:
+                self.map_runner.close(kill=True)
+        os._exit(0)
+
+    def _redirect_output(self) -> None:
+        """Sends what this process and its pool print to the client (OUTPUT frames)."""
+        r, w = os.pipe()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os.dup2(w, 1)
+        os.dup2(w, 2)
+        os.close(w)
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True,
+                                      write_through=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
+                                      write_through=True)
+        # pool processes inherit the pipe (they write whole lines: maps.pool._init_worker)
+
+        def pump() -> None:
+            while True:
+                try:
+                    data = os.read(r, 65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                try:
+                    self.cmd.send_frame(msg.OUTPUT, data)  # type: ignore[union-attr]
+                except OSError:
+                    return
+
+        threading.Thread(target=pump, name="parnet-output", daemon=True).start()
+
+    def notify_shutdown(self, reason: str) -> None:
+        """Tells the client the server is stopping, then exits (SIGTERM from the daemon)."""
+        with contextlib.suppress(Exception):
+            self.cmd.send_frame(msg.SHUTDOWN, serialize.dumps(reason)[0])  # type: ignore[union-attr]
+            self.cmd.flush(2.0)  # type: ignore[union-attr]
+        self._exit_now(reason)
 
     def _drain_ctl(self) -> None:
         r, _, _ = select.select([self.ctl], [], [], 0)
@@ -288,9 +421,7 @@ class Worker:
             else:
                 log.warning("unknown command %d", f.code)
         except BaseException as e:  # noqa: BLE001 - user code may raise anything
-            if isinstance(e, SystemExit | KeyboardInterrupt) and f.code != msg.REVAL:
-                raise
-            self.report(e, skip=1)
+            self.report(e, skip=1, interrupted=isinstance(e, KeyboardInterrupt))
 
     def _compile(self, code: str) -> Any:
         co = self._code_cache.get(code)
@@ -315,7 +446,7 @@ class Worker:
                 out = [o for o, keep in zip(out, sel, strict=True) if keep]
         except BaseException as e:  # noqa: BLE001
             if reply_on_cmd:
-                self.report(e, skip=1, req=req)
+                self.report(e, skip=1, req=req, interrupted=isinstance(e, KeyboardInterrupt))
                 return
             raise
         body, bufs, flags = serialize.dumps((req, out))
@@ -348,10 +479,12 @@ class Worker:
             self.map_runner = WorkerMapRunner(self)
         self.map_runner.run(payload)
 
-    def report(self, e: BaseException, skip: int = 0, req: int | None = None) -> None:
+    def report(self, e: BaseException, skip: int = 0, req: int | None = None,
+               interrupted: bool = False) -> None:
         """Sends an ERROR report for ``e`` to the client."""
         rep = error_report(e, skip)
         rep["req"] = req
+        rep["interrupted"] = interrupted
         log.info("command failed: %s: %s", rep["type"], rep["message"][:200])
         try:
             assert self.cmd is not None
@@ -372,6 +505,14 @@ class Worker:
         if self.cmd is not None:
             self.cmd.flush(1.0)
             self.cmd.close()
+
+
+def versions() -> dict[str, str]:
+    """Versions that matter for exchanging pickles and code between nodes."""
+    import cloudpickle
+
+    return {"parnet": __version__, "python": sys.version.split()[0],
+            "cloudpickle": cloudpickle.__version__, "numpy": np.__version__}
 
 
 def _watch_client(fd: int, on_gone: Any) -> None:
@@ -405,8 +546,11 @@ def run_worker(cfg: ServerConfig, sock: socket.socket, ctl: socket.socket, peer:
         os._exit(0)
 
     threading.Thread(target=_watch_client, args=(fd, gone), name="parnet-watchdog", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *a: threading.Thread(
+        target=w.notify_shutdown, args=("the server is shutting down",), daemon=True).start())
     try:
         w.setup()
+        monitor().watch(w.cmd, w.heartbeat, lambda link, why: gone())
         w.serve()
     except (OSError, ParnetError, TimeoutError) as e:
         log.info("worker for %s ends: %s", peer, e)

@@ -23,6 +23,8 @@ import struct
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 HEADER = struct.Struct("!BBHI")
@@ -41,7 +43,7 @@ class Frame:
     code: int
     flags: int
     body: bytes | bytearray | memoryview
-    buffers: list[bytearray] = field(default_factory=list)
+    buffers: list[bytearray | np.ndarray] = field(default_factory=list)  # writable buffers
 
     def __repr__(self) -> str:  # never show the payload
         sizes = [len(b) for b in self.buffers]
@@ -79,6 +81,14 @@ def encode_frame(
     return pieces
 
 
+def _alloc(size: int) -> bytearray | np.ndarray:
+    """A receive buffer. Large ones are uninitialised NumPy memory: ``bytearray(n)`` zero-fills
+    every page first, which costs about as much as receiving the data."""
+    if size >= DIRECT_MIN:
+        return np.empty(size, dtype=np.uint8)
+    return bytearray(size)
+
+
 def frame_bytes(code: int, body: bytes = b"", buffers: list[memoryview] | tuple = (), flags: int = 0) -> bytes:
     """The whole frame as one ``bytes`` (tests and small control messages)."""
     return b"".join(bytes(p) for p in encode_frame(code, body, buffers, flags))
@@ -103,10 +113,11 @@ class FrameDecoder:
         self._hdr: tuple[int, int, int, int] | None = None
         self._sizes: list[int] | None = None
         self._parts: list[bytearray | bytes] = []
-        self._target: bytearray | None = None
+        self._target: bytearray | np.ndarray | None = None
         self._filled = 0
         self._direct = False
         self.broken: RemoteProtocolError | None = None
+        self.skip: frozenset[int] = frozenset()  # codes dropped on arrival (heartbeats)
 
     def set_limits(self, max_frame: int, max_buffers: int) -> None:
         """Changes the limits (after authentication); applies from the next frame header."""
@@ -180,7 +191,8 @@ class FrameDecoder:
             end = self._start + HEADER.size + body_len
             if nbuf or end > self._end or HEADER.size + body_len > self.max_frame:
                 break
-            self._frames.append(Frame(code, flags, bytes(sc[self._start + HEADER.size : end])))
+            if code not in self.skip:
+                self._frames.append(Frame(code, flags, bytes(sc[self._start + HEADER.size : end])))
             self._start = end
         while True:
             avail = self._end - self._start
@@ -221,7 +233,8 @@ class FrameDecoder:
             if k == len(self._sizes):
                 code, flags, _, _ = self._hdr
                 body = self._parts[0]
-                self._frames.append(Frame(code, flags, body, self._parts[1:]))  # type: ignore[arg-type]
+                if code not in self.skip:
+                    self._frames.append(Frame(code, flags, body, self._parts[1:]))  # type: ignore[arg-type]
                 self._hdr = self._sizes = None
                 self._parts = []
                 continue
@@ -232,11 +245,11 @@ class FrameDecoder:
                     self._start += size
                     self._parts.append(part if k else bytes(part))
                     continue
-                self._target = bytearray(size)
+                self._target = _alloc(size)
                 self._filled = 0
             take = min(avail, size - self._filled)
             if take:
-                self._target[self._filled : self._filled + take] = sc[self._start : self._start + take]
+                memoryview(self._target)[self._filled : self._filled + take] = sc[self._start : self._start + take]
                 self._start += take
                 self._filled += take
             if self._filled < size:

@@ -15,6 +15,10 @@ Command link (client <-> worker), after authentication::
     client -> worker  MAP      (map_id, chunk tasks)   worker -> client  MAP_RESULT
     worker -> client  ERROR    report dict (type, message, traceback, pickled original)
     client -> worker  CLOSE
+    worker -> client  OUTPUT   bytes printed on the server (stdout, stderr, warnings, logging)
+    client -> worker  INTERRUPT (Ctrl-C at the client); worker -> client INTERRUPT when done
+    worker -> client  SHUTDOWN reason text (the server is stopping)
+    any -> any        PING     heartbeat (dropped by the receiving decoder)
 Data link (any node <-> any node)::
 
     VALUE    one psend value (body + out-of-band buffers)
@@ -43,7 +47,8 @@ CLOSE = 21
 OUTPUT = 22
 PING = 23
 PONG = 24
-INTERRUPT = 25
+INTERRUPT = 25  # client -> worker: interrupt; worker -> client: done
+SHUTDOWN = 26  # worker -> client: the server is shutting down (text)
 VALUE = 30
 
 NAMES = {v: k for k, v in dict(globals()).items() if k.isupper() and isinstance(v, int) and k != "FIRST_PICKLED"}

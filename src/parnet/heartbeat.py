@@ -1,0 +1,141 @@
+"""Liveness of links: heartbeats out, and peers that fall silent declared dead.
+
+One daemon thread per process watches every registered link. Every ``interval`` it sends a
+``PING`` on each link that sent nothing lately (the receiving decoder drops PINGs), and it
+asks the kernel how long ago data last *arrived* on the socket (``TCP_INFO``'s
+``tcpi_last_data_recv``) — arrival, not reading, so a peer whose pings sit unread in our
+receive queue still counts as alive. A link whose peer has been silent for ``timeout``
+seconds while nothing is waiting unread in our receive queue is declared dead: its socket
+is shut down, so a ``precv`` waiting on it wakes at once with ``ConnectionClosed`` naming
+the peer and the silence. This catches what TCP alone notices only after minutes: a
+machine powered off, a cable pulled, a process frozen by SIGSTOP (whose kernel still ACKs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import struct
+import termios
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from .wire import messages as msg
+
+log = logging.getLogger(__name__)
+
+#: Seconds of silence after which a peer is declared dead (PARNET_HEARTBEAT_TIMEOUT).
+DEFAULT_TIMEOUT = float(os.environ.get("PARNET_HEARTBEAT_TIMEOUT", "10"))
+_TCP_INFO_LAST_DATA_RECV = 52  # offset of tcpi_last_data_recv (u32, ms) in struct tcp_info
+
+
+def silent_for(sock: socket.socket) -> float | None:
+    """Seconds since data last arrived from the peer, or None when it cannot be told
+    (not TCP) or when unread data waits in our receive queue (then the silence is ours)."""
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return None
+    if unread:
+        return None
+    (ms,) = struct.unpack_from("I", raw, _TCP_INFO_LAST_DATA_RECV)
+    return ms / 1000.0
+
+
+class _Entry:
+    __slots__ = ("link", "timeout", "on_dead", "__weakref__")
+
+    def __init__(self, link: Any, timeout: float, on_dead: Callable[[Any, str], None] | None) -> None:
+        self.link = link
+        self.timeout = timeout
+        self.on_dead = on_dead
+
+
+class Monitor:
+    """The process's heartbeat thread (started on first use)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _Entry] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._tasks: list[Callable[[], None]] = []  # extra periodic work (client: pump output)
+        self._wake = threading.Event()
+        self.interval = max(0.05, DEFAULT_TIMEOUT / 4)
+
+    def watch(self, link: Any, timeout: float | None = None,
+              on_dead: Callable[[Any, str], None] | None = None) -> None:
+        """Starts heartbeats on ``link`` and declares it dead after ``timeout`` s of silence."""
+        t = DEFAULT_TIMEOUT if timeout is None else timeout
+        with self._lock:
+            self._entries[id(link)] = _Entry(link, t, on_dead)
+            self.interval = min(self.interval, max(0.05, t / 4))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="parnet-heartbeat", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def unwatch(self, link: Any) -> None:
+        """Stops watching ``link``."""
+        with self._lock:
+            self._entries.pop(id(link), None)
+
+    def add_task(self, fn: Callable[[], None]) -> None:
+        """Runs ``fn()`` on every beat (exceptions are logged, not raised)."""
+        with self._lock:
+            self._tasks.append(fn)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            with self._lock:
+                entries = list(self._entries.values())
+                tasks = list(self._tasks)
+            now = time.monotonic()
+            for e in entries:
+                link = e.link
+                if not link.usable:
+                    self.unwatch(link)
+                    continue
+                if now - link.last_send >= self.interval:
+                    with contextlib.suppress(OSError):
+                        link.send_frame(msg.PING)
+                quiet = silent_for(link._sock)
+                if quiet is not None and quiet > e.timeout:
+                    reason = f"no sign of life from {link.name} for {quiet:.0f} s"
+                    log.warning("%s: declared dead", reason)
+                    link.declare_dead(reason)
+                    self.unwatch(link)
+                    if e.on_dead is not None:
+                        try:
+                            e.on_dead(link, reason)
+                        except Exception:  # noqa: BLE001
+                            log.exception("heartbeat callback failed")
+            for fn in tasks:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001
+                    log.exception("periodic task failed")
+
+
+_monitor: Monitor | None = None
+_monitor_pid = 0
+_weak_tasks: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def monitor() -> Monitor:
+    """The heartbeat monitor of this process (a fresh one after a fork)."""
+    global _monitor, _monitor_pid
+    if _monitor is None or _monitor_pid != os.getpid():
+        _monitor = Monitor()
+        _monitor_pid = os.getpid()
+    return _monitor
