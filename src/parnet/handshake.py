@@ -98,9 +98,12 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> byte
 
 
 def open_channel(
-    host: str, port: int, pre: Preamble, *, deadline: float, ctx: ssl.SSLContext | None
+    host: str, port: int, pre: Preamble, *, deadline: float, ctx: ssl.SSLContext | None,
+    source: str | None = None,
 ) -> tuple[socket.socket, int]:
     """Connects to a daemon, sends the preamble, checks the reply, and does TLS if asked.
+
+    ``source``: the local address to connect from (a server bound to one address uses it).
 
     Returns:
         The connected socket (an ``SSLSocket`` with TLS) and the daemon's data port.
@@ -113,7 +116,8 @@ def open_channel(
     sock = None
     try:
         left = max(0.001, deadline - time.monotonic())
-        sock = socket.create_connection((host, port), timeout=left)
+        sock = socket.create_connection((host, port), timeout=left,
+                                        source_address=(source, 0) if source else None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(pre.pack())
         head = _recv_exact(sock, REPLY.size, deadline, "the server's reply")

@@ -207,6 +207,8 @@ class Daemon:
             log.warning(msg)
             print(msg, file=sys.stderr)
             self.cfg = ServerConfig(False, self.data_port)
+        if self.bind_arg and self.bind_arg not in ("0.0.0.0", "::", ""):
+            self.cfg.source = self.bind_arg  # outgoing data links leave from the bound address
         for port in (self.cmd_port, self.data_port):
             self._listeners.append(self._listen(port))
         self._write_pid_file()

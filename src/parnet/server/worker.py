@@ -61,6 +61,7 @@ class ServerConfig:
     client_ctx: Any = None  # ssl.SSLContext for outgoing data links
     cb: bytes = b""  # own certificate binding
     auth: Any = None  # keyfile.ServerAuth
+    source: str | None = None  # address for outgoing data links (the bind address, if one)
 
 
 def error_report(e: BaseException, skip: int = 0) -> dict[str, Any]:
@@ -175,7 +176,8 @@ class Worker:
             host, port = self.data_addrs[j - 1]
             pre = handshake.Preamble(1, handshake.KIND_DATA, self.cfg.use_tls, self.netid, node, j)
             try:
-                sock, _ = handshake.open_channel(host, port, pre, deadline=deadline, ctx=self.cfg.client_ctx)
+                sock, _ = handshake.open_channel(host, port, pre, deadline=deadline, ctx=self.cfg.client_ctx,
+                                                 source=self.cfg.source)
                 link = Link(sock, name=f"node {j} ({host})", authenticated=not self.cfg.use_tls)
                 if self.cfg.use_tls:
                     from ..auth.tls import cert_binding

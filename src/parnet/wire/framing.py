@@ -58,6 +58,8 @@ def encode_frame(
     Raises:
         LocalProtocolError: a field does not fit the frame format.
     """
+    if not buffers and type(body) is bytes and len(body) <= _JOIN_MAX and 0 <= code <= 255 and 0 <= flags <= 255:
+        return [HEADER.pack(code, flags, 0, len(body)) + body]  # the common small frame
     if isinstance(body, memoryview) and (body.format != "B" or body.ndim != 1):
         body = body.cast("B") if body.c_contiguous else body.tobytes()
     if not 0 <= code <= 255 or not 0 <= flags <= 255:

@@ -20,6 +20,7 @@ from typing import Any
 import cloudpickle
 
 OOB_MIN = 1024
+_PLAIN = frozenset({int, float, bool, str, type(None), complex})
 FLAG_CLOUDPICKLE = 0x01
 
 
@@ -34,6 +35,8 @@ def dumps(obj: Any) -> tuple[bytes, list[memoryview], int]:
         Whatever pickling raises (``pickle.PicklingError``, ``TypeError``, ...) when neither
         pickle nor cloudpickle can serialize the value; the caller reports it on that call.
     """
+    if type(obj) in _PLAIN:  # the hot path of small messages: nothing out of band, no code
+        return pickle.dumps(obj, protocol=5), [], 0
     buffers: list[memoryview] = []
 
     def keep(pb: pickle.PickleBuffer) -> bool:
