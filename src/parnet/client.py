@@ -31,7 +31,7 @@ from typing import Any
 
 from . import handshake
 from .constants import CMD_PORT
-from .errors import ConnectError, ConnectionClosed, ParnetError, ProtocolError
+from .errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
 from .heartbeat import DEFAULT_TIMEOUT, monitor
 from .link import Link, wait_links
 from .network import Connections, Network, NodeInfo, _single
@@ -142,6 +142,9 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
 
                     cb = cert_binding(sock.getpeercert(binary_form=True))
                     handshake.srp_client(link, username, password, cb, True, deadline)
+            except AuthenticationError as e:
+                link.close()
+                raise AuthenticationError(f"{names[k - 1]}: {e}") from e
             except BaseException:
                 link.close()
                 raise

@@ -342,6 +342,10 @@ class Network:
     def raise_errors(self, idxs: Sequence[int], check: bool = True) -> None:
         """Raises ``RemoteError`` for the first pending remote failure among ``idxs``
         (reading what has arrived on their command links first, unless ``check`` is False)."""
+        with self.read_lock:  # command links are read by one thread at a time
+            self._raise_errors(idxs, check)
+
+    def _raise_errors(self, idxs: Sequence[int], check: bool) -> None:
         for k in idxs:
             if k == self.self_index:
                 continue

@@ -62,8 +62,13 @@ def runtime_dir() -> str:
     return d
 
 
+def effective_bind(bind: str | None, use_tls: bool) -> str:
+    """The address a server listens on: ``bind``, else all with TLS and 127.0.0.1 without."""
+    return bind or ("0.0.0.0" if use_tls else "127.0.0.1")
+
+
 def _bind_label(bind: str | None) -> str:
-    return (bind or "all").replace(":", "_").replace("/", "_")
+    return (bind or "0.0.0.0").replace(":", "_").replace("/", "_")
 
 
 def pid_file_path(bind: str | None, cmd_port: int) -> str:
@@ -160,10 +165,10 @@ class Daemon:
         self.cmd_port = cmd_port
         self.data_port = data_port
         self.bind_arg = bind
-        self.bind = bind or ("0.0.0.0" if use_tls else "127.0.0.1")
+        self.bind = effective_bind(bind, use_tls)
         self.allow_root = allow_root
-        self.log_file = log_file or default_log_file(bind, cmd_port)
-        self.pid_file = pid_file_path(bind, cmd_port)
+        self.log_file = log_file or default_log_file(self.bind, cmd_port)
+        self.pid_file = pid_file_path(self.bind, cmd_port)
         self.cfg: ServerConfig | None = None
         self.sel = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}

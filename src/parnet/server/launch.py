@@ -10,7 +10,7 @@ import sys
 import time
 
 from ..errors import ParnetError
-from .daemon import default_log_file
+from .daemon import default_log_file, effective_bind
 
 
 def server_argv(*, use_tls: bool = True, auth_file: str | None = None, cmd_port: int = 12502,
@@ -38,7 +38,8 @@ def start_background(timeout: float = 30.0, **opts: object) -> int:
         ParnetError: with the server's own message when it could not start.
     """
     r, w = os.pipe()
-    log_file = opts.get("log_file") or default_log_file(opts.get("bind"), opts.get("cmd_port", 12502))  # type: ignore[arg-type]
+    bind = effective_bind(opts.get("bind"), bool(opts.get("use_tls", True)))  # type: ignore[arg-type]
+    log_file = opts.get("log_file") or default_log_file(bind, opts.get("cmd_port", 12502))  # type: ignore[arg-type]
     argv = [sys.executable, "-m", "parnet", "server", "--foreground", "--ready-fd", str(w),
             *server_argv(**opts)]  # type: ignore[arg-type]
     with open(log_file, "ab") as errf:

@@ -283,6 +283,10 @@ class Worker:
             if f.code == msg.CLOSE:
                 log.info("network %s: closed by the client", self.net.id_str[:8] if self.net else "?")
                 return
+            if f.code < msg.FIRST_PICKLED or f.code not in msg.NAMES:
+                log.warning("network %s: protocol error: message %d on the command link; closing",
+                            self.net.id_str[:8] if self.net else "?", f.code)
+                return
             if f.code == msg.INTERRUPT:
                 self._interrupt_maps()
                 self._ack_interrupt()
