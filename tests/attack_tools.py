@@ -372,3 +372,47 @@ class TlsRelay:
         self._ls.close()
         for t in self._threads:
             t.join(5)
+
+
+class FakeSrpServer:
+    """A hostile server for one client: answers the preamble, does TLS with its own
+    certificate, answers the SRP hello with ``challenge`` (and the proof with ``m2`` if
+    given), and records the code of every frame the client sends (``codes``) until it hangs
+    up."""
+
+    def __init__(self, challenge: bytes, cert: str, key: str, listen_ip: str, m2: bytes | None = None) -> None:
+        self.challenge = challenge
+        self.m2 = m2
+        self.ctx = server_context(cert, key)
+        self.codes: list[int] = []
+        self.errors: list[BaseException] = []
+        self._ls = socket.socket()
+        self._ls.bind((listen_ip, 0))
+        self._ls.listen(1)
+        self._ls.settimeout(10)
+        self.host = f"{listen_ip}:{self._ls.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            c, _ = self._ls.accept()
+            with c:
+                recv_exact(c, handshake.PREAMBLE.size)
+                c.sendall(handshake.pack_reply(True, 1))
+                c.settimeout(5)
+                with self.ctx.wrap_socket(c, server_side=True) as t:
+                    fr = Frames(t)
+                    while (f := fr.recv(5)) is not None:
+                        self.codes.append(f.code)
+                        if len(self.codes) == 1:
+                            fr.send(msg.AUTH, self.challenge)
+                        elif len(self.codes) == 2 and self.m2 is not None:
+                            fr.send(msg.AUTH, self.m2)
+        except BaseException as e:  # noqa: BLE001 - recorded for the test
+            self.errors.append(e)
+        finally:
+            self._ls.close()
+
+    def join(self) -> None:
+        self._thread.join(10)

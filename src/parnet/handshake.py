@@ -149,10 +149,13 @@ def _fail_frame(link: Link, reason: str) -> None:
         link.send_frame(msg.AUTH_FAIL, reason.encode()[:200])
 
 
-def _expect_auth(link: Link, deadline: float) -> bytes:
+def _expect_auth(link: Link, deadline: float, *, server_side: bool = False) -> bytes:
     f = link.recv_frame(deadline)
     if f.code == msg.AUTH_FAIL:
-        raise AuthenticationError(bytes(f.body).decode(errors="replace") or "authentication failed")
+        if server_side:  # never keep a peer's text: it would reach the server log unchecked
+            raise AuthenticationError("the peer abandoned authentication")
+        text = bytes(f.body[:200]).decode(errors="replace")
+        raise AuthenticationError(repr(text)[1:-1] if text else "authentication failed")
     if f.code != msg.AUTH:
         raise ProtocolError(f"unexpected message {f.code} during authentication")
     return bytes(f.body)
@@ -189,9 +192,9 @@ def srp_server(link: Link, lookup, fake_secret: bytes, cb: bytes, use_tls: bool,
     from .auth.srp import SrpServer
 
     s = SrpServer(lookup, fake_secret=fake_secret, cb=cb, role="cmd", options=options_bytes(use_tls))
-    link.send_frame(msg.AUTH, s.challenge(_expect_auth(link, deadline)))
+    link.send_frame(msg.AUTH, s.challenge(_expect_auth(link, deadline, server_side=True)))
     try:
-        m2 = s.verify(_expect_auth(link, deadline))
+        m2 = s.verify(_expect_auth(link, deadline, server_side=True))
     except AuthenticationError:
         _fail_frame(link, "authentication failed")
         raise
@@ -228,7 +231,7 @@ def tags_responder(link: Link, key: bytes | None, netid: bytes, i: int, j: int, 
 
     n_resp = secrets.token_bytes(pairkeys.NONCE_SIZE)
     link.send_frame(msg.AUTH, n_resp)
-    body = _expect_auth(link, deadline)
+    body = _expect_auth(link, deadline, server_side=True)
     n_init, t_init = body[: pairkeys.NONCE_SIZE], body[pairkeys.NONCE_SIZE :]
     want = pairkeys.init_tag(key or bytes(32), netid, i, j, n_init, n_resp, cb)
     if key is None or len(n_init) != pairkeys.NONCE_SIZE or not secrets.compare_digest(t_init, want):

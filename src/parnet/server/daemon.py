@@ -365,7 +365,7 @@ class Daemon:
             return
         fails, last = self.failures.get(p.ip, (0, 0.0))
         if fails and time.monotonic() - last < 60:
-            p.not_before = last + min(8.0, 0.25 * 2 ** (fails - 1))
+            p.not_before = last + min(8.0, 0.25 * 2 ** min(fails - 1, 6))
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(p.sock)
             if time.monotonic() < p.not_before:
@@ -480,6 +480,8 @@ class Daemon:
 
     def _expire(self) -> None:
         now = time.monotonic()
+        if self.failures:  # forget addresses quiet for a minute (bounded memory)
+            self.failures = {ip: v for ip, v in self.failures.items() if now - v[1] < 60}
         for p in list(self.pending.values()):
             if p.not_before and now >= p.not_before:
                 self._route(p)
