@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers import PASSWORD, USER
 
 import parnet
+from helpers import PASSWORD, USER
 from parnet import AuthenticationError, rfeval, sclose
 
 PY = sys.executable
