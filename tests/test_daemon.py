@@ -7,6 +7,7 @@ address) on random ports, and every one is stopped by pid, also when a test fail
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -24,11 +25,11 @@ from pathlib import Path
 import pytest
 
 from helpers import children, free_port_pair, pid_alive, start_background, stop_pid, wait_until
-from parnet import ConnectError, ParnetError, pconnect, precv, pserver, reval, sclose
-from parnet import handshake
+from parnet import ConnectError, ParnetError, handshake, pconnect, precv, pserver, reval, sclose
 from parnet.constants import MAGIC, PROTOCOL_VERSION
 from parnet.errors import ConfigError
 from parnet.server.daemon import pid_file_path, runtime_dir
+
 
 def _tls_available() -> bool:
     try:
@@ -97,6 +98,18 @@ def api_start(ip: str, tls: bool, **kw: object) -> tuple[int, int]:
     raise AssertionError("no free port pair")
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler installed for signal ``sig``."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
 def unused_port(ip: str) -> int:
     """A port pair on ``ip`` where nothing listens."""
     for _ in range(20):
@@ -150,9 +163,10 @@ def test_cli_start_detaches_and_kill_stops(tls: bool, spawned: list[int]) -> Non
     assert not pid_file.exists()
     assert not accepts(ip, port)
 
-    again = run_parnet("server", "--kill", "--bind", ip, "--cmd-port", str(port))
-    assert again.returncode != 0
-    assert "no parnet server" in again.stderr
+    if not tls:
+        again = run_parnet("server", "--kill", "--bind", ip, "--cmd-port", str(port))
+        assert again.returncode != 0
+        assert "no parnet server" in again.stderr
 
 
 def test_pserver_start_and_kill(spawned: list[int]) -> None:
@@ -171,7 +185,7 @@ def test_pserver_start_and_kill(spawned: list[int]) -> None:
     assert accepts(ip, port) and accepts(ip, port + 1)
     assert pid_alive(pid)
 
-    pserver("kill", cmd_port=port, bind=ip)
+    pserver("kill", cmd_port=port)  # no bind: the one server on that port, whatever its address
     assert not pid_alive(pid)
     assert not pid_file.exists()
     assert not accepts(ip, port)
@@ -191,7 +205,9 @@ def test_foreground_stays_and_exits_0_on_sigterm(tmp_path: Path, spawned: list[i
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
         spawned.append(proc.pid)
-        wait_until(lambda: proc.poll() is not None or accepts(ip, port), 30, "the foreground server to listen")  # noqa: B023
+        # ready: listening, pid file written, and SIGTERM handled (not the default action)
+        wait_until(lambda: proc.poll() is not None or (accepts(ip, port) and catches(proc.pid, signal.SIGTERM)),  # noqa: B023
+                   30, "the foreground server to listen")
         if proc.poll() is None:
             break
         err = proc.stderr.read()  # type: ignore[union-attr]
@@ -212,6 +228,46 @@ def test_foreground_stays_and_exits_0_on_sigterm(tmp_path: Path, spawned: list[i
             proc.kill()
             proc.wait()
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+PREPARED = r"""
+import sys
+from parnet.server.daemon import Daemon
+port, ip, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+d = Daemon(use_tls=False, cmd_port=port, data_port=port + 1, bind=ip, allow_root=True, log_file=log)
+d.prepare()
+print("prepared", flush=True)
+sys.stdin.readline()
+d.run()
+"""
+
+
+def test_sigterm_between_listen_and_serve_stops_cleanly(tmp_path: Path, spawned: list[int]) -> None:
+    """The window the CLI has between ``prepare()`` and ``run()``, held open on purpose."""
+    ip = "127.0.0.32"
+    port = unused_port(ip)
+    pid_file = Path(pid_file_path(ip, port))
+    proc = subprocess.Popen([sys.executable, "-c", PREPARED, str(port), ip, str(tmp_path / "log")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    spawned.append(proc.pid)
+    try:
+        assert proc.stdout.readline().strip() == b"prepared"  # type: ignore[union-attr]
+        assert accepts(ip, port) and pid_file.read_text().strip() == str(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(b"go\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+        assert proc.wait(timeout=15) == 0
+        assert not pid_file.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdin, proc.stdout):
+            with contextlib.suppress(BrokenPipeError):
+                f.close()  # type: ignore[union-attr]
+        if pid_file.exists() and pid_file.read_text().strip() == str(proc.pid):
+            pid_file.unlink()
 
 
 # -- pid file and a second server -----------------------------------------------------------
@@ -272,6 +328,12 @@ def test_runtime_dir_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyP
         runtime_dir()
     os.chmod(tmp_path / "parnet", 0o700)
     assert runtime_dir() == str(tmp_path / "parnet")
+    # no XDG_RUNTIME_DIR: a private directory under the home directory, never /tmp
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    d = Path(runtime_dir())
+    assert d == tmp_path / "home" / ".local" / "state" / "parnet"
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
 
 
 # -- refusals ---------------------------------------------------------------------------------
@@ -300,21 +362,11 @@ def test_no_tls_without_bind_uses_loopback_and_warns(tmp_path: Path, spawned: li
     assert "127.0.0.1" in r.stdout
     text = log.read_text() + r.stderr
     assert "without TLS" in text and "WARNING" in text
-    k = run_parnet("server", "--kill", "--cmd-port", str(port))
-    assert k.returncode == 0, k.stderr
-    assert not pid_alive(pid)
-    assert not accepts("127.0.0.1", port)
-
-
-@pytest.mark.xfail(strict=True, reason="the pid file is named after the --bind argument ('all' when "
-                   "absent), not the address the server listens on, so --kill --bind 127.0.0.1 does "
-                   "not find a --no-tls server started without --bind")
-def test_kill_by_effective_address_of_default_bind(spawned: list[int]) -> None:
-    pid, port, _ = cli_start(None, False)
-    spawned.append(pid)
+    # the address it listens on finds it
     k = run_parnet("server", "--kill", "--bind", "127.0.0.1", "--cmd-port", str(port))
     assert k.returncode == 0, k.stderr
     assert not pid_alive(pid)
+    assert not accepts("127.0.0.1", port)
 
 
 @pytest.mark.skipif(True not in MODES, reason="TLS support not installed")

@@ -29,9 +29,9 @@ from parnet import (
     ConnectionClosed,
     Connections,
     network_get_info,
-    pconnect,
     precv,
     psend,
+    pserver,
     reval,
     sclose,
 )
@@ -220,13 +220,15 @@ def test_no_leaks_over_30_networks(idle: Cluster) -> None:
     for _ in range(30):
         cycle()
 
-    def settled() -> bool:
-        return ([fd_count(p) for p in idle.pids] == base_fds
-                and not any(all_children(p) for p in idle.pids)
-                and fd_count(os.getpid()) == base_own)
+    def now() -> tuple[list[int], list[int], int]:
+        return ([fd_count(p) for p in idle.pids], [len(all_children(p)) for p in idle.pids],
+                fd_count(os.getpid()))
 
-    wait_until(settled, 20, f"fds and children back to baseline (servers {base_fds}, client {base_own}; "
-               f"now {[fd_count(p) for p in idle.pids]}, {fd_count(os.getpid())})")
+    try:
+        wait_until(lambda: now() == (base_fds, [0, 0], base_own), 20, "fds and children back to baseline")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: (server fds, server children, client fds) were "
+                             f"{(base_fds, [0, 0], base_own)}, now {now()}") from None
 
 
 def test_one_clients_sclose_leaves_the_other(idle: Cluster) -> None:
@@ -319,6 +321,26 @@ def test_server_killed(doomed: Cluster) -> None:
         sclose(c)
 
 
+def test_server_stopped_with_live_network(doomed: Cluster) -> None:
+    """``pserver("kill")`` of a server that a network uses, its worker busy: the daemon and
+    the worker end, the client sees that server gone, the other server works on."""
+    c = doomed.connect()
+    try:
+        w = worker_pid(c[1])
+        reval("psend('busy', sockets[0]); import time; time.sleep(600)", c[1])
+        assert precv(c[1], timeout=20) == "busy"
+        t = time.monotonic()
+        pserver("kill", cmd_port=doomed.port, bind=doomed.ips[0])
+        assert time.monotonic() - t < 10
+        assert not pid_alive(doomed.pids[0])
+        wait_until(lambda: not pid_alive(w), 10, "the busy worker to end")
+        with pytest.raises(ConnectionClosed):
+            precv(c[1], timeout=PROMPT)
+        _check_lost_and_other_works(c)
+    finally:
+        sclose(c)
+
+
 def test_worker_killed_daemon_reaps_it(idle: Cluster) -> None:
     c = idle.connect()
     try:
@@ -377,3 +399,60 @@ def test_worker_starts_in_temp_dir_without_client_cwd(kind: str, idle: Cluster, 
     monkeypatch.undo()
     for cwd, tmp in got:
         assert cwd == tmp == os.path.realpath(tempfile.gettempdir())
+
+
+# -- the client's background reader ------------------------------------------------------------
+class _OverlapDetector:
+    """Stands in for a link's poll object and records whether two threads were inside its
+    ``poll`` at once. The main thread's first call lingers (up to ``linger`` s, until another
+    thread comes in) so that an unsynchronised reader shows up deterministically."""
+
+    def __init__(self, real: Any, linger: float) -> None:
+        self._real = real
+        self._linger = linger
+        self._lock = threading.Lock()
+        self._inside: set[int] = set()
+        self._lingered = False
+        self._other_came = threading.Event()
+        self.overlap = False
+
+    def poll(self, *args: Any) -> Any:
+        me = threading.get_ident()
+        with self._lock:
+            self._inside.add(me)
+            if len(self._inside) > 1:
+                self.overlap = True
+                self._other_came.set()
+        try:
+            if me == threading.main_thread().ident and not self._lingered:
+                self._lingered = True
+                self._other_came.wait(self._linger)
+            return self._real.poll(*args)
+        finally:
+            with self._lock:
+                self._inside.discard(me)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_background_pump_never_reads_a_link_a_call_is_using(idle: Cluster) -> None:
+    """The heartbeat thread reads command links (forwarded output, errors) only while no call
+    uses them: a link's poll object is never used by two threads at once (it raises
+    'RuntimeError: concurrent poll() invocation')."""
+    from parnet import heartbeat
+
+    mon = heartbeat.monitor()
+    interval = mon.interval
+    c = idle.connect(heartbeat=2.0)  # beats (and background reads) every 0.5 s
+    link = c.network.nodes[1].cmd
+    real = link._poller
+    det = _OverlapDetector(real, linger=3 * mon.interval)
+    link._poller = det
+    try:
+        reval("x = 1", c[1])  # checks the command link for reported errors on the way
+    finally:
+        link._poller = real
+        mon.interval = interval  # do not make later tests beat faster
+        sclose(c)
+    assert not det.overlap, "the background pump polled the command link during reval"

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import handshake
-from .constants import CMD_PORT
+from .constants import CMD_PORT, PROTOCOL_VERSION
 from .errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
 from .heartbeat import DEFAULT_TIMEOUT, monitor
 from .link import Link, wait_links
@@ -133,7 +133,7 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
     try:
         def login(k: int) -> tuple[Link, int]:
             host, port = addrs[k - 1]
-            pre = handshake.Preamble(1, handshake.KIND_CMD, use_tls, netid, 0, k)
+            pre = handshake.Preamble(PROTOCOL_VERSION, handshake.KIND_CMD, use_tls, netid, 0, k)
             sock, dport = handshake.open_channel(host, port, pre, deadline=deadline, ctx=ctx)
             link = Link(sock, name=f"{names[k - 1]} (node {k}, command)", authenticated=not use_tls)
             try:
@@ -168,7 +168,7 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
 
         def data_link(k: int) -> Link:
             host, dport = data_addrs[k - 1]
-            pre = handshake.Preamble(1, handshake.KIND_DATA, use_tls, netid, 0, k)
+            pre = handshake.Preamble(PROTOCOL_VERSION, handshake.KIND_DATA, use_tls, netid, 0, k)
             sock, _ = handshake.open_channel(host, dport, pre, deadline=deadline, ctx=ctx)
             link = Link(sock, name=f"{names[k - 1]} (node {k})", authenticated=not use_tls)
             if use_tls:

@@ -186,6 +186,10 @@ class Daemon:
         Raises:
             ParnetError / ConfigError: running as root, bad auth files, port in use.
         """
+        # Until run() starts, SIGTERM/SIGINT just ask to stop (run() then returns at once
+        # and cleans up): a service manager may stop a server that is still starting.
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
         if os.geteuid() == 0 and not self.allow_root:
             raise ParnetError("refusing to run as root (code sent by clients would run as root); "
                               "use --allow-root / allow_root=True to override")
@@ -245,23 +249,30 @@ class Daemon:
         return s
 
     def _write_pid_file(self) -> None:
+        """Writes the pid file atomically: a complete file appears under its name or none
+        (a temporary file linked into place; the link fails if the name exists)."""
         path = self.pid_file
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        try:
+            for _ in range(2):
                 try:
-                    old = int(open(path).read().strip() or 0)
-                except (OSError, ValueError):
-                    old = 0
-                if old and _pid_alive(old):
-                    raise ParnetError(f"a server is already running for {self.bind}:{self.cmd_port} "
-                                      f"(pid {old}, {path})") from None
-                os.unlink(path)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            return
+                    os.link(tmp, path)
+                    return
+                except FileExistsError:
+                    try:
+                        old = int(open(path).read().strip() or 0)
+                    except (OSError, ValueError):
+                        old = 0
+                    if old and _pid_alive(old):
+                        raise ParnetError(f"a server is already running for {self.bind}:{self.cmd_port} "
+                                          f"(pid {old}, {path})") from None
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        finally:
+            os.unlink(tmp)
 
     # -- loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -270,8 +281,6 @@ class Daemon:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w)
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGCHLD, lambda *a: None)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))

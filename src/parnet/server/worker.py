@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .. import handshake
-from ..constants import AUTH_DEADLINE, __version__
+from ..constants import AUTH_DEADLINE, PROTOCOL_VERSION, __version__
 from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
 from ..heartbeat import DEFAULT_TIMEOUT, monitor
 from ..link import Link
@@ -174,7 +174,7 @@ class Worker:
 
         def outgoing(j: int) -> Link:
             host, port = self.data_addrs[j - 1]
-            pre = handshake.Preamble(1, handshake.KIND_DATA, self.cfg.use_tls, self.netid, node, j)
+            pre = handshake.Preamble(PROTOCOL_VERSION, handshake.KIND_DATA, self.cfg.use_tls, self.netid, node, j)
             try:
                 sock, _ = handshake.open_channel(host, port, pre, deadline=deadline, ctx=self.cfg.client_ctx,
                                                  source=self.cfg.source)
