@@ -9,18 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import PASSWORD, USER, Cluster  # noqa: E402
-
-
-def _tls_available() -> bool:
-    try:
-        from parnet.auth import keyfile, pairkeys, srp, tls  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-MODES = [False, True] if _tls_available() else [False]
+from helpers import MODES, PASSWORD, USER, Cluster, tls_available  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,7 +21,7 @@ def parnet_home(tmp_path_factory: pytest.TempPathFactory) -> str:
     run = home / "run"
     run.mkdir(mode=0o700)
     os.environ["XDG_RUNTIME_DIR"] = str(run)
-    if _tls_available():
+    if tls_available():
         from parnet.auth.keyfile import parallel_generate_srp_data
 
         parallel_generate_srp_data(USER, password=PASSWORD)

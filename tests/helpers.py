@@ -27,8 +27,21 @@ def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "cond
         time.sleep(0.01)
 
 
-def children(pid: int) -> list[int]:
-    """Direct child pids of ``pid`` (live ones)."""
+def tls_available() -> bool:
+    """Whether the TLS/SRP layer is importable (tests run in both modes when it is)."""
+    try:
+        from parnet.auth import keyfile, pairkeys, srp, tls  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+MODES = [False, True] if tls_available() else [False]
+MODE_IDS = ["tls" if t else "plain" for t in MODES]
+
+
+def children(pid: int, zombies: bool = False) -> list[int]:
+    """Direct child pids of ``pid`` (live ones; zombies too with ``zombies``)."""
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -37,7 +50,7 @@ def children(pid: int) -> list[int]:
                     st = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(st[1]) == pid and st[0] != "Z":
+            if int(st[1]) == pid and (zombies or st[0] != "Z"):
                 out.append(int(d))
     return out
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import parnet
-from helpers import PASSWORD, USER
+from helpers import MODES, PASSWORD, USER
 from parnet import AuthenticationError, rfeval, sclose
 
 PY = sys.executable
@@ -44,7 +44,7 @@ def test_keygen_from_stdin(tmp_path) -> None:
     assert not (tmp_path / "d" / "client" / "user_passwd").exists()
 
 
-@pytest.mark.skipif(True not in __import__("conftest").MODES, reason="TLS layer not available")
+@pytest.mark.skipif(True not in MODES, reason="TLS layer not available")
 def test_pconnect_user_prompts_for_password(monkeypatch) -> None:
     from helpers import Cluster
 

@@ -24,25 +24,23 @@ from pathlib import Path
 
 import pytest
 
-from helpers import children, free_port_pair, pid_alive, start_background, stop_pid, wait_until
+from helpers import (
+    MODE_IDS,
+    MODES,
+    children,
+    free_port_pair,
+    pid_alive,
+    start_background,
+    stop_pid,
+    wait_until,
+)
 from parnet import ConnectError, ParnetError, handshake, pconnect, precv, pserver, reval, sclose
 from parnet.constants import MAGIC, PROTOCOL_VERSION
 from parnet.errors import ConfigError
 from parnet.server.daemon import pid_file_path, runtime_dir
 
-
-def _tls_available() -> bool:
-    try:
-        from parnet.auth import keyfile, tls  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-MODES = [False, True] if _tls_available() else [False]
 _SCRIPT = Path(sys.executable).with_name("parnet")
 PARNET = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "parnet"]
-MODE_IDS = ["tls" if t else "plain" for t in MODES]
 QUICK = 3.0  # seconds: "at once" for refusals and mismatches on loopback
 
 

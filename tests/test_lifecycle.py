@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cluster, children, fd_count, pid_alive, wait_until
+from helpers import MODE_IDS, MODES, Cluster, children, fd_count, pid_alive, wait_until
 from parnet import (
     ConnectionClosed,
     Connections,
@@ -36,17 +36,6 @@ from parnet import (
     sclose,
 )
 
-
-def _tls_available() -> bool:
-    try:
-        from parnet.auth import keyfile, tls  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-MODES = [False, True] if _tls_available() else [False]
-MODE_IDS = ["tls" if t else "plain" for t in MODES]
 PROMPT = 5.0  # seconds for a waiting precv to notice a dead peer
 
 
@@ -58,17 +47,7 @@ def reaped(pid: int) -> bool:
 
 def all_children(pid: int) -> list[int]:
     """Direct children of ``pid``, zombies included."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    st = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(st[1]) == pid:
-                out.append(int(d))
-    return out
+    return children(pid, zombies=True)
 
 
 def descendants(pid: int) -> list[int]:
