@@ -265,6 +265,28 @@ def make_private_dir(directory: str | os.PathLike[str]) -> None:
         os.chmod(target, 0o700)
 
 
+def write_temp_file(path: Path, data: bytes, mode: int) -> Path:
+    """Writes ``data`` to a new ``O_EXCL | O_NOFOLLOW`` temporary file next to ``path``,
+    created with ``mode`` and ``fchmod``ed to exactly that, fsynced; returns its path
+    (the caller replaces or links it into place, and removes it on failure)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
 def write_secret_file(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
     """Atomically replace ``path`` with ``data``, created with ``mode`` (0600 by default).
 
@@ -273,19 +295,8 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes, mode: int = 0o6
     ``mode``, fsyncs it, ``os.replace``s it over ``path`` and fsyncs the directory.
     """
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    flags |= getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, mode)
+    tmp = write_temp_file(p, data, mode)
     try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import hashlib
 import os
-import secrets
 import socket
 import ssl
 from pathlib import Path
@@ -32,7 +31,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from parnet.auth.keyfile import make_private_dir, read_secret_file, write_secret_file
+from parnet.auth.keyfile import (
+    make_private_dir,
+    read_secret_file,
+    write_secret_file,
+    write_temp_file,
+)
 from parnet.constants import parnet_home
 from parnet.errors import ConfigError
 
@@ -57,18 +61,8 @@ def _publish(path: Path, data: bytes, mode: int) -> bool:
     The content goes to an ``O_EXCL`` temporary file, is fsynced, then hard-linked to ``path``
     (atomic, and fails if ``path`` exists), so ``path`` never appears half-written.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags | getattr(os, "O_CLOEXEC", 0), mode)
+    tmp = write_temp_file(path, data, mode)
     try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         try:
             os.link(tmp, path)
         except FileExistsError:
