@@ -296,7 +296,8 @@ class NetMap:
             for j0, j1 in reversed(_runs(lost.tolist())):
                 self.pending.appendleft((j0, j1))
             self.npending += lost.size
-            log.warning("%s: %s died; rerunning %d jobs elsewhere", self.name, self.net.name(k), lost.size)
+            if lost.size:
+                log.warning("%s: %s died; rerunning %d jobs elsewhere", self.name, self.net.name(k), lost.size)
         if not self.alive:
             raise ConnectionClosed(f"{self.name}: every server has gone")
         for k in self.alive:
