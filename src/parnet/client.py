@@ -282,6 +282,8 @@ def _servers(connections: Connections, what: str) -> tuple[Network, list[int]]:
 def _send_cmd(net: Network, k: int, code: int, body: bytes, bufs: Sequence = (), flags: int = 0) -> None:
     node = net.nodes[k]
     net.raise_errors([k])
+    if node.open and node.data is not None and not node.data.usable and not node.data.has_frame():
+        net._lost(k, f"data link broken: {node.data.error or 'closed'}")
     if node.cmd is None or not node.open:
         raise ConnectionClosed(f"{net.name(k)} is not open: {node.closed_reason or 'closed'}")
     try:

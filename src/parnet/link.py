@@ -332,7 +332,8 @@ class Link:
             if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                 return False
             self.eof = True
-            err = self._broken(e)
+            how = " in the middle of a message" if self._dec.mid_frame() else ""
+            err = self._broken(ConnectionClosed(f"in {self.name}: {e.strerror or e}{how}"))
             raise err from e
         if n == 0:
             self.eof = True
@@ -351,8 +352,13 @@ class Link:
         if self.error is None:
             self.error = ConnectionClosed(reason)
         self.eof = True
+        self._shutdown_socket()
+
+    def _shutdown_socket(self) -> None:
+        # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the TLS object
+        # first, and a send racing in another thread would then go out in plaintext.
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
 
     def _eof_error(self) -> ConnectionClosed:
         if isinstance(self.error, ConnectionClosed):
@@ -389,8 +395,7 @@ class Link:
                 return
             self.closed = True
             self._cv.notify_all()
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+        self._shutdown_socket()
         with contextlib.suppress(OSError, ValueError):
             self._poller.unregister(self._fd)
         with self._io_lock, contextlib.suppress(OSError):

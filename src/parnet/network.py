@@ -131,7 +131,11 @@ class Network:
         body, buffers, flags = serialize.dumps(value)
         for k in targets:
             link = self._data_link(k)
-            link.send_frame(msg.VALUE, body, buffers, flags)
+            try:
+                link.send_frame(msg.VALUE, body, buffers, flags)
+            except ConnectionClosed as e:
+                self._lost(k, f"data link broken: {e}")
+                raise
 
     def precv(self, k: int, timeout: float | None = None) -> Any:
         """Receives the next value from node ``k``."""
@@ -167,10 +171,8 @@ class Network:
                     else:
                         try:
                             link.pull()
-                        except ConnectionClosed:
-                            self._lost(k, "data link closed")
-                            self.raise_errors([k])
-                            raise
+                        except ConnectionClosed as e:
+                            self._data_lost(k, e)
                 if link.has_frame() or (link.tls and link._sock.pending()):
                     break
                 if not link.usable and not link.has_frame():
@@ -181,9 +183,8 @@ class Network:
             f = link.recv_frame(deadline)
         except TimeoutError:
             raise TimeoutError(f"precv: nothing from {self.name(k)} within {timeout} s") from None
-        except ConnectionClosed:
-            self._lost(k, "data link closed")
-            raise
+        except ConnectionClosed as e:
+            self._data_lost(k, e)
         if f.code != msg.VALUE:
             raise ProtocolError(f"unexpected message {f.code} on the data link from {self.name(k)}")
         return serialize.loads(f.body, f.buffers)
@@ -241,6 +242,16 @@ class Network:
                     self.pump_cmd(owners[g])
             if not got and deadline is not None and time.monotonic() >= deadline:
                 return []
+
+    def _data_lost(self, k: int, e: ConnectionClosed) -> None:
+        """The data link of node ``k`` ended: read what its command link still holds (a
+        SHUTDOWN notice or an error report says why), then raise ``ConnectionClosed``."""
+        if self.is_client:
+            self.pump_cmd(k)
+            self.raise_errors([k], check=False)
+        node = self.nodes[k]
+        self._lost(k, "data link closed")
+        raise ConnectionClosed(f"{self.name(k)}: {node.closed_reason}") from e
 
     def recv_special(self, k: int, code: int, deadline: float | None = None) -> Any:
         """Receives the next frame of kind ``code`` from node ``k``'s data link, keeping any
@@ -365,7 +376,7 @@ class Network:
             node.closed_reason = why
             for link in (node.data, node.cmd):
                 if link is not None and link.error is None and not link.closed:
-                    link.declare_dead(why)
+                    link.declare_dead(f"{self.name(k)}: {why}")
             log.info("lost %s: %s", self.name(k), why)
 
     def _data_link(self, k: int) -> Link:

@@ -166,9 +166,6 @@ class NetMap:
         try:
             with net.read_lock:
                 return self._run(bar)
-        except KeyboardInterrupt:
-            net.interrupt(self.servers)
-            raise
         finally:
             net.active_maps.pop(self.map_id, None)  # type: ignore[attr-defined]
             if bar is not None:
@@ -233,7 +230,9 @@ class NetMap:
                         if len(self.batches[k]) < 2 and k in alive:
                             self._give(k)
                 self._handle_lost()
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                net.interrupt(alive)  # first: it must find the running jobs still counted
             for k in alive:
                 self._send(k, ("cancel", self.map_id))
             raise
@@ -377,6 +376,7 @@ class WorkerMapRunner:
         self._pool_n = 0
         self._pool_lock = threading.Lock()
         self._pool_warm = False
+        self.pool_jobs = 0  # jobs running in the pool, over all maps (an ended map's too)
 
     def nlocal(self) -> int:
         """Local processes for map jobs: ``nlocaljobs``, or the processor count when 0."""
@@ -489,12 +489,14 @@ class WorkerMapRunner:
                     return
                 j, start, args = m.pop_job()
                 m.inflight += 1
+                self.pool_jobs += 1
             t0 = time.perf_counter()
             try:
                 fut = pool.submit(m.task(start, args))
             except Exception as e:  # noqa: BLE001 - a broken pool fails this job, clearly
                 with m.lock:
                     m.inflight -= 1
+                    self.pool_jobs -= 1
                 self._send(m, [(j, error_result(start, len(args[0]) if args else 0, start, e), 0.0)])
                 continue
             count = len(args[0]) if args else 0
@@ -503,6 +505,7 @@ class WorkerMapRunner:
     def _done(self, m: _WMap, j: tuple[int, int], start: int, count: int, fut: Any, t0: float) -> None:
         with m.lock:
             m.inflight -= 1
+            self.pool_jobs -= 1
             cancelled = m.cancelled
         if cancelled:
             return
@@ -516,13 +519,11 @@ class WorkerMapRunner:
     def interrupt(self) -> None:
         """Ctrl-C at the client: drop every queued job and stop the jobs running in the pool
         (its processes are killed; a new pool starts with the next map)."""
-        busy = False
-        for m in self.maps.values():
+        for m in list(self.maps.values()):
             with m.lock:
                 m.cancelled = True
                 m.queue.clear()
-                busy = busy or m.inflight > 0
-        if busy and self._pool is not None:
+        if self.pool_jobs > 0 and self._pool is not None:
             pool, self._pool, self._pool_warm = self._pool, None, False
             with contextlib.suppress(Exception):
                 pool.shutdown(kill=True)

@@ -268,11 +268,12 @@ class Pool:
                     self._broken = True
             inner = self._current_executor().submit(_run_packed, blob, task.start, count)
         fut._inner = inner
-        inner.add_done_callback(lambda f: self._finish(fut, task.start, count, f))
+        used = self._executor
+        inner.add_done_callback(lambda f: self._finish(fut, task.start, count, f, used))
         return fut
 
     def _finish(self, fut: _ChunkFuture, start: int, count: int,
-                inner: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
+                inner: concurrent.futures.Future, executor: Any = None) -> None:  # type: ignore[type-arg]
         if fut.done():
             return
         try:
@@ -290,7 +291,8 @@ class Pool:
                     fut.set_exception(err)
             elif isinstance(exc, concurrent.futures.BrokenExecutor):
                 with self._lock:
-                    self._broken = True
+                    if executor is None or self._executor is executor:
+                        self._broken = True  # not a replacement started since
                 m = _EXITCODES.search(str(exc))
                 codes = m.group(1) if m else ""
                 what = f"exit codes {codes}" if codes else str(exc).splitlines()[0]

@@ -108,6 +108,7 @@ class Worker:
         self.busy_since = 0.0
         self.deferred: deque[Any] = deque()
         self._interrupt_requested = False
+        self.running = False
         self.heartbeat = DEFAULT_TIMEOUT
 
     # -- set-up ------------------------------------------------------------------------
@@ -294,25 +295,25 @@ class Worker:
             self.busy_since = time.monotonic()
             self.busy = True
             self.reader_lock.release()
+            self.running = True  # SIGINT raises KeyboardInterrupt only while this is set
             try:
-                self.dispatch(f)
-            finally:
-                self._acquire_reader()
-                self.busy = False
-                if self._interrupt_requested:
-                    self._interrupt_requested = False
-                    self._ack_interrupt()
+                try:
+                    self.dispatch(f)
+                finally:
+                    self.running = False
+            except KeyboardInterrupt:
+                self.running = False  # a late interrupt: the command had already ended
+            self.reader_lock.acquire()  # SIGINT no longer raises here (running is False)
+            self.busy = False
+            if self._interrupt_requested:
+                self._interrupt_requested = False
+                self._ack_interrupt()
 
     def _acquire_reader(self) -> None:
-        while True:
-            try:
-                self.reader_lock.acquire()
-                return
-            except KeyboardInterrupt:  # a late interrupt for a command that has ended
-                continue
+        self.reader_lock.acquire()
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.busy and self._interrupt_requested:
+        if self.running and self._interrupt_requested:
             raise KeyboardInterrupt("interrupted by the client")
 
     def _monitor_loop(self) -> None:
