@@ -417,6 +417,7 @@ def test_pool_restart_spares_later_chunks(tmp_path: Path, reaper: list[int]) -> 
     mk, n = str(tmp_path), 8
     outcome: dict[int, str] = {}
     lock = threading.Lock()
+    others = set(pool_processes(os.getpid()))  # e.g. the shared pool of earlier parcellfun tests
     pool = Pool(2)
     nxt = iter(range(n))
 
@@ -441,7 +442,7 @@ def test_pool_restart_spares_later_chunks(tmp_path: Path, reaper: list[int]) -> 
         reaper += list(procs)
         os.kill(min(procs), signal.SIGKILL)
         wait_until(lambda: len(outcome) == n, 60, f"every chunk to end ({outcome})")
-        seen |= started_by(mk) | set(pool_processes(os.getpid()))
+        seen |= started_by(mk) | (set(pool_processes(os.getpid())) - others)
         reaper += list(seen)
     finally:
         pool.shutdown(kill=True)

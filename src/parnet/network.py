@@ -250,7 +250,7 @@ class Network:
             self.pump_cmd(k)
             self.raise_errors([k], check=False)
         node = self.nodes[k]
-        self._lost(k, "data link closed")
+        self._lost(k, f"data link closed: {e}")  # keeps a notice's reason if one came first
         raise ConnectionClosed(f"{self.name(k)}: {node.closed_reason}") from e
 
     def recv_special(self, k: int, code: int, deadline: float | None = None) -> Any:
