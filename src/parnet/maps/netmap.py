@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 FAST_JOB = 0.0005  # seconds: faster jobs run in the worker process itself
 _SEND_EVERY = 0.02  # seconds: in-process runs report at least this often
 MIN_BATCH_WORK = 0.002  # seconds of measured work per batch, at least
+SPECULATE_AFTER = 0.005  # seconds: a first job still running then is slow; start the pool
 _map_ids = itertools.count(1)
 
 
@@ -377,6 +378,11 @@ class WorkerMapRunner:
         self._pool_lock = threading.Lock()
         self._pool_warm = False
         self.pool_jobs = 0  # jobs running in the pool, over all maps (an ended map's too)
+        # The probe of a map's first job runs in this thread; if it is still running after
+        # SPECULATE_AFTER, the speculator thread starts nlocaljobs - 1 jobs in the pool.
+        self._spec_cv = threading.Condition()
+        self._probing: tuple[_WMap, float] | None = None
+        self._speculator: threading.Thread | None = None
 
     def nlocal(self) -> int:
         """Local processes for map jobs: ``nlocaljobs``, or the processor count when 0."""
@@ -405,6 +411,26 @@ class WorkerMapRunner:
                 m.cancelled = True
                 m.queue.clear()
             self.maps.pop(map_id, None)
+
+    def _start_speculator(self) -> None:
+        if self._speculator is None:
+            self._speculator = threading.Thread(target=self._speculate, daemon=True, name="parnet-speculator")
+            self._speculator.start()
+
+    def _speculate(self) -> None:
+        """Starts pool jobs for a probe that takes long (a slow first job of a map)."""
+        while True:
+            with self._spec_cv:
+                while self._probing is None:
+                    self._spec_cv.wait()
+                probe = self._probing
+                left = probe[1] + SPECULATE_AFTER - time.monotonic()
+                if left > 0:
+                    self._spec_cv.wait(left)
+                    if self._probing is not probe or time.monotonic() < probe[1] + SPECULATE_AFTER:
+                        continue  # that probe ended (or a spurious wake-up)
+                self._probing = None
+            self._fill(probe[0], limit=self.nlocal() - 1)
 
     def _warm_pool(self) -> None:
         """Starts the pool off the main thread; maps still probing their first job get
@@ -469,9 +495,17 @@ class WorkerMapRunner:
     def _pump(self, m: _WMap) -> None:
         nloc = self.nlocal()
         if m.mode is None:
-            if nloc > 1 and self._pool is not None and self._pool_warm:
-                self._fill(m, limit=nloc - 1)  # speculative: the pool is warm
+            speculate = nloc > 1 and self._pool is not None and self._pool_warm
+            if speculate:
+                self._start_speculator()
+                with self._spec_cv:
+                    self._probing = (m, time.monotonic())
+                    self._spec_cv.notify()
             dt = self._run_here(m, first_only=True)
+            if speculate:
+                with self._spec_cv:
+                    self._probing = None
+                    self._spec_cv.notify()
             m.mode = "here" if nloc == 1 or dt < FAST_JOB else "pool"
         if m.mode == "here":
             self._run_here(m)
