@@ -246,7 +246,10 @@ class NetMap:
         """Sends server ``k`` its next batch (guided self-scheduling)."""
         if not self.npending:
             return
-        size = max(1, math.ceil(self.npending / (2 * max(1, len(self.alive)))))
+        # Guided self-scheduling; before any job's time is known, small batches: work sent to
+        # a server cannot be taken back, and a busy server would sit on a large one.
+        share = 2 if self.work_jobs else 8
+        size = max(1, math.ceil(self.npending / (share * max(1, len(self.alive)))))
         if self.work_jobs and self.work_time > 0:
             # at least MIN_BATCH_WORK seconds of measured work per batch: tiny jobs need few messages
             size = max(size, math.ceil(MIN_BATCH_WORK * self.work_jobs / self.work_time))
