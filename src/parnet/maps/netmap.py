@@ -516,7 +516,9 @@ class WorkerMapRunner:
             self._fill(m)
 
     def _fill(self, m: _WMap, limit: int | None = None) -> None:
-        cap = self.nlocal() if limit is None else limit
+        # Twice the processes: each has its next job queued in the pool already, so no slot
+        # waits for our completion callback to submit one (the jobs are this server's anyway).
+        cap = 2 * self.nlocal() if limit is None else limit
         pool = self._pool if limit is not None else self._get_pool()
         if pool is None:
             return
