@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _TLS_CHUNK = 256 * 1024
 _SMALL = 64 * 1024
+_TLS_MULTI = 256 * 1024  # direct reads at least this large drain several TLS records
 #: A stalled write waits this long (ms) for the peer to make room before the rest is copied
 #: to the writer thread; a peer that reads never causes a copy.
 STALL_GRACE_MS = 10
@@ -324,6 +325,8 @@ class Link:
             buf = self._dec.buffer()
             with self._io_lock:
                 n = self._sock.recv_into(buf)
+                if self.tls and n and n < buf.nbytes and buf.nbytes >= _TLS_MULTI:
+                    n += self._tls_more(buf, n)  # a large direct read: drain what is there
         except _WOULD_BLOCK:
             return False
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
@@ -359,6 +362,21 @@ class Link:
         # first, and a send racing in another thread would then go out in plaintext.
         with contextlib.suppress(OSError):
             socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+
+    def _tls_more(self, buf: memoryview, have: int) -> int:
+        """TLS hands out one record (16 KiB) per read: for a large buffer, keep reading the
+        records already received, under the same lock hold (caller holds ``_io_lock``)."""
+        got = 0
+        try:
+            while have + got < buf.nbytes:
+                k = self._sock.recv_into(buf[have + got :])
+                if not k:
+                    break
+                got += k
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, ssl.SSLEOFError,
+                ssl.SSLZeroReturnError):
+            pass  # none left for now (or EOF: the next read reports it)
+        return got
 
     def _eof_error(self) -> ConnectionClosed:
         if isinstance(self.error, ConnectionClosed):
