@@ -68,6 +68,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_core import git_state, loadavg  # noqa: E402
+
 MB = 1 << 20
 try:
     import ctypes
@@ -1121,29 +1124,6 @@ class Soak:
         if final:
             p("\nsoak: OK")
         return 0
-
-
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
-def git_state() -> str:
-    """The commit of the checkout this runs from, and whether src/ has local changes."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    return f"{head or '?'}{' + local changes in src/' if dirty else ''}"
 
 
 class _Deliberate(Exception):

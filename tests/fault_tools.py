@@ -20,18 +20,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from helpers import Cluster, children, fd_count, wait_until
+from helpers import Cluster, all_children, children, descendants, fd_count, reaped, wait_until  # noqa: F401
 from parnet.server.daemon import default_log_file
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- processes -----------------------------------------------------------------------------
-def reaped(pid: int) -> bool:
-    """Gone for good: not running and not a zombie waiting for its parent."""
-    return not os.path.exists(f"/proc/{pid}")
-
-
 def gone(pid: int) -> bool:
     """Not running (a zombie counts as gone: its parent may be a killed daemon)."""
     try:
@@ -39,31 +34,6 @@ def gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except OSError:
         return True
-
-
-def all_children(pid: int) -> list[int]:
-    """Direct children of ``pid``, zombies included."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    st = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(st[1]) == pid:
-                out.append(int(d))
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid``."""
-    out, todo = [], [pid]
-    while todo:
-        kids = children(todo.pop())
-        out += kids
-        todo += kids
-    return out
 
 
 def cmdline(pid: int) -> str:

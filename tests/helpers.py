@@ -55,6 +55,26 @@ def children(pid: int, zombies: bool = False) -> list[int]:
     return out
 
 
+def reaped(pid: int) -> bool:
+    """Gone for good: not running and not a zombie waiting for its parent."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def all_children(pid: int) -> list[int]:
+    """Direct children of ``pid``, zombies included."""
+    return children(pid, zombies=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``."""
+    out, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
 def fd_count(pid: int) -> int:
     """Open file descriptors of ``pid``."""
     return len(os.listdir(f"/proc/{pid}/fd"))

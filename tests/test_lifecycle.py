@@ -24,7 +24,17 @@ from typing import Any
 
 import pytest
 
-from helpers import MODE_IDS, MODES, Cluster, children, fd_count, pid_alive, wait_until
+from helpers import (
+    MODE_IDS,
+    MODES,
+    Cluster,
+    all_children,
+    descendants,
+    fd_count,
+    pid_alive,
+    reaped,
+    wait_until,
+)
 from parnet import (
     ConnectionClosed,
     Connections,
@@ -40,26 +50,6 @@ PROMPT = 5.0  # seconds for a waiting precv to notice a dead peer
 
 
 # -- helpers ---------------------------------------------------------------------------
-def reaped(pid: int) -> bool:
-    """Gone for good: not running and not a zombie waiting for its parent."""
-    return not os.path.exists(f"/proc/{pid}")
-
-
-def all_children(pid: int) -> list[int]:
-    """Direct children of ``pid``, zombies included."""
-    return children(pid, zombies=True)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid``."""
-    out, todo = [], [pid]
-    while todo:
-        kids = children(todo.pop())
-        out += kids
-        todo += kids
-    return out
-
-
 def wait_idle(cluster: Cluster) -> None:
     """Until no server of ``cluster`` has a worker (left over from an earlier test)."""
     for pid in cluster.pids:
