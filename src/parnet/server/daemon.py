@@ -24,6 +24,7 @@ import errno
 import glob
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -405,8 +406,11 @@ class Daemon:
             self._start_worker(p, pre)
             return
         rec = self.workers.get(pre.netid)
-        if rec is not None and not rec.authenticated:
-            self._on_ctl(rec)  # its "authenticated" note is written before the client can know
+        if rec is not None:
+            # Read what the worker said so far: its "authenticated" note is written before the
+            # client can know it may connect, and its EOF (exited) before anyone could know.
+            self._drain_ctl(rec)
+            rec = self.workers.get(pre.netid)
         if rec is None or not rec.authenticated:
             self._refuse(p, handshake.GENERIC_REFUSAL, "unknown network id")
             return
@@ -466,6 +470,18 @@ class Daemon:
             w.ctl.close()
         keep_out.close()
 
+    def _drain_ctl(self, rec: _WorkerRec) -> None:
+        if not _pid_alive(rec.pid):  # exited: its EOF may not have shown yet
+            self._forget(rec)
+            return
+        for _ in range(16):
+            if self.workers.get(rec.netid) is not rec:
+                return  # gone
+            r, _, _ = select.select([rec.ctl], [], [], 0)
+            if not r:
+                return
+            self._on_ctl(rec)
+
     def _on_ctl(self, rec: _WorkerRec) -> None:
         try:
             data = rec.ctl.recv(16)
@@ -480,12 +496,16 @@ class Daemon:
             fails, _ = self.failures.get(rec.ip, (0, 0.0))
             self.failures[rec.ip] = (fails + 1, time.monotonic())
         elif not data:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(rec.ctl)
-            self.by_ctl.pop(rec.ctl.fileno(), None)
-            rec.ctl.close()
-            if self.workers.get(rec.netid) is rec:
-                del self.workers[rec.netid]
+            self._forget(rec)
+
+    def _forget(self, rec: _WorkerRec) -> None:
+        """The worker has exited: drop its record and control socket."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(rec.ctl)
+        self.by_ctl.pop(rec.ctl.fileno(), None)
+        rec.ctl.close()
+        if self.workers.get(rec.netid) is rec:
+            del self.workers[rec.netid]
 
     def _expire(self) -> None:
         now = time.monotonic()
