@@ -26,7 +26,6 @@ import pickle
 import platform
 import random
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -36,8 +35,9 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -291,8 +291,9 @@ def interleaved(fns: dict[str, Callable[[], int]], n: int, warm: int, block: int
 # --------------------------------------------------------------------------------------
 # parnet servers
 # --------------------------------------------------------------------------------------
-def _port_pair_free(port: int) -> bool:
-    for addr in SERVER_ADDRS:
+def port_pair_free(addrs: Sequence[str], port: int) -> bool:
+    """Whether ``port`` and ``port + 1`` can be bound on every address in ``addrs``."""
+    for addr in addrs:
         for p in (port, port + 1):
             s = socket.socket()
             try:
@@ -304,38 +305,13 @@ def _port_pair_free(port: int) -> bool:
     return True
 
 
-def pick_ports() -> int:
-    """A random even command port in 20000-40000 whose +1 (data) is free too, on both addresses."""
+def pick_ports(addrs: Sequence[str] = SERVER_ADDRS, rng: Any = random) -> int:
+    """A random even command port in 20000-40000 whose +1 (data) is free too, on every address."""
     for _ in range(200):
-        port = random.randrange(20000, 40000, 2)
-        if _port_pair_free(port):
+        port = rng.randrange(20000, 40000, 2)
+        if port_pair_free(addrs, port):
             return port
     raise RuntimeError("no free port pair found")
-
-
-def pid_gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie child of ours counts as gone, and is reaped)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def stop_server(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM, wait until the process is gone; SIGKILL if it does not go in time."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while not pid_gone(pid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-        time.sleep(0.01)
 
 
 def children_of(pid: int) -> list[int]:
@@ -441,7 +417,7 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
         The parnet rows and the raw medians (ns): ``rtt``, ``8 MB``, ``80 MB``.
     """
     from parnet import pconnect, precv, psend, reval, sclose
-    from parnet.server.launch import start_background
+    from parnet.server.launch import start_background, stop_pid
 
     tag = " [tls]" if use_tls else ""
     rows: list[Row] = []
@@ -592,7 +568,7 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
             with contextlib.suppress(Exception):
                 sclose(conns)
         for pid in pids:
-            stop_server(pid)
+            stop_pid(pid)
         raw.close()
     return rows, base
 

@@ -57,7 +57,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -69,7 +68,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import git_state, loadavg  # noqa: E402
+from bench_core import git_state, loadavg, pick_ports  # noqa: E402
 
 MB = 1 << 20
 try:
@@ -281,31 +280,6 @@ def kill_tree(pid: int) -> set[int]:
     return stopped
 
 
-def port_pair_free(addrs: list[str], port: int) -> bool:
-    for addr in addrs:
-        for p in (port, port + 1):
-            s = socket.socket()
-            try:
-                s.bind((addr, p))
-            except OSError:
-                return False
-            finally:
-                s.close()
-    return True
-
-
-def pick_port(addrs: list[str], rng: random.Random) -> int:
-    """A random even command port in 20000-40000 whose +1 is free too, on every address."""
-    for _ in range(200):
-        port = rng.randrange(20000, 40000, 2)
-        if port_pair_free(addrs, port):
-            return port
-    raise RuntimeError("no free port pair found")
-
-
-# --------------------------------------------------------------------------------------
-# state
-# --------------------------------------------------------------------------------------
 class CheckFailed(Exception):
     """A wrong result or a missing error: always unexpected."""
 
@@ -355,7 +329,7 @@ class Soak:
         self.rng = random.Random(args.seed)
         self.krng = random.Random(args.seed + 1)
         addrs = [f"127.0.0.{FIRST_ADDR + k}" for k in range(args.servers)]
-        port = pick_port(addrs, self.rng)
+        port = pick_ports(addrs, self.rng)
         self.servers = [Server(k, a, port, os.path.join(home, f"server-{a}-{port}.log"))
                         for k, a in enumerate(addrs)]
         self.lock = threading.Lock()  # guards server state (up, gen, pid) between threads
