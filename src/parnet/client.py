@@ -340,19 +340,18 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
     if not wait:
         return None
     node = net.nodes[k]
-    with net.read_lock:
-        try:
-            while True:
-                net.pump_cmd(k)
-                if req in node.results:
-                    return node.results.pop(req)
-                net.raise_errors([k])
-                if not node.open:
-                    raise ConnectionClosed(f"{net.name(k)} is gone: {node.closed_reason}")
-                wait_links([node.cmd], None)  # type: ignore[list-item]
-        except KeyboardInterrupt:
-            net.interrupt([k])
-            raise
+
+    def wait_result() -> Any:
+        while True:
+            net.pump_cmd(k)
+            if req in node.results:
+                return node.results.pop(req)
+            net.raise_errors([k])
+            if not node.open:
+                raise ConnectionClosed(f"{net.name(k)} is gone: {node.closed_reason}")
+            wait_links([node.cmd], None)  # type: ignore[list-item]
+
+    return net._waiting_call([k], wait_result)
 
 
 def sclose(connections: Connections) -> None:

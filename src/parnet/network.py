@@ -139,14 +139,7 @@ class Network:
 
     def precv(self, k: int, timeout: float | None = None) -> Any:
         """Receives the next value from node ``k``."""
-        if not self.is_client:
-            return self._precv(k, timeout)
-        with self.read_lock:
-            try:
-                return self._precv(k, timeout)
-            except KeyboardInterrupt:
-                self.interrupt([k])
-                raise
+        return self._waiting_call([k], self._precv, k, timeout)
 
     def _precv(self, k: int, timeout: float | None = None) -> Any:
         if k == self.self_index:
@@ -191,11 +184,16 @@ class Network:
 
     def select(self, idxs: Sequence[int], timeout: float | None) -> list[int]:
         """Positions in ``idxs`` whose node has a value ready for ``precv``."""
+        return self._waiting_call(idxs, self._select, idxs, timeout)
+
+    def _waiting_call(self, idxs: Sequence[int], fn: Any, *args: Any) -> Any:
+        """At the client: ``fn(*args)`` holding the read lock of the command links; Ctrl-C
+        during it interrupts the servers in ``idxs`` (``interrupt``). At a server: just ``fn``."""
         if not self.is_client:
-            return self._select(idxs, timeout)
+            return fn(*args)
         with self.read_lock:
             try:
-                return self._select(idxs, timeout)
+                return fn(*args)
             except KeyboardInterrupt:
                 self.interrupt(idxs)
                 raise
