@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from . import bufpool
 from .wire import messages as msg
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class Monitor:
                             e.on_dead(link, reason)
                         except Exception:  # noqa: BLE001
                             log.exception("heartbeat callback failed")
+            bufpool.trim()  # idle receive memory goes back to the system
             for fn in tasks:
                 try:
                     fn()

@@ -36,6 +36,7 @@ import threading
 import time
 from collections import deque
 
+from . import bufpool
 from .constants import MAX_FRAME, MAX_PREAUTH_FRAME
 from .errors import ConnectionClosed, RemoteProtocolError
 from .wire import messages as msg
@@ -88,7 +89,8 @@ class Link:
         self._poller.register(self._fd, _POLLIN)
         self._wpoller: select.poll | None = None
         self.authenticated = authenticated
-        self._dec = FrameDecoder(MAX_FRAME) if authenticated else FrameDecoder(MAX_PREAUTH_FRAME, 0)
+        limits = (MAX_FRAME, 0xFFFF) if authenticated else (MAX_PREAUTH_FRAME, 0)
+        self._dec = FrameDecoder(*limits, alloc=bufpool.alloc)  # large buffers: reused memory
         if authenticated:
             self._dec.skip = frozenset((msg.PING,))  # heartbeats carry no message
         self.error: BaseException | None = None  # why the link broke, if it did

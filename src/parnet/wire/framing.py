@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +84,7 @@ def encode_frame(
     return pieces
 
 
-def _alloc(size: int) -> bytearray | np.ndarray:
+def alloc_buffer(size: int) -> bytearray | np.ndarray:
     """A receive buffer. Large ones are uninitialised NumPy memory: ``bytearray(n)`` zero-fills
     every page first, which costs about as much as receiving the data."""
     if size >= DIRECT_MIN:
@@ -102,10 +103,14 @@ class FrameDecoder:
     Args:
         max_frame: largest total frame size accepted (header, lengths, body and buffers).
         max_buffers: most out-of-band buffers in one frame (0 before authentication).
+        alloc: makes the writable buffer for an out-of-band part of the given size
+            (default ``alloc_buffer``; the link layer passes one that reuses large buffers).
     """
 
-    def __init__(self, max_frame: int, max_buffers: int = 0xFFFF) -> None:
+    def __init__(self, max_frame: int, max_buffers: int = 0xFFFF,
+                 alloc: Callable[[int], bytearray | np.ndarray] | None = None) -> None:
         self.max_frame = max_frame
+        self._alloc = alloc or alloc_buffer
         self.max_buffers = max_buffers
         self._scratch = bytearray(_SCRATCH)
         self._start = 0  # first unread byte in scratch
@@ -247,7 +252,7 @@ class FrameDecoder:
                     self._start += size
                     self._parts.append(part if k else bytes(part))
                     continue
-                self._target = _alloc(size)
+                self._target = self._alloc(size)
                 self._filled = 0
             take = min(avail, size - self._filled)
             if take:
