@@ -38,6 +38,7 @@ from .network import Connections, Network, NodeInfo, _single
 from .server.worker import versions
 from .wire import messages as msg
 from .wire import serialize
+from .wire.framing import encode_small
 
 _open_networks: weakref.WeakSet[Network] = weakref.WeakSet()
 _req_ids = itertools.count(1)
@@ -268,6 +269,9 @@ def _start_background_pump(mon: Any) -> None:
     mon.add_task(pump_all)
 
 
+_reval_frames: dict[str, bytes] = {}  # encoded REVAL frames of recent command strings
+
+
 def _servers(connections: Connections, what: str) -> tuple[Network, list[int]]:
     if not isinstance(connections, Connections):
         raise TypeError(f"{what}: expected a Connections object, got {type(connections).__name__}")
@@ -280,6 +284,8 @@ def _servers(connections: Connections, what: str) -> tuple[Network, list[int]]:
 
 
 def _send_cmd(net: Network, k: int, code: int, body: bytes, bufs: Sequence = (), flags: int = 0) -> None:
+    """Sends a command frame to server ``k`` after raising its pending errors (``code`` 0:
+    ``body`` is a whole encoded frame)."""
     node = net.nodes[k]
     net.raise_errors([k])
     if node.open and node.data is not None and not node.data.usable and not node.data.has_frame():
@@ -287,7 +293,10 @@ def _send_cmd(net: Network, k: int, code: int, body: bytes, bufs: Sequence = (),
     if node.cmd is None or not node.open:
         raise ConnectionClosed(f"{net.name(k)} is not open: {node.closed_reason or 'closed'}")
     try:
-        node.cmd.send_frame(code, body, bufs, flags)
+        if code:
+            node.cmd.send_frame(code, body, bufs, flags)
+        else:
+            node.cmd.send_encoded(body)
     except ConnectionClosed:
         net._lost(k, "command link closed")
         raise
@@ -307,9 +316,29 @@ def reval(commands: str, connections: Connections) -> None:
     if not isinstance(commands, str):
         raise TypeError("reval: commands must be a str of Python source")
     net, ks = _servers(connections, "reval")
-    body, bufs, flags = serialize.dumps(commands)
+    frame = _reval_frames.get(commands)
+    if frame is None:
+        body, _, _ = serialize.dumps(commands)
+        frame = encode_small(msg.REVAL, body)
+        if len(frame) <= 4096 and len(_reval_frames) < 1024:
+            _reval_frames[commands] = frame
     for k in ks:
-        _send_cmd(net, k, msg.REVAL, body, bufs, flags)
+        node = net.nodes[k]
+        cmd = node.cmd
+        data = node.data
+        if node.errors or cmd is None or not node.open or data is None or not data.usable:
+            careful = True
+        else:
+            with net.read_lock:  # one reader of command links at a time
+                careful = cmd.readable_now()
+        if careful:
+            _send_cmd(net, k, 0, frame)  # pending errors, closed links
+        else:
+            try:
+                cmd.send_encoded(frame)
+            except ConnectionClosed:
+                net._lost(k, "command link closed")
+                raise
 
 
 def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: int | None = None,

@@ -124,22 +124,43 @@ class Link:
             log.debug("pid %d send %s on %s: %d bytes", os.getpid(), msg.NAMES.get(code, code),
                       self.name, sum(memoryview(p).nbytes for p in pieces))
         with self._send_lock:
-            self._check_open()
-            self.last_send = time.monotonic()
-            if not self._backlog:
+            self._send_locked(pieces)
+
+    def send_encoded(self, frame: bytes) -> None:
+        """``send_frame`` for one whole small frame already encoded (``encode_frame``'s single
+        piece): the hot path of ``reval`` and of small ``psend`` values, one ``send`` call."""
+        with self._send_lock:
+            if not self._backlog and not self.tls and self.error is None and not self.closed:
+                self.last_send = time.monotonic()
                 try:
-                    pieces = self._send_now(pieces)
+                    n = self._sock.send(frame)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
                 except OSError as e:
                     raise self._broken(e) from e
-                if not pieces:
+                if n == len(frame):
                     return
-            else:
-                pieces = [bytes(p) for p in pieces]
-            self._backlog.append(pieces)
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, name=f"parnet-writer {self.name}", daemon=True)
-                self._writer.start()
-            self._cv.notify_all()
+                frame = memoryview(frame)[n:]  # type: ignore[assignment]
+            self._send_locked([frame])
+
+    def _send_locked(self, pieces: list) -> None:
+        """Writes or queues ``pieces`` (``_send_lock`` held)."""
+        self._check_open()
+        self.last_send = time.monotonic()
+        if not self._backlog:
+            try:
+                pieces = self._send_now(pieces)
+            except OSError as e:
+                raise self._broken(e) from e
+            if not pieces:
+                return
+        else:
+            pieces = [bytes(p) for p in pieces]
+        self._backlog.append(pieces)
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name=f"parnet-writer {self.name}", daemon=True)
+            self._writer.start()
+        self._cv.notify_all()
 
     def _send_now(self, pieces: list) -> list[bytes]:
         """Writes while the peer drains the socket; returns a copy of the unsent rest.
@@ -253,6 +274,13 @@ class Link:
         """Whether a whole frame is already received (``recv_frame`` will not wait)."""
         return self._dec.has_frame()
 
+    def take_frame(self) -> Frame | None:
+        """The next whole frame already received, or None; never touches the socket."""
+        f = self._dec.next_frame()
+        if f is not None and (_DEBUG or not self.authenticated):
+            return self._check(f)
+        return f
+
     def readable_now(self) -> bool:
         """Whether a read would find data (or EOF) now; one ``poll`` call, no exception."""
         if self.closed or self.eof:
@@ -325,10 +353,13 @@ class Link:
             raise self._eof_error()
         try:
             buf = self._dec.buffer()
-            with self._io_lock:
+            if self.tls:
+                with self._io_lock:
+                    n = self._sock.recv_into(buf)
+                    if n and n < buf.nbytes and buf.nbytes >= _TLS_MULTI:
+                        n += self._tls_more(buf, n)  # a large direct read: drain what is there
+            else:
                 n = self._sock.recv_into(buf)
-                if self.tls and n and n < buf.nbytes and buf.nbytes >= _TLS_MULTI:
-                    n += self._tls_more(buf, n)  # a large direct read: drain what is there
         except _WOULD_BLOCK:
             return False
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError):

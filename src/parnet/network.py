@@ -16,6 +16,7 @@ server's command link, so a failure there ends the wait at once.
 from __future__ import annotations
 
 import logging
+import pickle
 import select
 import sys
 import threading
@@ -30,8 +31,11 @@ from .errors import ConnectionClosed, ProtocolError, RemoteError
 from .link import Link, wait_links
 from .wire import messages as msg
 from .wire import serialize
+from .wire.framing import encode_small
 
 log = logging.getLogger(__name__)
+#: Bodies up to this size are sent as one pre-joined frame (``Link.send_encoded``).
+SMALL_BODY = 64 * 1024
 
 
 def _ms(deadline: float | None) -> int:
@@ -105,6 +109,14 @@ class Network:
         # Whoever reads command links holds this: user calls, or the heartbeat thread that
         # prints forwarded output while no call is running (it only ever tries the lock).
         self.read_lock = threading.RLock()
+        self._singles: dict[int, Connections] = {}
+
+    def single(self, k: int) -> Connections:
+        """The single connection to node ``k`` (one object per node, made once)."""
+        c = self._singles.get(k)
+        if c is None:
+            c = self._singles[k] = Connections(self, (k,))
+        return c
 
     @property
     def is_client(self) -> bool:
@@ -125,6 +137,19 @@ class Network:
     # -- the data calls --------------------------------------------------------------
     def psend(self, value: Any, idxs: Sequence[int]) -> None:
         """Sends ``value`` to every node in ``idxs`` except this one."""
+        if len(idxs) == 1 and type(value) in serialize.PLAIN:  # the hot path: one small value
+            k = idxs[0]
+            if k == self.self_index:
+                return
+            body = pickle.dumps(value, 5)
+            if len(body) <= SMALL_BODY:
+                link = self._data_link(k)
+                try:
+                    link.send_encoded(encode_small(msg.VALUE, body))
+                except ConnectionClosed as e:
+                    self._lost(k, f"data link broken: {e}")
+                    raise
+                return
         targets = [k for k in idxs if k != self.self_index]
         if not targets:
             return
@@ -139,7 +164,43 @@ class Network:
 
     def precv(self, k: int, timeout: float | None = None) -> Any:
         """Receives the next value from node ``k``."""
+        if self.self_index == 0 and timeout is None:
+            with self.read_lock:
+                try:
+                    f = self._next_value_frame(k)
+                    if f is not None:
+                        return pickle.loads(f.body, buffers=f.buffers)
+                    return self._precv(k)
+                except KeyboardInterrupt:
+                    self.interrupt([k])
+                    raise
         return self._waiting_call([k], self._precv, k, timeout)
+
+    def _next_value_frame(self, k: int) -> Any:
+        """The client's hot path of ``precv``: the next frame from ``k`` when it comes plainly
+        (nothing stashed, no pending error, no TLS, only the data link wakes us); None when the
+        general path (``_precv``) must decide."""
+        if not 0 < k < len(self.nodes) or self.closed:
+            return None
+        node = self.nodes[k]
+        link = node.data
+        if not node.open or node.stash or node.errors or node.cmd is None or link is None or link.tls:
+            return None
+        f = link.take_frame()
+        if f is None:
+            events = node.poller().poll()
+            if len(events) != 1 or events[0][0] != link._fd:
+                return None
+            try:
+                link.pull()
+            except ConnectionClosed:
+                return None
+            f = link.take_frame()
+            if f is None:
+                return None
+        if f.code != msg.VALUE:
+            raise ProtocolError(f"unexpected message {f.code} on the data link from {self.name(k)}")
+        return f
 
     def _precv(self, k: int, timeout: float | None = None) -> Any:
         if k == self.self_index:
@@ -150,30 +211,35 @@ class Network:
         if node.stash:
             f = node.stash.popleft()
             return serialize.loads(f.body, f.buffers)
-        if self.is_client and node.cmd is not None:
+        f = None
+        if self.self_index == 0 and node.cmd is not None:
             # Wait on the data link and the command link at once (one cached poll object):
             # a failure reported on the command link ends the wait.
-            self.raise_errors([k], check=False)
+            if node.errors:
+                self._raise_errors([k], False)
             poller = node.poller()
-            cmd_fd = node.cmd.fileno()
+            cmd_fd = node.cmd._fd
             while True:
                 for fd, _ in poller.poll(0 if link.has_frame() else _ms(deadline)):
                     if fd == cmd_fd:
                         self.pump_cmd(k)
-                        self.raise_errors([k], check=False)
+                        if node.errors:
+                            self._raise_errors([k], False)
                     else:
                         try:
                             link.pull()
                         except ConnectionClosed as e:
                             self._data_lost(k, e)
-                if link.has_frame() or (link.tls and link._sock.pending()):
+                f = link.take_frame()
+                if f is not None or (link.tls and link._sock.pending()):
                     break
-                if not link.usable and not link.has_frame():
+                if not link.usable:
                     break  # recv_frame raises ConnectionClosed
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"precv: nothing from {self.name(k)} within {timeout} s")
         try:
-            f = link.recv_frame(deadline)
+            if f is None:
+                f = link.recv_frame(deadline)
         except TimeoutError:
             raise TimeoutError(f"precv: nothing from {self.name(k)} within {timeout} s") from None
         except ConnectionClosed as e:
@@ -189,7 +255,7 @@ class Network:
     def _waiting_call(self, idxs: Sequence[int], fn: Any, *args: Any) -> Any:
         """At the client: ``fn(*args)`` holding the read lock of the command links; Ctrl-C
         during it interrupts the servers in ``idxs`` (``interrupt``). At a server: just ``fn``."""
-        if not self.is_client:
+        if self.self_index:
             return fn(*args)
         with self.read_lock:
             try:
@@ -448,14 +514,16 @@ class Connections:
 
     def __iter__(self) -> Iterator[Connections]:
         for k in self._idx:
-            yield Connections(self._net, (k,))
+            yield self._net.single(k)
 
     def __getitem__(self, key: int | slice | Sequence[int] | Sequence[bool]) -> Connections:
         idx = self._idx
+        if type(key) is int:  # the common case, e.g. sockets[0]: one cached object per node
+            return self._net.single(idx[key])
         if isinstance(key, bool):
             raise TypeError("index with an int, a slice, or a list of ints or bools")
         if isinstance(key, int):
-            return Connections(self._net, (idx[key],))
+            return self._net.single(idx[key])
         if isinstance(key, slice):
             return Connections(self._net, idx[key])
         keys = list(key)
@@ -520,7 +588,7 @@ def psend(value: Any, connections: Connections) -> None:
     """
     if not isinstance(connections, Connections):
         raise TypeError(f"psend: expected a Connections object, got {type(connections).__name__}")
-    connections.network.psend(value, connections.indices)
+    connections._net.psend(value, connections._idx)
 
 
 def precv(single_connection: Connections, timeout: float | None = None) -> Any:
@@ -532,6 +600,8 @@ def precv(single_connection: Connections, timeout: float | None = None) -> Any:
         ConnectionClosed: the peer is gone.
         RemoteError: (client) the server reported a failed command.
     """
+    if type(single_connection) is Connections and len(single_connection._idx) == 1:  # the hot path
+        return single_connection._net.precv(single_connection._idx[0], timeout)
     k = _single(single_connection, "precv")
     return single_connection.network.precv(k, timeout)
 

@@ -99,6 +99,7 @@ class Worker:
         self.net: Network | None = None
         self.ns: dict[str, Any] = {}
         self._code_cache: dict[str, Any] = {}
+        self._reval_code: dict[bytes, Any] = {}  # command frame body -> compiled code
         self.nlocaljobs = 0
         self.map_runner: Any = None
         # The main thread owns the command link except while a command runs: then the
@@ -262,25 +263,19 @@ class Worker:
         threading.Thread(target=self._monitor_loop, name="parnet-cmd-monitor", daemon=True).start()
         self._acquire_reader()
         while True:
-            if self.deferred:
-                f = self.deferred.popleft()
-            else:
-                if not cmd.has_frame() and not (cmd.tls and cmd._sock.pending()):
+            f = self.deferred.popleft() if self.deferred else cmd.take_frame()
+            if f is None:
+                if not (cmd.tls and cmd._sock.pending()):
                     events = poller.poll()
-                    if all(fd == ctl_fd for fd, _ in events):
+                    if events[0][0] == ctl_fd and len(events) == 1:
                         self._drain_ctl()
                         continue
-                    try:
-                        if not cmd.pull():
-                            continue
-                    except ConnectionClosed:
-                        log.info("network %s: client gone", self.net.id_str[:8] if self.net else "?")
-                        return
                 try:
-                    f = cmd.recv_frame()
+                    cmd.pull()
                 except ConnectionClosed:
                     log.info("network %s: client gone", self.net.id_str[:8] if self.net else "?")
                     return
+                continue
             if f.code == msg.CLOSE:
                 log.info("network %s: closed by the client", self.net.id_str[:8] if self.net else "?")
                 return
@@ -407,6 +402,14 @@ class Worker:
 
     def dispatch(self, f: Any) -> None:
         """Runs one command frame; a failure is reported on the command link."""
+        if f.code == msg.REVAL and type(f.body) is bytes:
+            co = self._reval_code.get(f.body)  # a repeated command: no unpickling, no compile
+            if co is not None:
+                try:
+                    exec(co, self.ns)
+                except BaseException as e:  # noqa: BLE001 - user code may raise anything
+                    self.report(e, skip=1, interrupted=isinstance(e, KeyboardInterrupt))
+                return
         try:
             payload = serialize.loads(f.body, f.buffers)
         except Exception as e:  # noqa: BLE001
@@ -414,7 +417,10 @@ class Worker:
             return
         try:
             if f.code == msg.REVAL:
-                exec(self._compile(payload), self.ns)
+                co = self._compile(payload)
+                if type(f.body) is bytes and len(self._reval_code) < 4096:
+                    self._reval_code[f.body] = co
+                exec(co, self.ns)
             elif f.code == msg.CALL:
                 self._call(*payload)
             elif f.code == msg.INSTALL:

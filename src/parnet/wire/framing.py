@@ -84,6 +84,12 @@ def encode_frame(
     return pieces
 
 
+def encode_small(code: int, body: bytes) -> bytes:
+    """The whole frame for a body without buffers or flags, as one ``bytes`` (the hot path
+    of small messages; ``encode_frame`` checks the general case)."""
+    return HEADER.pack(code, 0, 0, len(body)) + body
+
+
 def alloc_buffer(size: int) -> bytearray | np.ndarray:
     """A receive buffer. Large ones are uninitialised NumPy memory: ``bytearray(n)`` zero-fills
     every page first, which costs about as much as receiving the data."""

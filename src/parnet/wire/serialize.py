@@ -20,7 +20,8 @@ from typing import Any
 import cloudpickle
 
 OOB_MIN = 1024
-_PLAIN = frozenset({int, float, bool, str, type(None), complex})
+#: Types whose pickle never holds buffers or code (the fast path of small messages).
+PLAIN = frozenset({int, float, bool, str, type(None), complex})
 FLAG_CLOUDPICKLE = 0x01
 
 
@@ -35,7 +36,7 @@ def dumps(obj: Any) -> tuple[bytes, list[memoryview], int]:
         Whatever pickling raises (``pickle.PicklingError``, ``TypeError``, ...) when neither
         pickle nor cloudpickle can serialize the value; the caller reports it on that call.
     """
-    if type(obj) in _PLAIN:  # the hot path of small messages: nothing out of band, no code
+    if type(obj) in PLAIN:  # the hot path of small messages: nothing out of band, no code
         return pickle.dumps(obj, protocol=5), [], 0
     buffers: list[memoryview] = []
 
