@@ -315,7 +315,10 @@ def reval(commands: str, connections: Connections) -> None:
     """
     if not isinstance(commands, str):
         raise TypeError("reval: commands must be a str of Python source")
-    net, ks = _servers(connections, "reval")
+    if type(connections) is Connections and connections.network.self_index == 0 and not connections.network.closed:
+        net, ks = connections.network, connections.indices  # the hot path (node 0 skipped below)
+    else:
+        net, ks = _servers(connections, "reval")
     frame = _reval_frames.get(commands)
     if frame is None:
         body, _, _ = serialize.dumps(commands)
@@ -323,6 +326,8 @@ def reval(commands: str, connections: Connections) -> None:
         if len(frame) <= 4096 and len(_reval_frames) < 1024:
             _reval_frames[commands] = frame
     for k in ks:
+        if k == 0:
+            continue
         node = net.nodes[k]
         cmd = node.cmd
         data = node.data

@@ -73,13 +73,17 @@ class Link:
     """
 
     def __init__(self, sock: socket.socket, *, name: str, authenticated: bool = False) -> None:
-        sock.setblocking(False)
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        # A plain socket stays in blocking mode and every call that must not wait passes
+        # MSG_DONTWAIT: a receive with nothing else to wait for blocks in ``recv`` itself,
+        # one system call instead of poll + recv. TLS sockets are non-blocking.
+        sock.setblocking(not self.tls)
+        self._nowait = 0 if self.tls else socket.MSG_DONTWAIT
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self._fd = sock.fileno()
         self.name = name
-        self.tls = isinstance(sock, ssl.SSLSocket)
         self._io_lock = threading.Lock() if self.tls else contextlib.nullcontext()
         self._send_lock = threading.Lock()
         self._cv = threading.Condition(self._send_lock)
@@ -133,7 +137,7 @@ class Link:
             if not self._backlog and not self.tls and self.error is None and not self.closed:
                 self.last_send = time.monotonic()
                 try:
-                    n = self._sock.send(frame)
+                    n = self._sock.send(frame, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     n = 0
                 except OSError as e:
@@ -188,7 +192,7 @@ class Link:
         if len(pieces) == 1 and len(pieces[0]) < _SMALL:  # the common small frame: one send()
             p0 = pieces[0]
             try:
-                n = self._sock.send(p0)
+                n = self._sock.send(p0, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 n = 0
             if n == len(p0):
@@ -197,7 +201,7 @@ class Link:
         views = [memoryview(p) for p in pieces]
         while views:
             try:
-                n = self._sock.sendmsg(views[:_IOV_MAX])
+                n = self._sock.sendmsg(views[:_IOV_MAX], (), socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 if self._wait_writable():
                     continue
@@ -253,7 +257,7 @@ class Link:
             chunk = mv[off : off + _TLS_CHUNK] if self.tls else mv[off:]
             try:
                 with self._io_lock:
-                    n = self._sock.send(chunk)
+                    n = self._sock.send(chunk, self._nowait)
                 off += n
             except _WOULD_BLOCK:
                 wpoll.poll(1000)
@@ -280,6 +284,20 @@ class Link:
         if f is not None and (_DEBUG or not self.authenticated):
             return self._check(f)
         return f
+
+    def pull_frame(self) -> Frame | None:
+        """``pull`` then ``take_frame``: one read, for a caller that knows the socket is
+        readable; the next whole frame, or None if none is complete yet.
+
+        Raises:
+            ConnectionClosed: the peer closed the link and no whole frame is left.
+        """
+        try:
+            self._read_some()
+        except ConnectionClosed:
+            if not self._dec.has_frame():
+                raise
+        return self.take_frame()
 
     def readable_now(self) -> bool:
         """Whether a read would find data (or EOF) now; one ``poll`` call, no exception."""
@@ -327,7 +345,9 @@ class Link:
                 return self._check(f)
             if self.closed or self.eof:
                 self._read_some()  # raises ConnectionClosed
-            if (self.tls and self._sock.pending()) or self._poller.poll(_remaining(deadline)):
+            if deadline is None and not self.tls:
+                self._read_some(block=True)  # no deadline: wait in recv itself
+            elif (self.tls and self._sock.pending()) or self._poller.poll(_remaining(deadline)):
                 self._read_some()
             elif deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no message from {self.name} in time")
@@ -345,8 +365,9 @@ class Link:
             log.debug("pid %d recv %s on %s (%r)", os.getpid(), msg.NAMES.get(f.code, f.code), self.name, f)
         return f
 
-    def _read_some(self) -> bool:
-        """One non-blocking read. True if bytes arrived, False if none are available now."""
+    def _read_some(self, block: bool = False) -> bool:
+        """One read, non-blocking unless ``block`` (plain links only). True if bytes arrived,
+        False if none are available now."""
         if self.closed:
             raise ConnectionClosed(f"in {self.name}: link is closed")
         if self.eof:
@@ -359,7 +380,7 @@ class Link:
                     if n and n < buf.nbytes and buf.nbytes >= _TLS_MULTI:
                         n += self._tls_more(buf, n)  # a large direct read: drain what is there
             else:
-                n = self._sock.recv_into(buf)
+                n = self._sock.recv_into(buf, 0, 0 if block else socket.MSG_DONTWAIT)
         except _WOULD_BLOCK:
             return False
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError):

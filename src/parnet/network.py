@@ -192,10 +192,9 @@ class Network:
             if len(events) != 1 or events[0][0] != link._fd:
                 return None
             try:
-                link.pull()
+                f = link.pull_frame()
             except ConnectionClosed:
                 return None
-            f = link.take_frame()
             if f is None:
                 return None
         if f.code != msg.VALUE:

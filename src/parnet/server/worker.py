@@ -255,27 +255,17 @@ class Worker:
         """Runs commands until CLOSE or until the client is gone."""
         assert self.cmd is not None
         cmd = self.cmd
-        poller = select.poll()
-        poller.register(cmd.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
-        poller.register(self.ctl.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
-        ctl_fd = self.ctl.fileno()
         signal.signal(signal.SIGINT, self._on_sigint)
         threading.Thread(target=self._monitor_loop, name="parnet-cmd-monitor", daemon=True).start()
         self._acquire_reader()
         while True:
             f = self.deferred.popleft() if self.deferred else cmd.take_frame()
             if f is None:
-                if not (cmd.tls and cmd._sock.pending()):
-                    events = poller.poll()
-                    if events[0][0] == ctl_fd and len(events) == 1:
-                        self._drain_ctl()
-                        continue
                 try:
-                    cmd.pull()
+                    f = cmd.recv_frame()  # the daemon's control socket is the monitor thread's
                 except ConnectionClosed:
                     log.info("network %s: client gone", self.net.id_str[:8] if self.net else "?")
                     return
-                continue
             if f.code == msg.CLOSE:
                 log.info("network %s: closed by the client", self.net.id_str[:8] if self.net else "?")
                 return
@@ -312,11 +302,16 @@ class Worker:
             raise KeyboardInterrupt("interrupted by the client")
 
     def _monitor_loop(self) -> None:
-        """While a command runs, reads the command link for INTERRUPT (and CLOSE)."""
+        """While a command runs, reads the command link for INTERRUPT (and CLOSE); takes what
+        the daemon sends on the control socket (exits when the daemon is gone)."""
         assert self.cmd is not None
         main = threading.main_thread().ident
         while True:
-            time.sleep(0.05)
+            if select.select([self.ctl], [], [], 0.05)[0]:
+                try:
+                    self._drain_ctl()
+                except (ConnectionClosed, OSError):
+                    self._exit_now("the daemon has gone")
             if not self.busy or time.monotonic() - self.busy_since < 0.05:
                 continue
             if not self.reader_lock.acquire(blocking=False):

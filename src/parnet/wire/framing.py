@@ -119,6 +119,7 @@ class FrameDecoder:
         self._alloc = alloc or alloc_buffer
         self.max_buffers = max_buffers
         self._scratch = bytearray(_SCRATCH)
+        self._mv = memoryview(self._scratch)
         self._start = 0  # first unread byte in scratch
         self._end = 0  # end of data in scratch
         self._frames: deque[Frame] = deque()
@@ -152,7 +153,7 @@ class FrameDecoder:
             n = self._end - self._start
             self._scratch[:n] = self._scratch[self._start : self._end]
             self._start, self._end = 0, n
-        return memoryview(self._scratch)[self._end :]
+        return self._mv[self._end :]
 
     def commit(self, n: int) -> None:
         """``n`` bytes were written into the memory last returned by ``buffer()``.
@@ -163,8 +164,18 @@ class FrameDecoder:
         """
         if self._direct:
             self._filled += n
-        else:
-            self._end += n
+            self._process()
+            return
+        end = self._end = self._end + n
+        start = self._start
+        if self._hdr is None and end - start >= HEADER.size and self.broken is None:
+            # fast path: exactly one whole small frame without buffers
+            code, flags, nbuf, body_len = HEADER.unpack_from(self._scratch, start)
+            if not nbuf and start + HEADER.size + body_len == end and HEADER.size + body_len <= self.max_frame:
+                if code not in self.skip:
+                    self._frames.append(Frame(code, flags, bytes(self._mv[start + HEADER.size : end])))
+                self._start = end
+                return
         self._process()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -275,3 +286,4 @@ class FrameDecoder:
         new = bytearray(max(need, len(self._scratch)))
         new[:n] = self._scratch[self._start : self._end]
         self._scratch, self._start, self._end = new, 0, n
+        self._mv = memoryview(new)
