@@ -315,8 +315,8 @@ def reval(commands: str, connections: Connections) -> None:
     """
     if not isinstance(commands, str):
         raise TypeError("reval: commands must be a str of Python source")
-    if type(connections) is Connections and connections.network.self_index == 0 and not connections.network.closed:
-        net, ks = connections.network, connections.indices  # the hot path (node 0 skipped below)
+    if type(connections) is Connections and not (net := connections._net).self_index and not net.closed:
+        ks = connections._idx  # the hot path (node 0 is skipped below)
     else:
         net, ks = _servers(connections, "reval")
     frame = _reval_frames.get(commands)

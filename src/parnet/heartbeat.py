@@ -21,7 +21,6 @@ import socket
 import struct
 import termios
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -53,12 +52,13 @@ def silent_for(sock: socket.socket) -> float | None:
 
 
 class _Entry:
-    __slots__ = ("link", "timeout", "on_dead", "__weakref__")
+    __slots__ = ("link", "timeout", "on_dead", "sends", "__weakref__")
 
     def __init__(self, link: Any, timeout: float, on_dead: Callable[[Any, str], None] | None) -> None:
         self.link = link
         self.timeout = timeout
         self.on_dead = on_dead
+        self.sends = -1  # the link's send count at the last beat
 
 
 class Monitor:
@@ -101,15 +101,15 @@ class Monitor:
             with self._lock:
                 entries = list(self._entries.values())
                 tasks = list(self._tasks)
-            now = time.monotonic()
             for e in entries:
                 link = e.link
                 if not link.usable:
                     self.unwatch(link)
                     continue
-                if now - link.last_send >= self.interval:
+                if link.sends == e.sends:  # nothing sent since the last beat
                     with contextlib.suppress(OSError):
                         link.send_frame(msg.PING)
+                e.sends = link.sends
                 quiet = silent_for(link._sock)
                 if quiet is not None and quiet > e.timeout:
                     reason = f"no sign of life from {link.name} for {quiet:.0f} s"

@@ -4,7 +4,15 @@ Theory of operation (DESIGN.md, "The central tension"):
 
 * **Receive in the caller's thread.** ``recv_frame``/``poll`` read the socket themselves,
   through the sans-IO ``FrameDecoder``; there is no reader thread and so no thread hand-off
-  on the hot path. Partial frames survive timeouts: the decoder keeps its state.
+  on the hot path. Partial frames survive timeouts: the decoder keeps its state. A plain
+  socket stays in blocking mode and every call that must not wait passes ``MSG_DONTWAIT``,
+  so a receive with nothing else to wait for (no deadline) waits in ``recv`` itself: one
+  system call, not ``poll`` + ``recv``. Closing or ``declare_dead`` shuts the socket down,
+  which wakes such a wait.
+* **Small frames** (``send_encoded``): a frame already encoded as one ``bytes`` goes out
+  with one ``send`` under the send lock, no list of pieces, no gathering write.
+* **Large receive buffers** come from ``bufpool``: memory of earlier large values that are
+  gone, already touched, so a large receive costs no page faults.
 * **Never block the sender on the receiver.** ``send_frame`` writes directly (non-blocking)
   while the socket takes data. When a write stalls because the peer is not reading, the
   unsent rest is *copied* (so the caller may reuse its buffers) and handed to a per-link
@@ -100,7 +108,7 @@ class Link:
         self.error: BaseException | None = None  # why the link broke, if it did
         self.closed = False
         self.eof = False
-        self.last_send = time.monotonic()
+        self.sends = 0  # frames sent so far (the heartbeat pings links that send nothing)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("broken" if self.error else "open")
@@ -135,7 +143,7 @@ class Link:
         piece): the hot path of ``reval`` and of small ``psend`` values, one ``send`` call."""
         with self._send_lock:
             if not self._backlog and not self.tls and self.error is None and not self.closed:
-                self.last_send = time.monotonic()
+                self.sends += 1
                 try:
                     n = self._sock.send(frame, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
@@ -150,7 +158,7 @@ class Link:
     def _send_locked(self, pieces: list) -> None:
         """Writes or queues ``pieces`` (``_send_lock`` held)."""
         self._check_open()
-        self.last_send = time.monotonic()
+        self.sends += 1
         if not self._backlog:
             try:
                 pieces = self._send_now(pieces)
@@ -280,8 +288,11 @@ class Link:
 
     def take_frame(self) -> Frame | None:
         """The next whole frame already received, or None; never touches the socket."""
-        f = self._dec.next_frame()
-        if f is not None and (_DEBUG or not self.authenticated):
+        frames = self._dec.frames
+        if not frames:
+            return None
+        f = frames.popleft()
+        if _DEBUG or not self.authenticated:
             return self._check(f)
         return f
 

@@ -106,7 +106,7 @@ class Worker:
         # monitor thread may read it (for INTERRUPT), deferring other frames.
         self.reader_lock = threading.Lock()
         self.busy = False
-        self.busy_since = 0.0
+        self.commands = 0  # commands started so far (the monitor tells long-running ones)
         self.deferred: deque[Any] = deque()
         self._interrupt_requested = False
         self.running = False
@@ -277,7 +277,7 @@ class Worker:
                 self._interrupt_maps()
                 self._ack_interrupt()
                 continue
-            self.busy_since = time.monotonic()
+            self.commands += 1
             self.busy = True
             self.reader_lock.release()
             self.running = True  # SIGINT raises KeyboardInterrupt only while this is set
@@ -306,13 +306,18 @@ class Worker:
         the daemon sends on the control socket (exits when the daemon is gone)."""
         assert self.cmd is not None
         main = threading.main_thread().ident
+        seen, seen_at = -1, 0.0  # the command seen running, and since when
         while True:
             if select.select([self.ctl], [], [], 0.05)[0]:
                 try:
                     self._drain_ctl()
                 except (ConnectionClosed, OSError):
                     self._exit_now("the daemon has gone")
-            if not self.busy or time.monotonic() - self.busy_since < 0.05:
+            if not self.busy:
+                continue
+            if self.commands != seen:
+                seen, seen_at = self.commands, time.monotonic()
+            if time.monotonic() - seen_at < 0.05:
                 continue
             if not self.reader_lock.acquire(blocking=False):
                 continue

@@ -122,7 +122,7 @@ class FrameDecoder:
         self._mv = memoryview(self._scratch)
         self._start = 0  # first unread byte in scratch
         self._end = 0  # end of data in scratch
-        self._frames: deque[Frame] = deque()
+        self.frames: deque[Frame] = deque()  # whole frames not yet taken (``next_frame``)
         # state of the frame being decoded
         self._hdr: tuple[int, int, int, int] | None = None
         self._sizes: list[int] | None = None
@@ -173,7 +173,7 @@ class FrameDecoder:
             code, flags, nbuf, body_len = HEADER.unpack_from(self._scratch, start)
             if not nbuf and start + HEADER.size + body_len == end and HEADER.size + body_len <= self.max_frame:
                 if code not in self.skip:
-                    self._frames.append(Frame(code, flags, bytes(self._mv[start + HEADER.size : end])))
+                    self.frames.append(Frame(code, flags, bytes(self._mv[start + HEADER.size : end])))
                 self._start = end
                 return
         self._process()
@@ -190,11 +190,11 @@ class FrameDecoder:
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or ``None`` when more bytes are needed."""
-        return self._frames.popleft() if self._frames else None
+        return self.frames.popleft() if self.frames else None
 
     def has_frame(self) -> bool:
         """Whether ``next_frame()`` would return a frame."""
-        return bool(self._frames)
+        return bool(self.frames)
 
     def mid_frame(self) -> bool:
         """Whether part of a frame has been received (EOF now would cut it)."""
@@ -216,7 +216,7 @@ class FrameDecoder:
             if nbuf or end > self._end or HEADER.size + body_len > self.max_frame:
                 break
             if code not in self.skip:
-                self._frames.append(Frame(code, flags, bytes(sc[self._start + HEADER.size : end])))
+                self.frames.append(Frame(code, flags, bytes(sc[self._start + HEADER.size : end])))
             self._start = end
         while True:
             avail = self._end - self._start
@@ -258,7 +258,7 @@ class FrameDecoder:
                 code, flags, _, _ = self._hdr
                 body = self._parts[0]
                 if code not in self.skip:
-                    self._frames.append(Frame(code, flags, body, self._parts[1:]))  # type: ignore[arg-type]
+                    self.frames.append(Frame(code, flags, body, self._parts[1:]))  # type: ignore[arg-type]
                 self._hdr = self._sizes = None
                 self._parts = []
                 continue
