@@ -81,6 +81,7 @@ from parnet import (
 from parnet import handshake as hs
 from parnet.auth import pairkeys, srp
 from parnet.auth.tls import cert_binding, client_context, ensure_server_identity
+from parnet.constants import PROTOCOL_VERSION
 from parnet.server.daemon import default_log_file, pid_file_path
 from parnet.server.launch import start_background
 from parnet.wire import messages as msg
@@ -332,7 +333,8 @@ def test_bad_preamble_fields_refused(server: Cluster) -> None:
     """Wrong protocol version, unknown kind, a preamble on the wrong port: clear refusals."""
     tls = server.tls
     cases = [
-        (hs.KIND_CMD, preamble(tls=tls, version=2), "protocol version mismatch: server speaks 1, client 2"),
+        (hs.KIND_CMD, preamble(tls=tls, version=PROTOCOL_VERSION + 1),
+         f"protocol version mismatch: server speaks {PROTOCOL_VERSION}, client {PROTOCOL_VERSION + 1}"),
         (hs.KIND_DATA, preamble(hs.KIND_DATA, tls=tls, version=0xFFFF), "protocol version mismatch"),
         (hs.KIND_CMD, preamble(3, tls=tls), "bad connection kind 3"),
         (hs.KIND_CMD, preamble(hs.KIND_DATA, tls=tls), "wrong port"),

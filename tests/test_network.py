@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import wait_until
+from helpers import Cluster, wait_until
 from parnet import (
     ConnectionClosed,
     Connections,
@@ -118,6 +118,41 @@ def test_error_raised_in_waiting_precv(conns: Connections) -> None:
         precv(conns[1], timeout=30)
     assert ei.value.exc_type == "ZeroDivisionError"
     assert time.monotonic() - t < 20
+
+
+def test_error_raised_in_precv_waiting_without_timeout(conns: Connections) -> None:
+    """Without a timeout a plain precv waits on the data link alone; the failure still ends it
+    (the worker's NOTICE on the data link wakes it)."""
+    reval("import time; time.sleep(0.3); 1/0", conns[1])
+    with pytest.raises(RemoteError) as ei:
+        precv(conns[1])
+    assert ei.value.exc_type == "ZeroDivisionError"
+    reval("psend('after', sockets[0])", conns[1])
+    assert precv(conns[1]) == "after"
+
+
+def test_error_right_after_a_value_is_not_missed(conns: Connections) -> None:
+    """The value and the NOTICE of the failure after it may arrive in one read: the next
+    precv must still raise, not wait for a value that never comes."""
+    for _ in range(20):
+        reval("psend(1, sockets[0]); 1/0", conns[1])
+        got = []
+        for _ in range(2):  # the value and the error, in either order (the error may come first)
+            try:
+                got.append(precv(conns[1]))
+            except RemoteError as e:
+                got.append(e.exc_type)
+        assert sorted(got, key=str) == [1, "ZeroDivisionError"]
+
+
+def test_output_printed_while_precv_waits_without_timeout(cluster: Cluster, capfd: pytest.CaptureFixture[str]) -> None:
+    c = cluster.connect(forward_output=True)
+    try:
+        reval("print('tok-while-waiting', flush=True); import time; time.sleep(0.5); psend(2, sockets[0])", c[1])
+        assert precv(c[1]) == 2
+        assert "tok-while-waiting" in capfd.readouterr().err  # printed during the wait
+    finally:
+        sclose(c)
 
 
 def test_error_raised_by_next_reval(conns: Connections) -> None:

@@ -11,7 +11,7 @@ DATA_PORT = 12501
 
 #: Plaintext preamble magic and protocol version; a mismatch is a clear ConnectError.
 MAGIC = b"PARNET"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: Largest frame accepted after authentication (bytes, all parts); PARNET_MAX_FRAME overrides.
 MAX_FRAME = int(os.environ.get("PARNET_MAX_FRAME", str(16 << 30)))

@@ -62,6 +62,7 @@ _IOV_MAX = 512
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _DEBUG = bool(os.environ.get("PARNET_DEBUG"))
+_DROPPED = frozenset((msg.PING, msg.NOTICE))  # handled on arrival, never returned
 
 
 def _remaining(deadline: float | None) -> int:
@@ -104,7 +105,8 @@ class Link:
         limits = (MAX_FRAME, 0xFFFF) if authenticated else (MAX_PREAUTH_FRAME, 0)
         self._dec = FrameDecoder(*limits, alloc=bufpool.alloc)  # large buffers: reused memory
         if authenticated:
-            self._dec.skip = frozenset((msg.PING,))  # heartbeats carry no message
+            self._dec.skip = _DROPPED
+        self._dec.note_code = msg.NOTICE
         self.error: BaseException | None = None  # why the link broke, if it did
         self.closed = False
         self.eof = False
@@ -122,7 +124,7 @@ class Link:
         """Authentication succeeded: accept pickled frames up to the configured size."""
         self.authenticated = True
         self._dec.set_limits(MAX_FRAME, 0xFFFF)
-        self._dec.skip = frozenset((msg.PING,))  # heartbeats carry no message
+        self._dec.skip = _DROPPED
 
     # -- sending ---------------------------------------------------------------------
     def send_frame(self, code: int, body: bytes = b"", buffers: list | tuple = (), flags: int = 0) -> None:
@@ -286,6 +288,12 @@ class Link:
         """Whether a whole frame is already received (``recv_frame`` will not wait)."""
         return self._dec.has_frame()
 
+    @property
+    def notice(self) -> int:
+        """The count in the latest NOTICE received (worker -> client data link): how many
+        ERROR/OUTPUT/SHUTDOWN frames the worker has sent on its command link."""
+        return self._dec.note
+
     def take_frame(self) -> Frame | None:
         """The next whole frame already received, or None; never touches the socket."""
         frames = self._dec.frames
@@ -296,15 +304,16 @@ class Link:
             return self._check(f)
         return f
 
-    def pull_frame(self) -> Frame | None:
+    def pull_frame(self, block: bool = False) -> Frame | None:
         """``pull`` then ``take_frame``: one read, for a caller that knows the socket is
-        readable; the next whole frame, or None if none is complete yet.
+        readable (or, with ``block`` on a plain link, that waits in ``recv``); the next whole
+        frame, or None if none is complete yet.
 
         Raises:
             ConnectionClosed: the peer closed the link and no whole frame is left.
         """
         try:
-            self._read_some()
+            self._read_some(block and not self.tls)
         except ConnectionClosed:
             if not self._dec.has_frame():
                 raise

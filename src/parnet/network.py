@@ -36,6 +36,7 @@ from .wire.framing import encode_small
 log = logging.getLogger(__name__)
 #: Bodies up to this size are sent as one pre-joined frame (``Link.send_encoded``).
 SMALL_BODY = 64 * 1024
+_TOLD = frozenset((msg.ERROR, msg.OUTPUT, msg.SHUTDOWN))  # counted by the worker's NOTICEs
 
 
 def _ms(deadline: float | None) -> int:
@@ -72,6 +73,7 @@ class Node:
         self.results: dict[int, Any] = {}  # rfeval results that came on the command link
         self.stash: deque[Any] = deque()  # VALUE frames read while looking for another kind
         self.interrupt_pending = False  # Ctrl-C sent, not yet acknowledged
+        self.told = 0  # ERROR/OUTPUT/SHUTDOWN frames read from the command link
         self.out_partial = b""  # forwarded output: the unfinished last line
         self.closed_reason: str = ""
         self._poller: select.poll | None = None
@@ -178,8 +180,15 @@ class Network:
 
     def _next_value_frame(self, k: int) -> Any:
         """The client's hot path of ``precv``: the next frame from ``k`` when it comes plainly
-        (nothing stashed, no pending error, no TLS, only the data link wakes us); None when the
-        general path (``_precv``) must decide."""
+        (nothing stashed, no pending error, no TLS); None when the general path (``_precv``)
+        must decide.
+
+        It waits in ``recv`` on the data link alone, not on the command link too: the
+        worker follows every ERROR, OUTPUT or SHUTDOWN frame on the command link with a
+        NOTICE on this data link carrying their count, and the wait starts only while every
+        announced frame has been read (``link.notice <= node.told``). A NOTICE wakes it; the
+        general path then reads the command link.
+        """
         if not 0 < k < len(self.nodes) or self.closed:
             return None
         node = self.nodes[k]
@@ -188,11 +197,10 @@ class Network:
             return None
         f = link.take_frame()
         if f is None:
-            events = node.poller().poll()
-            if len(events) != 1 or events[0][0] != link._fd:
+            if link.notice > node.told:
                 return None
             try:
-                f = link.pull_frame()
+                f = link.pull_frame(block=True)
             except ConnectionClosed:
                 return None
             if f is None:
@@ -347,6 +355,8 @@ class Network:
 
     def _on_cmd_frame(self, k: int, f: Any) -> None:
         node = self.nodes[k]
+        if f.code in _TOLD:
+            node.told += 1
         if f.code == msg.OUTPUT:
             self._print_output(node, bytes(f.body))
         elif f.code == msg.ERROR:

@@ -100,6 +100,8 @@ class Worker:
         self.ns: dict[str, Any] = {}
         self._code_cache: dict[str, Any] = {}
         self._reval_code: dict[bytes, Any] = {}  # command frame body -> compiled code
+        self._tell_lock = threading.RLock()  # RLock: SIGTERM's handler may tell while held
+        self._told = 0  # ERROR/OUTPUT/SHUTDOWN frames sent (announced by NOTICE frames)
         self.nlocaljobs = 0
         self.map_runner: Any = None
         # The main thread owns the command link except while a command runs: then the
@@ -244,10 +246,14 @@ class Worker:
         if not self.cfg.use_tls:
             return Link(sock, name=name, authenticated=True)
         sock.settimeout(max(0.01, deadline - time.monotonic()))
-        tls = self.cfg.server_ctx.wrap_socket(sock, server_side=True)
+        tls = self.cfg.server_ctx.wrap_socket(sock, server_side=True)  # takes over the fd
         link = Link(tls, name=name)
-        handshake.tags_responder(link, self.keys.get(pre.src), self.netid, pre.src, pre.dst,
-                                 self.cfg.cb, deadline)
+        try:
+            handshake.tags_responder(link, self.keys.get(pre.src), self.netid, pre.src, pre.dst,
+                                     self.cfg.cb, deadline)
+        except BaseException:
+            link.close()  # refused: closed now, not whenever the link is collected
+            raise
         return link
 
     # -- the command loop ------------------------------------------------------------
@@ -380,7 +386,7 @@ class Worker:
                 if not data:
                     return
                 try:
-                    self.cmd.send_frame(msg.OUTPUT, data)  # type: ignore[union-attr]
+                    self.tell_client(msg.OUTPUT, data)
                 except OSError:
                     return
 
@@ -389,7 +395,7 @@ class Worker:
     def notify_shutdown(self, reason: str) -> None:
         """Tells the client the server is stopping, then exits (SIGTERM from the daemon)."""
         with contextlib.suppress(Exception):
-            self.cmd.send_frame(msg.SHUTDOWN, serialize.dumps(reason)[0])  # type: ignore[union-attr]
+            self.tell_client(msg.SHUTDOWN, serialize.dumps(reason)[0])
             self.cmd.flush(2.0)  # type: ignore[union-attr]
         self._exit_now(reason)
 
@@ -499,11 +505,22 @@ class Worker:
         rep["req"] = req
         rep["interrupted"] = interrupted
         log.info("command failed: %s: %s", rep["type"], rep["message"][:200])
-        try:
-            assert self.cmd is not None
-            self.cmd.send_frame(msg.ERROR, serialize.dumps(rep)[0])
-        except (OSError, AssertionError):
-            pass
+        with contextlib.suppress(OSError):
+            self.tell_client(msg.ERROR, serialize.dumps(rep)[0])
+
+    def tell_client(self, code: int, body: bytes) -> None:
+        """Sends an ERROR, OUTPUT or SHUTDOWN frame on the command link, then a NOTICE with
+        the count of such frames on the data link to the client, which may be waiting on
+        that link alone (``Network._next_value_frame``)."""
+        with self._tell_lock:
+            if self.cmd is None:
+                return
+            self.cmd.send_frame(code, body)
+            self._told += 1
+            data = self.net.nodes[0].data if self.net is not None else None
+            if data is not None and data.usable:
+                with contextlib.suppress(OSError):
+                    data.send_frame(msg.NOTICE, self._told.to_bytes(8, "big"))
 
     def close(self) -> None:
         """Closes the network's links and stops the local pool."""

@@ -132,6 +132,9 @@ class FrameDecoder:
         self._direct = False
         self.broken: RemoteProtocolError | None = None
         self.skip: frozenset[int] = frozenset()  # codes dropped on arrival (heartbeats)
+        #: A dropped code whose body is a u64 count kept in ``note`` (the latest one).
+        self.note_code = -1
+        self.note = 0
 
     def set_limits(self, max_frame: int, max_buffers: int) -> None:
         """Changes the limits (after authentication); applies from the next frame header."""
@@ -174,6 +177,8 @@ class FrameDecoder:
             if not nbuf and start + HEADER.size + body_len == end and HEADER.size + body_len <= self.max_frame:
                 if code not in self.skip:
                     self.frames.append(Frame(code, flags, bytes(self._mv[start + HEADER.size : end])))
+                elif code == self.note_code and body_len == 8:
+                    self.note = int.from_bytes(self._mv[start + HEADER.size : end], "big")
                 self._start = end
                 return
         self._process()
@@ -217,6 +222,8 @@ class FrameDecoder:
                 break
             if code not in self.skip:
                 self.frames.append(Frame(code, flags, bytes(sc[self._start + HEADER.size : end])))
+            elif code == self.note_code and body_len == 8:
+                self.note = int.from_bytes(sc[self._start + HEADER.size : end], "big")
             self._start = end
         while True:
             avail = self._end - self._start
@@ -259,6 +266,8 @@ class FrameDecoder:
                 body = self._parts[0]
                 if code not in self.skip:
                     self.frames.append(Frame(code, flags, body, self._parts[1:]))  # type: ignore[arg-type]
+                elif code == self.note_code and len(body) == 8 and not self._parts[1:]:
+                    self.note = int.from_bytes(body, "big")
                 self._hdr = self._sizes = None
                 self._parts = []
                 continue

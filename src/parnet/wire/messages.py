@@ -22,6 +22,9 @@ Command link (client <-> worker), after authentication::
 Data link (any node <-> any node)::
 
     VALUE    one psend value (body + out-of-band buffers)
+    NOTICE   worker -> client: u64 count of ERROR/OUTPUT/SHUTDOWN frames sent so far on
+             the command link (dropped by the decoder; lets a client wait on the data link
+             alone: it looks at the command link when the count is ahead of what it read)
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ PING = 23
 PONG = 24
 INTERRUPT = 25  # client -> worker: interrupt; worker -> client: done
 SHUTDOWN = 26  # worker -> client: the server is shutting down (text)
+NOTICE = 27  # worker -> client, data link: command-link frames announced so far (u64)
 VALUE = 30
 
 NAMES = {v: k for k, v in dict(globals()).items() if k.isupper() and isinstance(v, int) and k != "FIRST_PICKLED"}
