@@ -476,6 +476,11 @@ class Link:
         return ConnectionClosed(f"in {self.name}: {e}")
 
     @property
+    def queued(self) -> bool:
+        """Whether frames wait for the writer thread (the peer is not reading)."""
+        return bool(self._backlog)
+
+    @property
     def usable(self) -> bool:
         """Open and not known to be broken."""
         return not self.closed and self.error is None and not self.eof

@@ -47,6 +47,8 @@ from ..wire import messages as msg
 from ..wire import serialize
 
 log = logging.getLogger("parnet.worker")
+#: Forwarded output is announced on the data link at most this often (seconds).
+NOTICE_EVERY = 0.05
 
 MAX_REPORT = 64 * 1024
 
@@ -102,6 +104,8 @@ class Worker:
         self._reval_code: dict[bytes, Any] = {}  # command frame body -> compiled code
         self._tell_lock = threading.RLock()  # RLock: SIGTERM's handler may tell while held
         self._told = 0  # ERROR/OUTPUT/SHUTDOWN frames sent (announced by NOTICE frames)
+        self._notice_owed = False  # frames sent since the last NOTICE
+        self._notice_at = 0.0  # when the last NOTICE went out
         self.nlocaljobs = 0
         self.map_runner: Any = None
         # The main thread owns the command link except while a command runs: then the
@@ -380,6 +384,9 @@ class Worker:
         def pump() -> None:
             while True:
                 try:
+                    if self._notice_owed and not select.select([r], [], [], NOTICE_EVERY)[0]:
+                        self.pay_notice(force=False)  # output has paused: announce what was sent
+                        continue
                     data = os.read(r, 65536)
                 except OSError:
                     return
@@ -511,16 +518,37 @@ class Worker:
     def tell_client(self, code: int, body: bytes) -> None:
         """Sends an ERROR, OUTPUT or SHUTDOWN frame on the command link, then a NOTICE with
         the count of such frames on the data link to the client, which may be waiting on
-        that link alone (``Network._next_value_frame``)."""
+        that link alone (``Network._next_value_frame``).
+
+        ERROR and SHUTDOWN are announced at once. OUTPUT at most every ``NOTICE_EVERY``
+        seconds, and only while the data link has nothing queued (a client that does not
+        read that link is not waiting on it): the output thread pays what is owed when
+        output pauses. So a server that prints a lot neither floods the data link nor
+        leaves a waiting client unwoken.
+        """
         with self._tell_lock:
             if self.cmd is None:
                 return
             self.cmd.send_frame(code, body)
             self._told += 1
+            self._notice_owed = True
+            if code != msg.OUTPUT or time.monotonic() - self._notice_at >= NOTICE_EVERY:
+                self.pay_notice(force=code != msg.OUTPUT)
+
+    def pay_notice(self, force: bool = True) -> None:
+        """Sends the NOTICE owed (see ``tell_client``); without ``force``, only if the data
+        link to the client has nothing queued."""
+        with self._tell_lock:
             data = self.net.nodes[0].data if self.net is not None else None
-            if data is not None and data.usable:
-                with contextlib.suppress(OSError):
-                    data.send_frame(msg.NOTICE, self._told.to_bytes(8, "big"))
+            if data is None or not data.usable:
+                self._notice_owed = False
+                return
+            if not force and data.queued:
+                return
+            with contextlib.suppress(OSError):
+                data.send_frame(msg.NOTICE, self._told.to_bytes(8, "big"))
+            self._notice_owed = False
+            self._notice_at = time.monotonic()
 
     def close(self) -> None:
         """Closes the network's links and stops the local pool."""
