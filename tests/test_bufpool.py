@@ -5,8 +5,10 @@ from __future__ import annotations
 import gc
 import pickle
 import threading
+from collections.abc import Callable
 
 import numpy as np
+import pytest
 
 from parnet import bufpool
 from parnet.bufpool import BufferPool
@@ -31,15 +33,20 @@ def test_memory_is_reused_only_after_the_value_is_gone() -> None:
     assert c.nbytes == 8 * MB and c.dtype == np.uint8 and c.flags.writeable
 
 
-def test_a_view_of_the_value_keeps_the_memory() -> None:
+@pytest.mark.parametrize("derive", [
+    lambda a: np.frombuffer(a, dtype=np.float64).reshape(-1, 2),  # what unpickling builds on it
+    lambda a: memoryview(a)[100:],
+    lambda a: a[10:20],
+], ids=["frombuffer", "memoryview", "slice"])
+def test_a_value_built_on_the_buffer_keeps_the_memory(derive: Callable[[np.ndarray], object]) -> None:
     p = BufferPool()
     a = p.take(8 * MB)
     first = _addr(a)
-    arr = np.frombuffer(a, dtype=np.float64).reshape(-1, 2)  # what unpickling builds on it
+    value = derive(a)
     del a
     other = p.take(8 * MB)
-    assert _addr(other) != first
-    del arr
+    assert _addr(other) != first  # the value is alive: its memory is not handed out again
+    del value
     assert _addr(p.take(8 * MB)) == first
 
 
@@ -75,18 +82,6 @@ def test_limits_on_blocks_kept() -> None:
     del blocks
     gc.collect()
     assert p.held() <= bufpool.MAX_BLOCKS * 5 * MB
-
-
-def test_a_memoryview_keeps_the_memory() -> None:
-    p = BufferPool()
-    a = p.take(8 * MB)
-    first = _addr(a)
-    mv = memoryview(a)[100:]
-    del a
-    other = p.take(8 * MB)
-    assert _addr(other) != first
-    del mv
-    assert _addr(p.take(8 * MB)) == first
 
 
 def test_return_from_another_thread() -> None:
