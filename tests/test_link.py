@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
+from helpers import wait_until
 from parnet.errors import ConnectionClosed, RemoteProtocolError
 from parnet.link import Link, wait_links
 from parnet.wire import messages as msg
@@ -408,6 +409,19 @@ def test_pre_auth_rejects_oversized_frames(raw_pair, data: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
         lk.recv_frame(deadline())
     assert lk.closed
+
+
+def test_heartbeat_read_with_the_last_handshake_message_is_dropped(raw_pair) -> None:
+    """A PING (or NOTICE) that arrives in the same read as the peer's last handshake frame
+    is decoded before authentication; it must not surface as a message afterwards."""
+    lk, raw = raw_pair(authenticated=False)
+    raw.sendall(frame_bytes(msg.AUTH, b"tag") + frame_bytes(msg.PING) + frame_bytes(msg.NOTICE, (3).to_bytes(8, "big"))
+                + frame_bytes(msg.PING))
+    assert bytes(lk.recv_frame(deadline()).body) == b"tag"
+    wait_until(lambda: lk.poll() and len(lk._dec.frames) == 3, 5, "the frames after the tag")
+    lk.mark_authenticated()
+    raw.sendall(frame_bytes(msg.VALUE, b"v"))
+    assert_frame(lk.recv_frame(deadline()), msg.VALUE, b"v", [])
 
 
 def test_mark_authenticated_lifts_the_limits(raw_pair) -> None:

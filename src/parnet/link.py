@@ -125,6 +125,13 @@ class Link:
         self.authenticated = True
         self._dec.set_limits(MAX_FRAME, 0xFFFF)
         self._dec.skip = _DROPPED
+        # A heartbeat may have come in the same read as the peer's last handshake message,
+        # before these codes were dropped on arrival: drop it now.
+        frames = self._dec.frames
+        for _ in range(len(frames)):
+            f = frames.popleft()
+            if f.code not in _DROPPED:
+                frames.append(f)
 
     # -- sending ---------------------------------------------------------------------
     def send_frame(self, code: int, body: bytes = b"", buffers: list | tuple = (), flags: int = 0) -> None:
