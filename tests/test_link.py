@@ -411,6 +411,36 @@ def test_pre_auth_rejects_oversized_frames(raw_pair, data: bytes) -> None:
     assert lk.closed
 
 
+def test_close_wakes_a_blocking_receive(raw_pair) -> None:
+    """A plain link waits in ``recv`` itself when there is no deadline; closing the link
+    from another thread ends that wait with ConnectionClosed naming the local close."""
+    lk, _raw = raw_pair()
+    got: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            lk.recv_frame()
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+            got.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    wait_until(lambda: _blocked_in_recv(t), 5, "the receiver to block")
+    lk.close()
+    t.join(5)
+    assert not t.is_alive()
+    assert isinstance(got[0], ConnectionClosed) and "link is closed" in str(got[0])
+
+
+def _blocked_in_recv(t: threading.Thread) -> bool:
+    """Whether thread ``t`` waits in a system call (its kernel state is sleeping)."""
+    try:
+        with open(f"/proc/self/task/{t.native_id}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "S"
+    except (OSError, TypeError):
+        return False
+
+
 def test_heartbeat_read_with_the_last_handshake_message_is_dropped(raw_pair) -> None:
     """A PING (or NOTICE) that arrives in the same read as the peer's last handshake frame
     is decoded before authentication; it must not surface as a message afterwards."""

@@ -421,6 +421,8 @@ class Link:
             raise err from e
         if n == 0:
             self.eof = True
+            if self.closed:  # closed here while a blocking read waited (shutdown woke it)
+                raise ConnectionClosed(f"in {self.name}: link is closed")
             raise self._eof_error()
         try:
             self._dec.commit(n)
