@@ -9,8 +9,10 @@ thread (see ``link``): no reader threads.
 Remote errors (client only): the worker reports a failed command as an ``ERROR`` frame on
 its command link. The client picks such frames up whenever it touches that server
 (``reval``, ``precv``, ``select_sockets``, ``rfeval``): ``raise_errors`` turns the first
-pending report into ``RemoteError``. A ``precv`` waiting on a server also waits on that
-server's command link, so a failure there ends the wait at once.
+pending report into ``RemoteError``. A ``precv`` waiting on a server also learns of a
+failure there at once: with a timeout it waits on both links; without one it waits on the
+data link alone, where the worker announces every ERROR/OUTPUT/SHUTDOWN frame it sends on
+the command link with a NOTICE (``_next_value_frame``).
 """
 
 from __future__ import annotations

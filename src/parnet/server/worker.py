@@ -10,9 +10,13 @@ Life of a worker (forked by the daemon, which already read the connection's prea
     loop: run commands in order in one persistent namespace; report failures as ERROR
     CLOSE or the client gone: close links, stop the local pool, exit
 
-The command loop runs in the main thread and reads the command link itself. A watchdog
-thread waits (in the kernel, no polling) for the client's side of the command connection
-to hang up, so a client killed while a command runs still ends its worker at once.
+The command loop runs in the main thread and waits on the command link alone (one blocking
+``recv`` on a plain link). A monitor thread takes what the daemon sends on the control
+socket and, while a command has run for 50 ms or more, reads the command link for
+INTERRUPT. A watchdog thread waits (in the kernel, no polling) for the client's side of the
+command connection to hang up, so a client killed while a command runs still ends its
+worker at once. ERROR, OUTPUT and SHUTDOWN frames go out through ``tell_client``, which
+announces them on the data link to the client (NOTICE).
 """
 
 from __future__ import annotations
