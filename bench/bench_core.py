@@ -314,6 +314,21 @@ def pick_ports(addrs: Sequence[str] = SERVER_ADDRS, rng: Any = random) -> int:
     raise RuntimeError("no free port pair found")
 
 
+def proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, session id, state) of every process, from /proc/*/stat."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(d)] = (int(fields[1]), int(fields[3]), fields[0])
+    return out
+
+
 def children_of(pid: int) -> list[int]:
     """Child pids of ``pid``: from /proc/<pid>/task/*/children, else by scanning /proc/*/stat."""
     kids: set[int] = set()
@@ -324,17 +339,7 @@ def children_of(pid: int) -> list[int]:
         return sorted(kids)
     except OSError:
         pass
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.add(int(d))
-    return sorted(kids)
+    return sorted(p for p, (ppid, _, _) in proc_table().items() if ppid == pid)
 
 
 def mem_kb(pid: int, key: str) -> int | None:

@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import git_state, loadavg, pick_ports  # noqa: E402
+from bench_core import git_state, loadavg, pick_ports, proc_table  # noqa: E402
 
 MB = 1 << 20
 try:
@@ -165,23 +165,8 @@ def medium_expected(x: int) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# /proc helpers
+# /proc helpers (proc_table comes from bench_core)
 # --------------------------------------------------------------------------------------
-def proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, session id, state) of every process."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(d)] = (int(fields[1]), int(fields[3]), fields[0])
-    return out
-
-
 def descendants(pid: int, table: dict[int, tuple[int, int, str]] | None = None) -> set[int]:
     """Every live (non-zombie) process below ``pid``, by parent pid."""
     table = proc_table() if table is None else table
