@@ -36,7 +36,7 @@ __all__ = [
     "ParnetError", "ProtocolError", "RemoteError", "fload", "fsave", "install_vars",
     "netarrayfun", "netcellfun", "network_get_info", "network_set", "parallel_generate_srp_data",
     "pararrayfun", "parcellfun", "pconnect", "precv", "pserver", "psend", "reval", "rfeval",
-    "sclose", "select", "select_sockets",
+    "sclose", "select", "select_sockets", "up", "down", "status",
 ]
 
 _LAZY = {
@@ -46,6 +46,9 @@ _LAZY = {
     "parcellfun": ("parnet.maps.localmap", "parcellfun"),
     "pararrayfun": ("parnet.maps.localmap", "pararrayfun"),
     "fsave": ("parnet.helpers", "fsave"),
+    "up": ("parnet.deploy", "up"),
+    "down": ("parnet.deploy", "down"),
+    "status": ("parnet.deploy", "status"),
     "fload": ("parnet.helpers", "fload"),
     "select": ("parnet.helpers", "select"),
 }

@@ -1,4 +1,4 @@
-"""The ``parnet`` command: ``server``, ``keygen`` and ``demo``."""
+"""The ``parnet`` command: ``server``, ``keygen``, ``demo``, and ``up``/``down``/``status`` over ssh."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _server(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``parnet`` console script."""
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: parnet {server,keygen,demo} [options]   (parnet CMD --help for each)"
+    usage = "usage: parnet {server,keygen,demo,up,down,status} [options]   (parnet CMD --help for each)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         from .auth.keyfile import keygen_main
 
         return keygen_main(rest)
+    if cmd in ("up", "down", "status"):
+        from .deploy import main as deploy_main
+
+        return deploy_main(cmd, rest)
     if cmd == "demo":
         from .demo import main as demo_main
 
