@@ -19,10 +19,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from parnet import handshake
 from parnet.auth import srp
 from parnet.auth.tls import cert_binding, client_context, server_context
 from parnet.constants import MAGIC, PROTOCOL_VERSION
+from parnet.transport import handshake
 from parnet.wire import messages as msg
 from parnet.wire.framing import HEADER, Frame, FrameDecoder, frame_bytes
 

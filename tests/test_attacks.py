@@ -78,12 +78,12 @@ from parnet import (
     rfeval,
     sclose,
 )
-from parnet import handshake as hs
 from parnet.auth import pairkeys, srp
 from parnet.auth.tls import cert_binding, client_context, ensure_server_identity
 from parnet.constants import PROTOCOL_VERSION
 from parnet.server.daemon import default_log_file, pid_file_path
 from parnet.server.launch import start_background
+from parnet.transport import handshake as hs
 from parnet.wire import messages as msg
 from parnet.wire import serialize
 from parnet.wire.framing import LENGTH, FrameDecoder, frame_bytes

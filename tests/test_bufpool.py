@@ -10,8 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from parnet import bufpool
-from parnet.bufpool import BufferPool
+from parnet.transport import bufpool
+from parnet.transport.bufpool import BufferPool
 from parnet.wire.framing import FrameDecoder, encode_frame
 
 MB = 1 << 20

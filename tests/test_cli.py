@@ -56,14 +56,14 @@ def test_pconnect_user_prompts_for_password(monkeypatch) -> None:
             asked.append(prompt)
             return PASSWORD
 
-        monkeypatch.setattr("parnet.client.getpass.getpass", fake_getpass)
+        monkeypatch.setattr("parnet.client.api.getpass.getpass", fake_getpass)
         c = cl.connect(user=USER, password_file="/nonexistent/file")
         try:
             assert rfeval(lambda: 5, connection=c[1]) == 5
         finally:
             sclose(c)
         assert asked and USER in asked[0]
-        monkeypatch.setattr("parnet.client.getpass.getpass", lambda prompt="": "wrong password!")
+        monkeypatch.setattr("parnet.client.api.getpass.getpass", lambda prompt="": "wrong password!")
         with pytest.raises(AuthenticationError):
             cl.connect(user=USER)
     finally:

@@ -34,10 +34,11 @@ from helpers import (
     stop_pid,
     wait_until,
 )
-from parnet import ConnectError, ParnetError, handshake, pconnect, precv, pserver, reval, sclose
+from parnet import ConnectError, ParnetError, pconnect, precv, pserver, reval, sclose
 from parnet.constants import MAGIC, PROTOCOL_VERSION
 from parnet.errors import ConfigError
 from parnet.server.daemon import pid_file_path, runtime_dir
+from parnet.transport import handshake
 
 _SCRIPT = Path(sys.executable).with_name("parnet")
 PARNET = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "parnet"]

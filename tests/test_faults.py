@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import parnet.client
+import parnet.client.api
 from fault_tools import (
     Baseline,
     ClientProc,
@@ -70,8 +70,8 @@ from parnet import (
     rfeval,
     sclose,
 )
-from parnet import handshake as hs
 from parnet.constants import MAGIC, PROTOCOL_VERSION
+from parnet.transport import handshake as hs
 
 
 def _tls_available() -> bool:
@@ -886,8 +886,8 @@ def test_output_forwarding(forward: bool, shared: Callable[[bool], Cluster],
 def test_version_difference_warns(shared: Callable[[bool], Cluster], monkeypatch: pytest.MonkeyPatch) -> None:
     cl = shared(TLS)
     base = Baseline(cl)
-    real = parnet.client.versions
-    monkeypatch.setattr(parnet.client, "versions", lambda: {**real(), "python": "2.7.18"})
+    real = parnet.client.api.versions
+    monkeypatch.setattr(parnet.client.api, "versions", lambda: {**real(), "python": "2.7.18"})
     with pytest.warns(RuntimeWarning) as rec:
         c = cl.connect(heartbeat=HB)
     try:
@@ -957,7 +957,7 @@ def test_unreachable_mesh_pair(tls: bool, reaper: list[int]) -> None:
         timeout = 5.0
         t = time.monotonic()
         with pytest.raises(ConnectError) as ei:
-            parnet.client.pconnect([a_host, b_host], use_tls=tls, timeout=timeout, heartbeat=HB)
+            parnet.client.api.pconnect([a_host, b_host], use_tls=tls, timeout=timeout, heartbeat=HB)
         took = time.monotonic() - t
         msg = str(ei.value)
         assert took < timeout + 1, f"{took:.1f} s"

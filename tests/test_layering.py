@@ -1,9 +1,15 @@
-"""The pure layers stay pure: no sockets, TLS or threads under wire/, in auth/srp.py, auth/pairkeys.py.
+"""The layering rules of ARCHITECTURE.md, checked on the source with ``ast`` (nothing is imported).
 
-Checked on the source with ``ast`` (nothing is imported), following imports of other parnet
-modules so that a pure module cannot reach ``socket`` through, say, ``parnet.link``. Imports
-under ``if TYPE_CHECKING:`` do not run and are ignored; package ``__init__`` files are not
-followed (``parnet/__init__.py`` re-exports everything).
+- The pure layers stay pure: no sockets, TLS or threads under ``wire/``, in ``auth/srp.py``,
+  ``auth/pairkeys.py`` and ``auth/sb64.py``, following imports of other parnet modules so that
+  a pure module cannot reach ``socket`` through, say, ``parnet.transport.link``.
+- No import cycle anywhere in ``src/parnet``, counting imports inside functions.
+- ``client`` and ``server`` never import each other.
+- No module imports another module's ``_private`` names.
+
+Imports under ``if TYPE_CHECKING:`` do not run and are ignored. Package ``__init__`` files
+are not followed by the purity check (``parnet/__init__.py`` re-exports everything), and the
+implicit import of a module's parent packages is not counted as an edge.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ FORBIDDEN = {"socket", "ssl", "threading"}
 
 def pure_modules() -> list[Path]:
     paths = sorted((PKG / "wire").glob("*.py"))
-    paths += [PKG / "auth" / "srp.py", PKG / "auth" / "pairkeys.py"]
+    paths += [PKG / "auth" / "srp.py", PKG / "auth" / "pairkeys.py", PKG / "auth" / "sb64.py"]
     return paths
 
 
@@ -107,12 +113,89 @@ def forbidden_reach(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("path", pure_modules(), ids=lambda p: str(p.relative_to(PKG)))
 def test_pure_module_uses_no_sockets_tls_or_threads(path: Path) -> None:
-    if not path.exists():
-        pytest.skip(f"{path.relative_to(SRC)} does not exist yet")
+    assert path.exists(), f"{path.relative_to(SRC)} is listed as pure but does not exist"
     assert forbidden_reach(path) == []
 
 
 def test_the_checker_sees_forbidden_imports() -> None:
     """The check itself works: link.py, which must use sockets, is caught."""
-    chains = forbidden_reach(PKG / "link.py")
+    chains = forbidden_reach(PKG / "transport" / "link.py")
     assert {c.rsplit(" -> ", 1)[1] for c in chains} >= {"socket", "ssl", "threading"}
+
+
+def all_modules() -> list[Path]:
+    return sorted(PKG.rglob("*.py"))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """parnet module -> the parnet modules it imports explicitly (anywhere in the file)."""
+    graph: dict[str, set[str]] = {}
+    for path in all_modules():
+        deps = set()
+        for name in imports(path):
+            sub = module_path(name)
+            if sub is not None:
+                deps.add(module_name(sub))
+        deps.discard(module_name(path))
+        graph[module_name(path)] = deps
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a list of module names, or None."""
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                return [*stack[stack.index(d):], d]
+            if d not in state and (c := visit(d)):
+                return c
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (c := visit(m)):
+            return c
+    return None
+
+
+def test_no_import_cycles() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize(("side", "other"), [("client", "server"), ("server", "client")])
+def test_client_and_server_never_import_each_other(side: str, other: str) -> None:
+    graph = import_graph()
+    bad = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if m.startswith(f"parnet.{side}")
+        for d in deps
+        if d.startswith(f"parnet.{other}")
+    )
+    assert bad == []
+
+
+def test_no_module_imports_private_names_of_another() -> None:
+    bad = []
+    for path in all_modules():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("parnet")):
+                bad += [
+                    f"{module_name(path)}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+    assert bad == []

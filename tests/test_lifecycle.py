@@ -409,7 +409,7 @@ def test_background_pump_never_reads_a_link_a_call_is_using(idle: Cluster) -> No
     """The heartbeat thread reads command links (forwarded output, errors) only while no call
     uses them: a link's poll object is never used by two threads at once (it raises
     'RuntimeError: concurrent poll() invocation')."""
-    from parnet import heartbeat
+    from parnet.transport import heartbeat
 
     mon = heartbeat.monitor()
     interval = mon.interval

@@ -19,7 +19,7 @@ import pytest
 
 from helpers import wait_until
 from parnet.errors import ConnectionClosed, RemoteProtocolError
-from parnet.link import Link, wait_links
+from parnet.transport.link import Link, wait_links
 from parnet.wire import messages as msg
 from parnet.wire.framing import HEADER, LENGTH, Frame, frame_bytes
 

@@ -15,7 +15,6 @@ from .client import (
     network_get_info,
     network_set,
     pconnect,
-    pserver,
     reval,
     rfeval,
     sclose,
@@ -40,9 +39,10 @@ __all__ = [
 ]
 
 _LAZY = {
+    "pserver": ("parnet.server.launch", "pserver"),
     "parallel_generate_srp_data": ("parnet.auth.keyfile", "parallel_generate_srp_data"),
-    "netcellfun": ("parnet.maps.netmap", "netcellfun"),
-    "netarrayfun": ("parnet.maps.netmap", "netarrayfun"),
+    "netcellfun": ("parnet.client.netmap", "netcellfun"),
+    "netarrayfun": ("parnet.client.netmap", "netarrayfun"),
     "parcellfun": ("parnet.maps.localmap", "parcellfun"),
     "pararrayfun": ("parnet.maps.localmap", "pararrayfun"),
     "fsave": ("parnet.helpers", "fsave"),

@@ -17,6 +17,7 @@ the command link with a NOTICE (``_next_value_frame``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import select
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConnectionClosed, ProtocolError, RemoteError
-from .link import Link, wait_links
+from .transport.link import Link, wait_links
 from .wire import messages as msg
 from .wire import serialize
 from .wire.framing import encode_small
@@ -412,9 +413,7 @@ class Network:
         ks = [k for k in idxs if k != self.self_index and self.nodes[k].open]
         if any(self.nodes[k].interrupt_pending for k in ks):
             log.warning("second interrupt: closing the network")
-            from .client import sclose
-
-            sclose(Connections(self, [0]))
+            self.shutdown()
             return
         for k in ks:
             node = self.nodes[k]
@@ -466,6 +465,24 @@ class Network:
             why = node.closed_reason or "closed"
             raise ConnectionClosed(f"{self.name(k)} is not open: {why}")
         return node.data
+
+    def shutdown(self) -> None:
+        """Closes the whole network (``sclose``): at the client, first tells every worker to
+        exit (CLOSE) after printing what the servers said. Idempotent."""
+        if self.closed:
+            return
+        if self.is_client:
+            with contextlib.suppress(Exception):
+                for node in self.nodes[1:]:
+                    self.pump_cmd(node.index)  # print what the servers said before closing
+            for node in self.nodes[1:]:
+                if node.cmd is not None and node.cmd.usable:
+                    try:
+                        node.cmd.send_frame(msg.CLOSE)
+                        node.cmd.flush(1.0)
+                    except OSError:
+                        pass
+        self.close()
 
     def close(self) -> None:
         """Closes every link of this node. Idempotent."""
@@ -572,15 +589,13 @@ class Connections:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from .client import sclose
-
-        sclose(self)
+        self._net.shutdown()
 
     def __reduce__(self) -> Any:
         raise TypeError("Connections cannot be sent to another machine; use `sockets` there")
 
 
-def _single(conns: Connections, what: str) -> int:
+def single_index(conns: Connections, what: str) -> int:
     if not isinstance(conns, Connections):
         raise TypeError(f"{what}: expected a Connections object, got {type(conns).__name__}")
     if len(conns) != 1:
@@ -613,7 +628,7 @@ def precv(single_connection: Connections, timeout: float | None = None) -> Any:
     """
     if type(single_connection) is Connections and len(single_connection._idx) == 1:  # the hot path
         return single_connection._net.precv(single_connection._idx[0], timeout)
-    k = _single(single_connection, "precv")
+    k = single_index(single_connection, "precv")
     return single_connection.network.precv(k, timeout)
 
 

@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import handshake
 from ..constants import (
     AUTH_DEADLINE,
     CMD_PORT,
@@ -44,6 +43,7 @@ from ..constants import (
     PROTOCOL_VERSION,
 )
 from ..errors import ConfigError, ParnetError
+from ..transport import handshake
 from .worker import ServerConfig, run_worker
 
 log = logging.getLogger("parnet.daemon")

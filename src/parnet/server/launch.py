@@ -10,7 +10,7 @@ import sys
 import time
 
 from ..errors import ParnetError
-from .daemon import default_log_file, effective_bind
+from .daemon import default_log_file, effective_bind, kill_server
 
 
 def server_argv(*, use_tls: bool = True, auth_file: str | None = None, cmd_port: int = 12502,
@@ -101,3 +101,21 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + 5
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+def pserver(*args: str, use_tls: bool = True, auth_file: str | None = None, cmd_port: int = 12502,
+            data_port: int = 12501, bind: str | None = None, allow_root: bool = False) -> None:
+    """Starts a server daemon in the background (returns once it listens), or, called as
+    ``pserver("kill")``, stops the server that matches ``bind``/``cmd_port``.
+
+    Raises:
+        ParnetError: it could not start (the daemon's own message: port in use, no auth data,
+            running as root without ``allow_root``), or there is no server to kill.
+    """
+    if args:
+        if args != ("kill",):
+            raise ValueError(f"pserver: unknown arguments {args!r} (only 'kill')")
+        kill_server(cmd_port, bind)
+        return
+    start_background(use_tls=use_tls, auth_file=auth_file, cmd_port=cmd_port, data_port=data_port,
+                     bind=bind, allow_root=allow_root)

@@ -41,14 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from .. import handshake
-from ..constants import AUTH_DEADLINE, PROTOCOL_VERSION, __version__
+from ..constants import AUTH_DEADLINE, PROTOCOL_VERSION
 from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
-from ..heartbeat import DEFAULT_TIMEOUT, monitor
-from ..link import Link
 from ..network import Connections, Network, precv, psend, select_sockets
+from ..transport import handshake
+from ..transport.heartbeat import DEFAULT_TIMEOUT, monitor
+from ..transport.link import Link
 from ..wire import messages as msg
 from ..wire import serialize
+from ..wire.messages import versions
 
 log = logging.getLogger("parnet.worker")
 #: Forwarded output is announced on the data link at most this often (seconds).
@@ -504,7 +505,7 @@ class Worker:
 
     def _map(self, payload: Any) -> None:
         if self.map_runner is None:
-            from ..maps.netmap import WorkerMapRunner
+            from .maprunner import WorkerMapRunner
 
             self.map_runner = WorkerMapRunner(self)
         self.map_runner.run(payload)
@@ -567,14 +568,6 @@ class Worker:
         if self.cmd is not None:
             self.cmd.flush(1.0)
             self.cmd.close()
-
-
-def versions() -> dict[str, str]:
-    """Versions that matter for exchanging pickles and code between nodes."""
-    import cloudpickle
-
-    return {"parnet": __version__, "python": sys.version.split()[0],
-            "cloudpickle": cloudpickle.__version__, "numpy": np.__version__}
 
 
 def _watch_client(fd: int, on_gone: Any) -> None:

@@ -56,3 +56,17 @@ NOTICE = 27  # worker -> client, data link: command-link frames announced so far
 VALUE = 30
 
 NAMES = {v: k for k, v in dict(globals()).items() if k.isupper() and isinstance(v, int) and k != "FIRST_PICKLED"}
+
+
+def versions() -> dict[str, str]:
+    """Versions that matter for exchanging pickles and code between nodes (sent in SETUP
+    and READY; a difference gives a warning at the client)."""
+    import sys
+
+    import cloudpickle
+    import numpy as np
+
+    from ..constants import __version__
+
+    return {"parnet": __version__, "python": sys.version.split()[0],
+            "cloudpickle": cloudpickle.__version__, "numpy": np.__version__}

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from .wire.framing import alloc_buffer
+from ..wire.framing import alloc_buffer
 
 #: Receives of at least this size take their memory from the pool.
 POOL_MIN = 4 << 20

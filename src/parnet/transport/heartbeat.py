@@ -25,8 +25,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from ..wire import messages as msg
 from . import bufpool
-from .wire import messages as msg
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .constants import MAGIC, PROTOCOL_VERSION
-from .errors import AuthenticationError, ConnectError, ConnectionClosed, ProtocolError
+from ..constants import MAGIC, PROTOCOL_VERSION
+from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ProtocolError
+from ..wire import messages as msg
 from .link import Link
-from .wire import messages as msg
 
 PREAMBLE = struct.Struct("!6sHBB16sHH2x")
 REPLY = struct.Struct("!6sHBHH")  # magic, version, status, data port, reason length
@@ -169,7 +169,7 @@ def srp_client(link: Link, username: str, password: str, cb: bytes, use_tls: boo
         AuthenticationError: wrong password, unknown user, or the server's proof failed
             (a man in the middle); nothing more is sent then.
     """
-    from .auth.srp import SrpClient
+    from ..auth.srp import SrpClient
 
     c = SrpClient(username, password, cb=cb, role="cmd", options=options_bytes(use_tls))
     link.send_frame(msg.AUTH, c.hello())
@@ -189,7 +189,7 @@ def srp_server(link: Link, lookup, fake_secret: bytes, cb: bytes, use_tls: bool,
     Raises:
         AuthenticationError: the client's proof failed (after telling it, generically).
     """
-    from .auth.srp import SrpServer
+    from ..auth.srp import SrpServer
 
     s = SrpServer(lookup, fake_secret=fake_secret, cb=cb, role="cmd", options=options_bytes(use_tls))
     link.send_frame(msg.AUTH, s.challenge(_expect_auth(link, deadline, server_side=True)))
@@ -208,7 +208,7 @@ def srp_server(link: Link, lookup, fake_secret: bytes, cb: bytes, use_tls: bool,
 # -- data links: pairwise-key tags -----------------------------------------------------
 def tags_initiator(link: Link, key: bytes, netid: bytes, i: int, j: int, cb: bytes, deadline: float) -> None:
     """Data link from node ``i`` (this side, the TLS client) to ``j``: prove, then check."""
-    from .auth import pairkeys
+    from ..auth import pairkeys
 
     n_resp = _expect_auth(link, deadline)
     if len(n_resp) != pairkeys.NONCE_SIZE:
@@ -227,7 +227,7 @@ def tags_responder(link: Link, key: bytes | None, netid: bytes, i: int, j: int, 
 
     ``key`` None (no such pair in this network) fails the same way as a wrong tag.
     """
-    from .auth import pairkeys
+    from ..auth import pairkeys
 
     n_resp = secrets.token_bytes(pairkeys.NONCE_SIZE)
     link.send_frame(msg.AUTH, n_resp)

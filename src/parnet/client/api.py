@@ -14,7 +14,6 @@ Any failure closes everything opened so far and raises ``ConnectError`` naming t
 from __future__ import annotations
 
 import atexit
-import contextlib
 import getpass
 import ipaddress
 import itertools
@@ -29,16 +28,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import handshake
-from .constants import CMD_PORT, PROTOCOL_VERSION
-from .errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
-from .heartbeat import DEFAULT_TIMEOUT, monitor
-from .link import Link, wait_links
-from .network import Connections, Network, NodeInfo, _single
-from .server.worker import versions
-from .wire import messages as msg
-from .wire import serialize
-from .wire.framing import encode_small
+from ..constants import CMD_PORT, PROTOCOL_VERSION
+from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
+from ..network import Connections, Network, NodeInfo, single_index
+from ..transport import handshake
+from ..transport.heartbeat import DEFAULT_TIMEOUT, monitor
+from ..transport.link import Link, wait_links
+from ..wire import messages as msg
+from ..wire import serialize
+from ..wire.framing import encode_small
+from ..wire.messages import versions
 
 _open_networks: weakref.WeakSet[Network] = weakref.WeakSet()
 _req_ids = itertools.count(1)
@@ -84,7 +83,7 @@ def _check_hosts(hosts: Sequence[str]) -> list[tuple[str, int]]:
 def _credentials(password_file: str | None, user: str | None) -> tuple[str, str]:
     if user is not None:
         return user, getpass.getpass(f"parnet password for {user}: ")
-    from .auth.keyfile import read_client_password
+    from ..auth.keyfile import read_client_password
 
     return read_client_password(password_file)
 
@@ -120,8 +119,8 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
     ctx = None
     master = None
     if use_tls:
-        from .auth.pairkeys import new_master_secret
-        from .auth.tls import client_context
+        from ..auth.pairkeys import new_master_secret
+        from ..auth.tls import client_context
 
         username, password = _credentials(password_file, user)
         ctx = client_context()
@@ -139,7 +138,7 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
             link = Link(sock, name=f"{names[k - 1]} (node {k}, command)", authenticated=not use_tls)
             try:
                 if use_tls:
-                    from .auth.tls import cert_binding
+                    from ..auth.tls import cert_binding
 
                     cb = cert_binding(sock.getpeercert(binary_form=True))
                     handshake.srp_client(link, username, password, cb, True, deadline)
@@ -159,7 +158,7 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
         for k in range(1, n + 1):
             keys = {}
             if master is not None:
-                from .auth.pairkeys import pair_key
+                from ..auth.pairkeys import pair_key
 
                 keys = {j: pair_key(master, netid, k, j) for j in range(n + 1) if j != k}
             setup = {"node": k, "hosts": names, "data_addrs": data_addrs, "cwd": os.getcwd(),
@@ -173,8 +172,8 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
             sock, _ = handshake.open_channel(host, dport, pre, deadline=deadline, ctx=ctx)
             link = Link(sock, name=f"{names[k - 1]} (node {k})", authenticated=not use_tls)
             if use_tls:
-                from .auth.pairkeys import pair_key
-                from .auth.tls import cert_binding
+                from ..auth.pairkeys import pair_key
+                from ..auth.tls import cert_binding
 
                 cb = cert_binding(sock.getpeercert(binary_form=True))
                 handshake.tags_initiator(link, pair_key(master, netid, 0, k), netid, 0, k, cb, deadline)  # type: ignore[arg-type]
@@ -264,7 +263,10 @@ def _start_background_pump(mon: Any) -> None:
 
     def pump_all() -> None:
         for net in list(_open_networks):
-            net.background_pump()
+            if net.closed:
+                _open_networks.discard(net)
+            else:
+                net.background_pump()
 
     mon.add_task(pump_all)
 
@@ -272,7 +274,7 @@ def _start_background_pump(mon: Any) -> None:
 _reval_frames: dict[str, bytes] = {}  # encoded REVAL frames of recent command strings
 
 
-def _servers(connections: Connections, what: str) -> tuple[Network, list[int]]:
+def servers_of(connections: Connections, what: str) -> tuple[Network, list[int]]:
     if not isinstance(connections, Connections):
         raise TypeError(f"{what}: expected a Connections object, got {type(connections).__name__}")
     net = connections.network
@@ -318,7 +320,7 @@ def reval(commands: str, connections: Connections) -> None:
     if type(connections) is Connections and not (net := connections._net).self_index and not net.closed:
         ks = connections._idx  # the hot path (node 0 is skipped below)
     else:
-        net, ks = _servers(connections, "reval")
+        net, ks = servers_of(connections, "reval")
     frame = _reval_frames.get(commands)
     if frame is None:
         body, _, _ = serialize.dumps(commands)
@@ -358,8 +360,8 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
     Raises:
         RemoteError: ``func`` raised there. ConnectionClosed: the server is gone.
     """
-    k = _single(connection, "rfeval")
-    net, _ = _servers(connection, "rfeval")
+    k = single_index(connection, "rfeval")
+    net, _ = servers_of(connection, "rfeval")
     if k == 0:
         raise ValueError("rfeval: the connection must be a server, not the local machine")
     if nout is not None and (not isinstance(nout, int) or nout < 0):
@@ -392,22 +394,7 @@ def sclose(connections: Connections) -> None:
     """Closes the whole network ``connections`` belongs to; its server workers exit. Idempotent."""
     if not isinstance(connections, Connections):
         raise TypeError(f"sclose: expected a Connections object, got {type(connections).__name__}")
-    net = connections.network
-    if net.closed:
-        return
-    if net.is_client:
-        with contextlib.suppress(Exception):
-            for node in net.nodes[1:]:
-                net.pump_cmd(node.index)  # print what the servers said before closing
-        for node in net.nodes[1:]:
-            if node.cmd is not None and node.cmd.usable:
-                try:
-                    node.cmd.send_frame(msg.CLOSE)
-                    node.cmd.flush(1.0)
-                except OSError:
-                    pass
-    net.close()
-    _open_networks.discard(net)
+    connections.network.shutdown()
 
 
 def network_get_info(connections: Connections) -> list[NodeInfo]:
@@ -437,7 +424,7 @@ def network_set(connections: Connections, key: str, val: int) -> None:
         raise ValueError(f"network_set: unknown key {key!r} (known: 'nlocaljobs')")
     if isinstance(val, bool) or not isinstance(val, int) or val < 0:
         raise ValueError("network_set: nlocaljobs needs an int >= 0")
-    net, ks = _servers(connections, "network_set")
+    net, ks = servers_of(connections, "network_set")
     body = serialize.dumps((key, val))[0]
     for k in ks:
         _send_cmd(net, k, msg.SET, body)
@@ -469,7 +456,7 @@ def install_vars(*names: str, connections: Connections, **values: Any) -> None:
     finally:
         del frame
     allv.update(values)
-    net, ks = _servers(connections, "install_vars")
+    net, ks = servers_of(connections, "install_vars")
     if not ks or not allv:
         return
     children = {p: [ks[c] for c in (2 * p + 1, 2 * p + 2) if c < len(ks)] for p in range(len(ks))}
@@ -478,27 +465,6 @@ def install_vars(*names: str, connections: Connections, **values: Any) -> None:
     for p in range(1, len(ks)):
         b = serialize.dumps({"parent": ks[(p - 1) // 2], "children": children[p]})[0]
         _send_cmd(net, ks[p], msg.INSTALL, b)
-
-
-def pserver(*args: str, use_tls: bool = True, auth_file: str | None = None, cmd_port: int = 12502,
-            data_port: int = 12501, bind: str | None = None, allow_root: bool = False) -> None:
-    """Starts a server daemon in the background (returns once it listens), or, called as
-    ``pserver("kill")``, stops the server that matches ``bind``/``cmd_port``.
-
-    Raises:
-        ParnetError: it could not start (the daemon's own message: port in use, no auth data,
-            running as root without ``allow_root``), or there is no server to kill.
-    """
-    from .server.daemon import kill_server
-    from .server.launch import start_background
-
-    if args:
-        if args != ("kill",):
-            raise ValueError(f"pserver: unknown arguments {args!r} (only 'kill')")
-        kill_server(cmd_port, bind)
-        return
-    start_background(use_tls=use_tls, auth_file=auth_file, cmd_port=cmd_port, data_port=data_port,
-                     bind=bind, allow_root=allow_root)
 
 
 @atexit.register

@@ -44,11 +44,11 @@ import threading
 import time
 from collections import deque
 
+from ..constants import MAX_FRAME, MAX_PREAUTH_FRAME
+from ..errors import ConnectionClosed, RemoteProtocolError
+from ..wire import messages as msg
+from ..wire.framing import Frame, FrameDecoder, encode_frame
 from . import bufpool
-from .constants import MAX_FRAME, MAX_PREAUTH_FRAME
-from .errors import ConnectionClosed, RemoteProtocolError
-from .wire import messages as msg
-from .wire.framing import Frame, FrameDecoder, encode_frame
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,273 @@
+"""The worker side of network maps: runs the jobs a client's ``NetMap`` sends, in the worker
+process itself or on the local process pool (see ``parnet.client.netmap`` for the theory of
+operation)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from ..maps.common import (
+    ChunkResult,
+    ChunkTask,
+    dumps_result,
+    error_result,
+    run_chunk,
+)
+from ..wire import messages as msg
+from ..wire import serialize
+
+log = logging.getLogger(__name__)
+
+FAST_JOB = 0.0005  # seconds: faster jobs run in the worker process itself
+_SEND_EVERY = 0.02  # seconds: in-process runs report at least this often
+SPECULATE_AFTER = 0.005  # seconds: a first job still running then is slow; start the pool
+
+
+class _WMap:
+    def __init__(self, map_id: int, spec: dict[str, Any]) -> None:
+        self.map_id = map_id
+        self.spec = spec
+        self.queue: deque[list[Any]] = deque()  # runs: [j0, j1, start, args]
+        self.cs = int(spec.get("chunk_size", 1))
+        self.mode: str | None = None
+        self.inflight = 0
+        self.cancelled = False
+        self.lock = threading.Lock()
+
+    def pop_job(self) -> tuple[tuple[int, int], int, list[Any]]:
+        """Takes the first job of the first run."""
+        run = self.queue[0]
+        j0, j1, start, args = run
+        if j1 - j0 == 1:
+            self.queue.popleft()
+            return (j0, j1), start, args
+        cs = self.cs
+        run[0], run[2], run[3] = j0 + 1, start + cs, [a[cs:] for a in args]
+        return (j0, j0 + 1), start, [a[:cs] for a in args]
+
+    def pop_run(self) -> tuple[tuple[int, int], int, list[Any]]:
+        """Takes the whole first run (one job when vectorized: chunk_size is its limit)."""
+        if self.spec["vectorized"]:
+            return self.pop_job()
+        j0, j1, start, args = self.queue.popleft()
+        return (j0, j1), start, args
+
+    def task(self, start: int, args: list[Any]) -> ChunkTask:
+        s = self.spec
+        return ChunkTask(s["fun"], args, start, nout=s["nout"], vectorized=s["vectorized"],
+                         error_handler=s["error_handler"], cum_func=s["cum_func"])
+
+
+_NOOP_TASK = ChunkTask(abs, [[0]], 0)
+
+
+class WorkerMapRunner:
+    """Runs map jobs on a server worker (see the module docstring)."""
+
+    def __init__(self, worker: Any) -> None:
+        self.w = worker
+        self.maps: dict[int, _WMap] = {}
+        self._pool: Any = None
+        self._pool_n = 0
+        self._pool_lock = threading.Lock()
+        self._pool_warm = False
+        self.pool_jobs = 0  # jobs running in the pool, over all maps (an ended map's too)
+        # The probe of a map's first job runs in this thread; if it is still running after
+        # SPECULATE_AFTER, the speculator thread starts nlocaljobs - 1 jobs in the pool.
+        self._spec_cv = threading.Condition()
+        self._probing: tuple[_WMap, float] | None = None
+        self._speculator: threading.Thread | None = None
+
+    def nlocal(self) -> int:
+        """Local processes for map jobs: ``nlocaljobs``, or the processor count when 0."""
+        return self.w.nlocaljobs or len(os.sched_getaffinity(0))
+
+    def run(self, payload: tuple[Any, ...]) -> None:
+        """Handles one MAP command."""
+        kind, map_id = payload[0], payload[1]
+        if kind == "start":
+            self.maps[map_id] = _WMap(map_id, payload[2])
+            if self.nlocal() > 1 and self._pool is None:
+                threading.Thread(target=self._warm_pool, daemon=True, name="parnet-pool-start").start()
+            return
+        m = self.maps.get(map_id)
+        if m is None:
+            return
+        if kind == "jobs":
+            m.queue.extend(list(item) for item in payload[2])
+            self._pump(m)
+        elif kind == "cancel":
+            with m.lock:
+                m.cancelled = True
+                m.queue.clear()
+        elif kind == "end":
+            with m.lock:
+                m.cancelled = True
+                m.queue.clear()
+            self.maps.pop(map_id, None)
+
+    def _start_speculator(self) -> None:
+        if self._speculator is None:
+            self._speculator = threading.Thread(target=self._speculate, daemon=True, name="parnet-speculator")
+            self._speculator.start()
+
+    def _speculate(self) -> None:
+        """Starts pool jobs for a probe that takes long (a slow first job of a map)."""
+        while True:
+            with self._spec_cv:
+                while self._probing is None:
+                    self._spec_cv.wait()
+                probe = self._probing
+                left = probe[1] + SPECULATE_AFTER - time.monotonic()
+                if left > 0:
+                    self._spec_cv.wait(left)
+                    if self._probing is not probe or time.monotonic() < probe[1] + SPECULATE_AFTER:
+                        continue  # that probe ended (or a spurious wake-up)
+                self._probing = None
+            self._fill(probe[0], limit=self.nlocal() - 1)
+
+    def _warm_pool(self) -> None:
+        """Starts the pool off the main thread; maps still probing their first job get
+        ``nlocaljobs - 1`` jobs started there at once (the probe may take long)."""
+        try:
+            pool = self._get_pool()
+            pool.submit(_NOOP_TASK).result(timeout=60)  # processes up and importable
+            self._pool_warm = True
+        except Exception as e:  # noqa: BLE001 - the map will report its own errors
+            log.warning("local pool did not start: %s", e)
+            return
+        for m in list(self.maps.values()):
+            if m.mode is None:
+                self._fill(m, limit=self.nlocal() - 1)
+
+    def _get_pool(self) -> Any:
+        n = self.nlocal()
+        with self._pool_lock:
+            if self._pool is None or self._pool_n < n:
+                from ..maps.pool import get_pool
+
+                self._pool = get_pool(n)
+                self._pool_n = n
+            return self._pool
+
+    def _send(self, m: _WMap, results: list[tuple[tuple[int, int], ChunkResult, float]]) -> None:
+        if not results:
+            return
+        try:
+            body, bufs, flags = serialize.dumps((m.map_id, results))
+        except Exception:  # noqa: BLE001 - an output that cannot travel fails its element
+            import pickle
+
+            fixed = [(j, pickle.loads(dumps_result(r)), dt) for j, r, dt in results]
+            body, bufs, flags = serialize.dumps((m.map_id, fixed))
+        with contextlib.suppress(OSError):
+            self.w.cmd.send_frame(msg.MAP_RESULT, body, bufs, flags)
+
+    def _run_here(self, m: _WMap, first_only: bool = False) -> float:
+        """Runs queued jobs in this process; returns the duration of the last one."""
+        out: list[tuple[tuple[int, int], ChunkResult, float]] = []
+        last_send = time.monotonic()
+        dt = 0.0
+        while True:
+            with m.lock:
+                if not m.queue or m.cancelled:
+                    break
+                j, start, args = m.pop_job() if first_only else m.pop_run()
+            t = time.perf_counter()
+            res = run_chunk(m.task(start, args))
+            dt = time.perf_counter() - t
+            out.append((j, res, dt))
+            if first_only:
+                break
+            if time.monotonic() - last_send > _SEND_EVERY:
+                self._send(m, out)
+                out = []
+                last_send = time.monotonic()
+        self._send(m, out)
+        return dt
+
+    def _pump(self, m: _WMap) -> None:
+        nloc = self.nlocal()
+        if m.mode is None:
+            speculate = nloc > 1 and self._pool is not None and self._pool_warm
+            if speculate:
+                self._start_speculator()
+                with self._spec_cv:
+                    self._probing = (m, time.monotonic())
+                    self._spec_cv.notify()
+            dt = self._run_here(m, first_only=True)
+            if speculate:
+                with self._spec_cv:
+                    self._probing = None
+                    self._spec_cv.notify()
+            m.mode = "here" if nloc == 1 or dt < FAST_JOB else "pool"
+        if m.mode == "here":
+            self._run_here(m)
+        else:
+            self._fill(m)
+
+    def _fill(self, m: _WMap, limit: int | None = None) -> None:
+        # Twice the processes: each has its next job queued in the pool already, so no slot
+        # waits for our completion callback to submit one (the jobs are this server's anyway).
+        cap = 2 * self.nlocal() if limit is None else limit
+        pool = self._pool if limit is not None else self._get_pool()
+        if pool is None:
+            return
+        while True:
+            with m.lock:
+                if m.cancelled or not m.queue or m.inflight >= cap:
+                    return
+                j, start, args = m.pop_job()
+                m.inflight += 1
+                self.pool_jobs += 1
+            t0 = time.perf_counter()
+            try:
+                fut = pool.submit(m.task(start, args))
+            except Exception as e:  # noqa: BLE001 - a broken pool fails this job, clearly
+                with m.lock:
+                    m.inflight -= 1
+                    self.pool_jobs -= 1
+                self._send(m, [(j, error_result(start, len(args[0]) if args else 0, start, e), 0.0)])
+                continue
+            count = len(args[0]) if args else 0
+            fut.add_done_callback(lambda f, j=j, start=start, n=count, t0=t0: self._done(m, j, start, n, f, t0))
+
+    def _done(self, m: _WMap, j: tuple[int, int], start: int, count: int, fut: Any, t0: float) -> None:
+        with m.lock:
+            m.inflight -= 1
+            self.pool_jobs -= 1
+            cancelled = m.cancelled
+        if cancelled:
+            return
+        try:
+            res = fut.result()
+        except BaseException as e:  # noqa: BLE001 - e.g. a pool process died
+            res = error_result(start, count, start, e if isinstance(e, Exception) else RuntimeError(str(e)))
+        self._send(m, [(j, res, time.perf_counter() - t0)])
+        self._fill(m)
+
+    def interrupt(self) -> None:
+        """Ctrl-C at the client: drop every queued job and stop the jobs running in the pool
+        (its processes are killed; a new pool starts with the next map)."""
+        for m in list(self.maps.values()):
+            with m.lock:
+                m.cancelled = True
+                m.queue.clear()
+        if self.pool_jobs > 0 and self._pool is not None:
+            pool, self._pool, self._pool_warm = self._pool, None, False
+            with contextlib.suppress(Exception):
+                pool.shutdown(kill=True)
+
+    def close(self, kill: bool = False) -> None:
+        """Stops the maps and the local pool."""
+        for m in self.maps.values():
+            m.cancelled = True
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                self._pool.shutdown(kill=kill)
