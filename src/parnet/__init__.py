@@ -8,7 +8,7 @@ remotely (``reval``, ``rfeval``), move values directly between any two machines 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import (
     install_vars,
@@ -37,6 +37,14 @@ __all__ = [
     "pararrayfun", "parcellfun", "pconnect", "precv", "pserver", "psend", "reval", "rfeval",
     "sclose", "select", "select_sockets", "up", "down", "status",
 ]
+
+if TYPE_CHECKING:  # the lazy names below, for type checkers and the docs (mkdocstrings)
+    from .auth.keyfile import parallel_generate_srp_data
+    from .client.netmap import netarrayfun, netcellfun
+    from .deploy import down, status, up
+    from .helpers import fload, fsave, select
+    from .maps.localmap import pararrayfun, parcellfun
+    from .server.launch import pserver
 
 _LAZY = {
     "pserver": ("parnet.server.launch", "pserver"),

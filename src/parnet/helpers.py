@@ -221,7 +221,9 @@ def select(read_fds: Sequence[int | _HasFileno], write_fds: Sequence[int | _HasF
     "exceptional" means urgent (priority) data.
 
     Args:
-        read_fds, write_fds, except_fds: descriptors (ints or objects with ``fileno()``).
+        read_fds: descriptors to watch for reading (ints or objects with ``fileno()``).
+        write_fds: descriptors to watch for writing.
+        except_fds: descriptors to watch for exceptional conditions.
         timeout: seconds; negative or ``None`` waits without limit, 0 polls.
         nfds: accepted for compatibility; if given, every descriptor must be below it.
 

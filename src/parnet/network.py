@@ -50,7 +50,17 @@ def _ms(deadline: float | None) -> int:
 
 @dataclass
 class NodeInfo:
-    """What ``network_get_info`` reports about one node."""
+    """What ``network_get_info`` reports about one node.
+
+    Attributes:
+        local_machine: ``True`` for the node of the calling process.
+        nproc: usable processors of that machine.
+        nlocaljobs: local processes a map uses there (0: the default, ``nproc``).
+        peername: the server's name as given to ``pconnect`` (empty for the local machine).
+        open: whether the connection to it is open.
+        network_id: the network's UUID.
+        real_node_id: 0 for the client, servers from 1.
+    """
 
     local_machine: bool
     nproc: int
@@ -515,10 +525,14 @@ def remote_error_from(rep: dict[str, Any], host: str, node: int, more: int = 0) 
 
 
 class Connections:
-    """A network's nodes, or a subset of them (API.md). ``conns[0]`` is the local machine.
+    """A network's nodes, or a subset of them, as ``pconnect`` returns them.
 
-    Indexing with an int gives a single connection, with a slice, a list of ints or a list
-    of bools a subset; iterating yields single connections. ``with`` closes the network.
+    ``conns[0]`` is the local machine (no real connection), ``conns[1:]`` the servers in the
+    order given to ``pconnect``. Indexing with an int gives a single connection, with a
+    slice, a list of ints or a list of bools a subset; iterating yields single connections.
+    ``str(conns)`` shows the network id and each node with its state. ``with conns:``
+    closes the network on exit. At a server, ``reval`` code sees the same network as
+    ``sockets``, in the same order.
     """
 
     __slots__ = ("_net", "_idx")
@@ -609,8 +623,13 @@ def psend(value: Any, connections: Connections) -> None:
     Never waits for the receiver to call ``precv``: what the socket does not take at once is
     queued and written in the background, in order.
 
+    Args:
+        value: any value cloudpickle can pickle (NumPy arrays travel without extra copies).
+        connections: the target nodes; the calling node, if included, is skipped.
+
     Raises:
-        ConnectionClosed: a target node is gone; pickling errors: the value cannot be sent.
+        ConnectionClosed: a target node is gone.
+        pickle.PicklingError, TypeError: the value cannot be sent.
     """
     if not isinstance(connections, Connections):
         raise TypeError(f"psend: expected a Connections object, got {type(connections).__name__}")
@@ -619,6 +638,14 @@ def psend(value: Any, connections: Connections) -> None:
 
 def precv(single_connection: Connections, timeout: float | None = None) -> Any:
     """Returns the next value sent by the one node in ``single_connection``, in send order.
+
+    Args:
+        single_connection: one node other than the calling one (for example ``conns[1]``,
+            or ``sockets[0]`` at a server for the client).
+        timeout: seconds to wait; ``None`` waits without limit.
+
+    Returns:
+        The value, as ``psend`` sent it.
 
     Raises:
         ValueError: the connection is the calling node itself, or not a single one.
@@ -635,9 +662,16 @@ def precv(single_connection: Connections, timeout: float | None = None) -> Any:
 def select_sockets(connections: Connections, timeout: float | None, nfds: int | None = None) -> list[int]:
     """Positions (0-based, into ``connections``) of the nodes ``precv`` can read at once.
 
-    ``timeout`` in seconds; negative or None waits without limit; 0 polls. At the client it
-    raises ``RemoteError`` when a server among ``connections`` reported a failed command.
-    ``nfds`` is accepted for compatibility and ignored.
+    Args:
+        connections: the nodes to watch.
+        timeout: seconds; negative or ``None`` waits without limit; 0 polls.
+        nfds: accepted for compatibility with Octave and ignored.
+
+    Returns:
+        The 0-based positions of the ready nodes (empty when the timeout passed).
+
+    Raises:
+        RemoteError: (client) a server among ``connections`` reported a failed command.
     """
     if not isinstance(connections, Connections):
         raise TypeError(f"select_sockets: expected a Connections object, got {type(connections).__name__}")

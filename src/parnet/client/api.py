@@ -309,7 +309,11 @@ def reval(commands: str, connections: Connections) -> None:
 
     Returns as soon as the command is sent; commands run in order, in one namespace per
     server and network, where ``sockets``, ``psend``, ``precv``, ``select_sockets`` and
-    ``np`` are predefined.
+    ``np`` are predefined. A failure is reported by the next call that involves that server.
+
+    Args:
+        commands: Python source (statements), run with ``exec``.
+        connections: the servers to run it at (the local machine, if included, is skipped).
 
     Raises:
         RemoteError: an earlier command at one of these servers failed.
@@ -352,13 +356,24 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
            isout: Sequence[bool] | None = None, wait: bool = True, **kwargs: Any) -> Any:
     """Calls ``func(*args, **kwargs)`` at the one server ``connection``.
 
+    Args:
+        func: any callable: a function importable at the server, a lambda, a closure.
+        *args: positional arguments for ``func``.
+        connection: exactly one server (for example ``conns[1]``).
+        nout: ``func`` returns an ``nout``-tuple; the result is then a list of its items.
+        isout: with ``nout``, ``nout`` bools choosing which items are returned.
+        wait: ``False`` returns at once; the result is read later with ``precv``.
+        **kwargs: keyword arguments for ``func``.
+
     Returns:
         With ``wait``: the result (with ``nout=k``: a list of the outputs picked by ``isout``
         from the k-tuple ``func`` returns). Without: ``None``; read the result later with
         ``precv(connection)``.
 
     Raises:
-        RemoteError: ``func`` raised there. ConnectionClosed: the server is gone.
+        RemoteError: ``func`` raised there.
+        ConnectionClosed: the server is gone.
+        ValueError: ``connection`` is not one server, or a bad ``nout``/``isout``.
     """
     k = single_index(connection, "rfeval")
     net, _ = servers_of(connection, "rfeval")
@@ -391,14 +406,28 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
 
 
 def sclose(connections: Connections) -> None:
-    """Closes the whole network ``connections`` belongs to; its server workers exit. Idempotent."""
+    """Closes the whole network ``connections`` belongs to; its server workers exit.
+
+    Closes all of it, even when given a subset or a single connection. Idempotent; the
+    servers themselves keep running for other clients.
+
+    Args:
+        connections: any part of the network to close.
+    """
     if not isinstance(connections, Connections):
         raise TypeError(f"sclose: expected a Connections object, got {type(connections).__name__}")
     connections.network.shutdown()
 
 
 def network_get_info(connections: Connections) -> list[NodeInfo]:
-    """One ``NodeInfo`` per node in ``connections`` (API.md)."""
+    """Describes each node in ``connections``.
+
+    Args:
+        connections: the nodes to describe (the local machine included, if in it).
+
+    Returns:
+        One ``NodeInfo`` per node, in the order of ``connections``.
+    """
     if not isinstance(connections, Connections):
         raise TypeError(f"network_get_info: expected a Connections object, got {type(connections).__name__}")
     net = connections.network
@@ -418,8 +447,16 @@ def network_get_info(connections: Connections) -> list[NodeInfo]:
 
 
 def network_set(connections: Connections, key: str, val: int) -> None:
-    """Sets ``key`` (only ``"nlocaljobs"``: int >= 0, 0 = the server's processor count) on
-    every server in ``connections``."""
+    """Sets a property of every server in ``connections``.
+
+    Args:
+        connections: the servers to change.
+        key: only ``"nlocaljobs"``, the number of local processes a map uses there.
+        val: an int >= 0; 0 restores the default (the server's processor count).
+
+    Raises:
+        ValueError: an unknown key or a bad value.
+    """
     if key != "nlocaljobs":
         raise ValueError(f"network_set: unknown key {key!r} (known: 'nlocaljobs')")
     if isinstance(val, bool) or not isinstance(val, int) or val < 0:
@@ -437,6 +474,11 @@ def install_vars(*names: str, connections: Connections, **values: Any) -> None:
     Each name in ``names`` is looked up in the caller's scope (locals, then globals);
     ``values`` gives name=value pairs. The data goes to one server only and spreads from
     there over server-to-server links along a binary tree, so the client uploads it once.
+
+    Args:
+        *names: names of variables in the caller's scope.
+        connections: the servers to install them at.
+        **values: more variables, given as name=value.
 
     Raises:
         NameError: a name is not defined in the caller's scope.

@@ -70,15 +70,43 @@ def netcellfun(connections: Connections, fun: Callable[..., Any], *iterables: It
     """Maps ``fun`` over equal-length iterables on the servers of ``connections``.
 
     ``fun(a[i], b[i], ...)`` runs on the servers (the local machine, if in ``connections``,
-    is ignored) and within each over ``nlocaljobs`` local processes. Results come back in
-    input order: a numpy array with ``uniform_output`` (scalars only), else a list; a tuple
-    of those with ``nout > 1``; one accumulated value with ``cum_func(acc, x)``.
+    is ignored) and within each over ``nlocaljobs`` local processes (``network_set``).
+    Elements travel in jobs of ``chunk_size``; each server keeps work queued, so a fast
+    server gets more of it. Jobs that take under half a millisecond run in the server's
+    worker process itself, slower ones in its local pool. If a server dies during the map,
+    its unfinished jobs rerun on the others (beyond Octave).
+
+    Args:
+        connections: the servers to use (all of a network, a subset or one server).
+        fun: any callable (lambdas and closures included: sent with cloudpickle).
+        *iterables: equal-length iterables, one per argument of ``fun``.
+        uniform_output: ``True``: every result must be a scalar (number or bool) and the
+            result is a NumPy array of shape ``(n,)``; ``False``: a list.
+        error_handler: called as ``error_handler(err, *args)`` in place of a call of
+            ``fun`` that raised; its return value stands in for the result. ``err`` has
+            ``message``, ``identifier`` (the exception type's name) and ``index`` (0-based
+            position). It runs on the server, like ``fun``.
+        verbose: ``>= 1`` shows a progress bar (tqdm) on stderr.
+        chunk_size: elements per job (>= 1). Larger chunks cut per-job overhead for tiny
+            calls; the default 1 balances best when calls are slow or uneven.
+        cum_func: instead of all results, return one value accumulated with this
+            commutative, associative function: ``cum_func(acc, x)`` (with ``nout=k``:
+            ``cum_func(acc_1..acc_k, x_1..x_k)`` returning a k-tuple). ``None`` for no
+            elements.
+        nout: ``fun`` returns an ``nout``-tuple; a tuple of ``nout`` results is returned.
+
+    Returns:
+        The results in input order: a NumPy array (``uniform_output``) or a list; a tuple of
+        those with ``nout > 1``; one value with ``cum_func``.
 
     Raises:
         RemoteError: an element raised and there is no ``error_handler`` (its index is in
-            the message); or a job was lost with two servers.
+            the message; the map is stopped everywhere and the network stays usable); or a
+            job was lost with two servers.
         ConnectionClosed: no server is left.
-        ValueError: bad arguments, or a non-scalar result with ``uniform_output``.
+        ValueError: bad arguments, unequal lengths, or a non-scalar result with
+            ``uniform_output``.
+        TypeError: ``fun`` is not callable.
     """
     n, cols = cell_columns(iterables)
     return NetMap(connections, fun, cols, n, None, "cell", uniform_output=uniform_output,
@@ -92,8 +120,26 @@ def netarrayfun(connections: Connections, fun: Callable[..., Any], *arrays: Any,
                 vectorized: bool = False, nout: int = 1) -> Any:
     """Maps ``fun`` element-wise over equal-shape array-likes on the servers; keeps the shape.
 
-    As ``netcellfun``; with ``vectorized``, ``fun`` takes and returns whole chunks (1-d
-    arrays of up to ``chunk_size`` elements).
+    Works as ``netcellfun``; elements are taken in C order and the results keep the
+    arrays' shape (an object array when ``uniform_output=False``). ``uniform_output``,
+    ``error_handler``, ``verbose``, ``chunk_size``, ``cum_func`` and ``nout`` are as in
+    ``netcellfun``.
+
+    Args:
+        connections: the servers to use.
+        fun: any callable, called as ``fun(a.flat[i], b.flat[i], ...)``.
+        *arrays: equal-shape array-likes, one per argument of ``fun``.
+        vectorized: ``fun`` takes whole chunks (1-d arrays of up to ``chunk_size``
+            elements, one per argument) and returns arrays of the chunk's length (with
+            ``cum_func``: the chunk's accumulated value); ``error_handler`` likewise, with
+            ``err.index`` the chunk's first position.
+
+    Returns:
+        The results, of the arrays' shape (see ``netcellfun``).
+
+    Raises:
+        ValueError: as in ``netcellfun``, and for shapes that differ. Other errors as in
+            ``netcellfun``.
     """
     shape, n, cols = array_columns(arrays)
     return NetMap(connections, fun, cols, n, shape, "array", uniform_output=uniform_output,

@@ -110,9 +110,10 @@ def pararrayfun(nproc: int, fun: Callable[..., Any], *arrays: Any,
     taken in C order), the results keep that shape (an object array when
     ``uniform_output=False``), and ``vectorized``.
 
+    ``nproc``, ``fun``, ``uniform_output``, ``error_handler``, ``verbose``,
+    ``chunks_per_proc``, ``cum_func`` and ``nout`` are as in ``parcellfun``.
+
     Args:
-        nproc, fun, uniform_output, error_handler, verbose, chunks_per_proc, cum_func, nout:
-            as in ``parcellfun``.
         *arrays: equal-shape array-likes, one per argument of ``fun``.
         vectorized: ``fun`` takes whole chunks (1-d arrays, one per argument) and returns
             arrays of the chunk's length (with ``cum_func``: the chunk's accumulated value);
@@ -123,8 +124,8 @@ def pararrayfun(nproc: int, fun: Callable[..., Any], *arrays: Any,
         The results (see ``parcellfun``), of the arrays' shape.
 
     Raises:
-        As ``parcellfun``; ``ValueError`` also for shapes that differ or a vectorized result
-        of the wrong length.
+        ValueError: as in ``parcellfun``, and for shapes that differ or a vectorized result
+            of the wrong length. Other errors as in ``parcellfun``.
     """
     shape, n, cols = array_columns(arrays)
     return _run_map("pararrayfun", "array", nproc, fun, cols, n, shape, uniform_output,

@@ -105,8 +105,21 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
 
 def pserver(*args: str, use_tls: bool = True, auth_file: str | None = None, cmd_port: int = 12502,
             data_port: int = 12501, bind: str | None = None, allow_root: bool = False) -> None:
-    """Starts a server daemon in the background (returns once it listens), or, called as
-    ``pserver("kill")``, stops the server that matches ``bind``/``cmd_port``.
+    """Starts a server daemon in the background, or stops one with ``pserver("kill")``.
+
+    Starting returns once the daemon listens on both ports; it keeps running after this
+    process exits (``parnet server`` does the same from a shell). ``pserver("kill")`` stops
+    the server that matches ``bind``/``cmd_port``, found through its pid file.
+
+    Args:
+        *args: nothing, or ``"kill"``.
+        use_tls: TLS 1.3 + SRP authentication; ``False`` has none (binds 127.0.0.1 unless
+            ``bind`` is given).
+        auth_file: the SRP passwd file (default ``$PARNET_HOME/srp/server/passwd``).
+        cmd_port: the command port.
+        data_port: the data port.
+        bind: the address to listen on (default: all with TLS, 127.0.0.1 without).
+        allow_root: run even as root (clients' code then runs as root).
 
     Raises:
         ParnetError: it could not start (the daemon's own message: port in use, no auth data,
