@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import MODES, PASSWORD, USER, Cluster, tls_available  # noqa: E402
+from helpers import MODES, PASSWORD, USER, Cluster  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,10 +23,9 @@ def parnet_home(tmp_path_factory: pytest.TempPathFactory) -> str:
     run = home / "run"
     run.mkdir(mode=0o700)
     os.environ["XDG_RUNTIME_DIR"] = str(run)
-    if tls_available():
-        from parnet.auth.keyfile import parallel_generate_srp_data
+    from parnet.auth.keyfile import parallel_generate_srp_data
 
-        parallel_generate_srp_data(USER, password=PASSWORD)
+    parallel_generate_srp_data(USER, password=PASSWORD)
     return str(home)
 
 
@@ -52,3 +53,30 @@ def fresh_cluster(request: pytest.FixtureRequest) -> Cluster:
     c = Cluster(2, request.param, first_ip=4)
     yield c
     c.stop()
+
+
+_WORKER_SIGNAL = re.compile(r"worker (\d+) exited \(signal (\d+)\)")
+
+
+def _server_logs() -> dict[str, int]:
+    """Every server log of this test session, with its size now."""
+    from parnet.server.daemon import runtime_dir
+
+    return {str(p): p.stat().st_size for p in Path(runtime_dir()).glob("server-*.log")}
+
+
+@pytest.fixture(autouse=True)
+def no_worker_crashes(request: pytest.FixtureRequest):
+    """Fails a test during which a server logged a worker that died by a signal, unless the
+    test is marked ``kills_workers`` (it kills or crashes them on purpose)."""
+    before = _server_logs()
+    yield
+    if request.node.get_closest_marker("kills_workers"):
+        return
+    crashes = []
+    for path in _server_logs():
+        with open(path, "rb") as f:
+            f.seek(before.get(path, 0))
+            new = f.read().decode(errors="replace")
+        crashes += [f"{os.path.basename(path)}: {m.group(0)}" for m in _WORKER_SIGNAL.finditer(new)]
+    assert not crashes, "a server worker died by a signal: " + "; ".join(crashes)

@@ -71,8 +71,12 @@ def test_pconnect_user_prompts_for_password(monkeypatch) -> None:
 
 
 def test_api_names_present() -> None:
+    import inspect
+
     for name in parnet.__all__:
-        assert getattr(parnet, name) is not None
+        obj = getattr(parnet, name)
+        assert inspect.isclass(obj) or inspect.isfunction(obj), name
+        assert obj.__name__ == name, f"parnet.{name} is {obj!r}"
 
 
 def test_demo_end_to_end(tmp_path) -> None:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from helpers import free_port_pair, pid_alive, stop_pid, tls_available, wait_until
+from helpers import free_port_pair, pid_alive, stop_pid, wait_until
 from parnet import deploy
 
 PY = sys.executable
@@ -38,7 +38,6 @@ def port() -> int:
             stop_pid(s.pid)
 
 
-@pytest.mark.skipif(not tls_available(), reason="TLS layer not available")
 def test_up_status_down_idempotent(port: int, tmp_path) -> None:
     remote_home = tmp_path / "remote"
     remote_home.mkdir(mode=0o700)

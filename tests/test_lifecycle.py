@@ -310,6 +310,7 @@ def test_server_stopped_with_live_network(doomed: Cluster) -> None:
         sclose(c)
 
 
+@pytest.mark.kills_workers
 def test_worker_killed_daemon_reaps_it(idle: Cluster) -> None:
     c = idle.connect()
     try:
@@ -331,6 +332,7 @@ def test_worker_killed_daemon_reaps_it(idle: Cluster) -> None:
         assert ask(c2[1:], "psend('up', sockets[0])") == ["up", "up"]
 
 
+@pytest.mark.kills_workers
 def test_precv_waiting_when_worker_dies(idle: Cluster) -> None:
     c = idle.connect()
     try:

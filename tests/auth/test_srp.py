@@ -402,8 +402,7 @@ def test_malformed_hello(message: bytes) -> None:
 # --- fuzz: every parse entry point raises only the two documented errors ------------------------
 
 _FUZZ = settings(
-    max_examples=150,
-    derandomize=True,
+    max_examples=150,  # random each run (hypothesis prints the seed of a failure)
     database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -415,6 +414,27 @@ def _framed(kind: int) -> st.SearchStrategy[bytes]:
     field = st.binary(max_size=300).map(lambda b: struct.pack(">H", len(b)) + b)
     framed = st.lists(field, max_size=4).map(lambda fs: bytes([1, kind]) + b"".join(fs))
     return st.one_of(st.binary(max_size=600), framed)
+
+
+def _fields(message: bytes, kind: int) -> list[bytes]:
+    """The length-prefixed fields of a well-formed message of ``kind`` (asserts the format)."""
+    assert message[:2] == bytes([1, kind])
+    out, pos = [], 2
+    while pos < len(message):
+        (n,) = struct.unpack_from(">H", message, pos)
+        out.append(message[pos + 2 : pos + 2 + n])
+        pos += 2 + n
+    assert pos == len(message)
+    return out
+
+
+def _check_challenge(out: bytes, hello: bytes, claimed: str | None) -> None:
+    """A challenge the server sent for ``hello``: group, salt and a safe B of the right size."""
+    raw_index, salt, raw_B = _fields(out, 2)
+    N, _ = srp.GROUPS[raw_index[0]]
+    assert 0 < len(salt) <= 64 and len(raw_B) == (N.bit_length() + 7) // 8
+    assert 0 < int.from_bytes(raw_B, "big") < N
+    assert _fields(hello, 1)[0].decode() == claimed
 
 
 def _small_entry() -> keyfile.VerifierEntry:
@@ -432,9 +452,10 @@ _OK = (RemoteProtocolError, AuthenticationError)
 def test_fuzz_server_challenge(data: bytes) -> None:
     server = srp.SrpServer({"u": _ENTRY}.get, fake_secret=b"k", cb=b"", role="cmd", options=b"")
     try:
-        server.challenge(data)
+        out = server.challenge(data)
     except _OK:
-        pass
+        return
+    _check_challenge(out, data, server.claimed_username)
 
 
 @_FUZZ
@@ -457,9 +478,15 @@ def test_fuzz_client_respond(data: bytes) -> None:
     client = srp.SrpClient("u", "pw", cb=b"", role="cmd", options=b"")
     client.hello()
     try:
-        client.respond(data)
+        out = client.respond(data)
     except _OK:
-        pass
+        return
+    # accepted only a well-formed challenge with a usable B; the proof is (A, M1)
+    raw_index, _, raw_B = _fields(data, 2)
+    N, _ = srp.GROUPS[raw_index[0]]
+    assert int.from_bytes(raw_B, "big") % N != 0
+    raw_A, m1 = _fields(out, 3)
+    assert len(raw_A) == len(raw_B) and 0 < int.from_bytes(raw_A, "big") < N and len(m1) == 32
 
 
 _SERVER = srp.SrpServer({"u": _ENTRY}.get, fake_secret=b"k", cb=b"", role="cmd", options=b"")

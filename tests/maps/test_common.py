@@ -130,7 +130,15 @@ def test_run_chunk_plain_and_multiarg() -> None:
     assert (res.start, res.count, res.outputs, res.error) == (10, 3, [[2, 4, 6]], None)
     res = run_chunk(ChunkTask(lambda a, b: a + b, [[1, 2], [10, 20]], 0))
     assert res.outputs == [[11, 22]]
-    assert res.elapsed >= 0
+    res = run_chunk(ChunkTask(_sleeps, [[0.02, 0.03]], 0))
+    assert res.elapsed >= 0.05  # both calls timed (a lower bound: never flaky)
+
+
+def _sleeps(s: float) -> float:
+    import time
+
+    time.sleep(s)
+    return s
 
 
 def _fails_at_3(x: int) -> int:

@@ -133,6 +133,7 @@ def test_install_vars_keeps_pending_values(conns) -> None:
     assert precv(conns[2], timeout=30) == ("queued", 5)
 
 
+@pytest.mark.kills_workers
 def test_rerun_after_server_killed(fresh_cluster, tmp_path) -> None:
     """kill -9 of one server's worker mid-map: its jobs rerun on the other; results complete."""
     c = fresh_cluster.connect()
