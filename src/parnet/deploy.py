@@ -3,10 +3,10 @@
 Theory of operation. For each host, one run of the system OpenSSH client (so ``~/.ssh/config``,
 agents and ProxyJump work) executes ``PYTHON -`` there and feeds it a small self-contained
 script (``_REMOTE``) on standard input, with this call's settings as JSON. The script depends on
-nothing of the remote parnet but ``import parnet`` and its command line (``parnet server``,
-``parnet server --kill``), so it reports a missing or different parnet as clearly as a missing
-Python. It answers with one marked JSON line, which becomes a :class:`HostStatus`. All hosts run
-in parallel threads, each bounded by ``timeout`` seconds (ssh is killed after that).
+nothing of the remote parnet but ``import parnet`` and ``parnet server`` (stopping is SIGTERM
+to the pid in its pid file), so it reports a missing or different parnet as clearly as a
+missing Python. It answers with one marked JSON line, which becomes a :class:`HostStatus`. All
+hosts run in parallel threads, each bounded by ``timeout`` seconds (ssh is killed after that).
 """
 
 from __future__ import annotations
@@ -47,13 +47,14 @@ if ver != P["version"] and P["op"] == "up":
         reason="parnet %s there, %s here: install the same version" % (ver, P["version"]))
 
 def running():
-    """(pid, argv) of a live server on our command port, or (None, None)."""
-    try:
-        from parnet.server.daemon import find_pid_files
-        files = find_pid_files(P["cmd_port"], None)
-    except Exception:
-        files = []
-    for f in files:
+    """(pid, argv, pid file) of a live server on our command port, or Nones. Pid files are
+    looked for in both runtime directories: a server started by systemd has no
+    XDG_RUNTIME_DIR, an ssh login on a systemd machine has one."""
+    import glob
+    dirs = [os.path.join(os.path.expanduser("~"), ".local", "state", "parnet")]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        dirs.insert(0, os.path.join(os.environ["XDG_RUNTIME_DIR"], "parnet"))
+    for f in sorted(sum((glob.glob(os.path.join(d, "server-*-%d.pid" % P["cmd_port"])) for d in dirs), [])):
         try:
             pid = int(open(f).read().strip())
             with open("/proc/%d/stat" % pid) as st:
@@ -61,10 +62,25 @@ def running():
                     continue
             with open("/proc/%d/cmdline" % pid, "rb") as c:
                 argv = c.read().decode(errors="replace").split("\0")
-            return pid, argv
+            if "parnet" not in " ".join(argv):
+                continue
+            return pid, argv, f
         except (OSError, ValueError):
             continue
-    return None, None
+    return None, None, None
+
+def stop(pid, path):
+    import signal, time
+    os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + 10
+    while os.path.exists("/proc/%d" % pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    if os.path.exists("/proc/%d" % pid):
+        os.kill(pid, signal.SIGKILL)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 def server(args):
     return subprocess.run([sys.executable, "-m", "parnet", "server", *args], capture_output=True,
@@ -73,7 +89,7 @@ def server(args):
 def reason_of(r):
     return (r.stderr.strip() or r.stdout.strip() or "exit status %d" % r.returncode).splitlines()[-1]
 
-pid, argv = running()
+pid, argv, pidfile = running()
 op = P["op"]
 if op == "status":
     if pid is None:
@@ -83,9 +99,10 @@ if op == "status":
 if op == "down":
     if pid is None:
         out(state="not running", version=ver, note="no server was running")
-    r = server(["--kill", "--cmd-port", str(P["cmd_port"])])
-    if r.returncode != 0:
-        out(state="failed", kind="other", pid=pid, version=ver, reason=reason_of(r))
+    try:
+        stop(pid, pidfile)
+    except OSError as e:
+        out(state="failed", kind="other", pid=pid, version=ver, reason="cannot stop pid %d: %s" % (pid, e))
     out(state="stopped", pid=pid, version=ver)
 # up
 note = []
