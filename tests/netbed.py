@@ -216,16 +216,17 @@ class Node:
         return self.run([self.python, "-m", "parnet", *args], **kw)
 
     def server_pids(self) -> list[int]:
-        """Pids of this node's processes named ``parnet server``."""
-        out = []
+        """Pids of the parnet server daemons in this namespace (not their workers)."""
+        procs = {}
         for p in _sh(["ip", "netns", "pids", self.ns], check=False).stdout.split():
             try:
                 cmd = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
-            except OSError:
+                ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
             if b"parnet" in cmd and b"server" in cmd:
-                out.append(int(p))
-        return out
+                procs[int(p)] = ppid
+        return sorted(p for p, pp in procs.items() if pp not in procs)
 
 
 class Bed:

@@ -349,6 +349,17 @@ def up(hosts: Iterable[str], *, python: str = "python3", copy_keys: bool = False
     Returns the names to pass to ``pconnect`` (``host``, or ``host:port`` for another command
     port), in the order given; a host already running a matching server is left as is.
 
+    Args:
+        hosts: ssh destinations, ``[user@]host`` (``~/.ssh/config`` names work).
+        python: the Python to run there (default: ``python3`` on the remote ``PATH``).
+        ssh_config: an ssh configuration file (``ssh -F``).
+        ssh_opts: ssh options (``ssh -o``), e.g. ``["ProxyJump=gw"]``.
+        cmd_port: the servers' command port.
+        timeout: seconds for each host, connecting included.
+        copy_keys: first copy the local ``$PARNET_HOME/srp/server`` to each host's default
+            location (modes 0700/0600), unless the copy there is identical.
+        use_tls, data_port, allow_root: the servers' settings (as ``parnet server``).
+
     Raises:
         DeployError: some host failed (its ``statuses`` has every host's :class:`HostStatus`;
             the servers that did start keep running).
@@ -365,6 +376,17 @@ def down(hosts: Iterable[str], *, python: str = "python3", ssh_config: str | Non
          timeout: float = HOST_TIMEOUT) -> list[HostStatus]:
     """Stops the server on each host (as ``parnet down``); a host without one is not an error.
 
+    Args:
+        hosts: ssh destinations, ``[user@]host`` (``~/.ssh/config`` names work).
+        python: the Python to run there (default: ``python3`` on the remote ``PATH``).
+        ssh_config: an ssh configuration file (``ssh -F``).
+        ssh_opts: ssh options (``ssh -o``), e.g. ``["ProxyJump=gw"]``.
+        cmd_port: the servers' command port.
+        timeout: seconds for each host, connecting included.
+
+    Returns:
+        Each host's :class:`HostStatus` (``stopped`` or ``not running``).
+
     Raises:
         DeployError: some host could not be reached or its server not stopped.
     """
@@ -376,6 +398,17 @@ def status(hosts: Iterable[str], *, python: str = "python3", ssh_config: str | N
            ssh_opts: Sequence[str] = (), cmd_port: int = CMD_PORT,
            timeout: float = HOST_TIMEOUT) -> list[HostStatus]:
     """Reports each host's server (as ``parnet status``): ``running`` with its pid, or ``not running``.
+
+    Args:
+        hosts: ssh destinations, ``[user@]host`` (``~/.ssh/config`` names work).
+        python: the Python to run there (default: ``python3`` on the remote ``PATH``).
+        ssh_config: an ssh configuration file (``ssh -F``).
+        ssh_opts: ssh options (``ssh -o``), e.g. ``["ProxyJump=gw"]``.
+        cmd_port: the servers' command port.
+        timeout: seconds for each host, connecting included.
+
+    Returns:
+        Each host's :class:`HostStatus`.
 
     Raises:
         DeployError: some host could not be reached or asked.

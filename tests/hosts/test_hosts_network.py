@@ -40,7 +40,7 @@ def test_mesh_carries_100mb_by_name(bed, up) -> None:
 CUT_MAP = """
 import json, os, sys, time
 from parnet import pconnect, netcellfun, sclose, rfeval, network_get_info
-c = pconnect(["h1", "h2", "h3"], heartbeat=3)
+c = pconnect(["h1", "h2", "h3"], heartbeat=5)
 def f(x):
     import os, time
     open(os.path.expanduser("~/mapping"), "w").close()
@@ -99,7 +99,7 @@ def test_host_cut_mid_map(bed, up) -> None:
 PARTITION = """
 import json, time
 from parnet import pconnect, reval, precv, rfeval, RemoteError
-c = pconnect(["h1", "h2", "h3"], heartbeat=3)
+c = pconnect(["h1", "h2", "h3"], heartbeat=5)
 print("connected", flush=True)
 input()
 t = time.monotonic()
