@@ -5,7 +5,7 @@ agents and ProxyJump work) executes ``PYTHON -`` there and feeds it a small self
 script (``_REMOTE``) on standard input, with this call's settings as JSON. The script depends on
 nothing of the remote parnet but ``import parnet`` and ``parnet server`` (stopping is SIGTERM
 to the pid in its pid file), so it reports a missing or different parnet as clearly as a
-missing Python. It answers with one marked JSON line, which becomes a :class:`HostStatus`. All
+missing Python. It answers with one marked JSON line, which becomes a ``HostStatus``. All
 hosts run in parallel threads, each bounded by ``timeout`` seconds (ssh is killed after that).
 """
 
@@ -361,7 +361,7 @@ def up(hosts: Iterable[str], *, python: str = "python3", copy_keys: bool = False
         use_tls, data_port, allow_root: the servers' settings (as ``parnet server``).
 
     Raises:
-        DeployError: some host failed (its ``statuses`` has every host's :class:`HostStatus`;
+        DeployError: some host failed (its ``statuses`` has every host's ``HostStatus``;
             the servers that did start keep running).
         ParnetError: ``copy_keys`` without local server key files.
     """
@@ -385,7 +385,7 @@ def down(hosts: Iterable[str], *, python: str = "python3", ssh_config: str | Non
         timeout: seconds for each host, connecting included.
 
     Returns:
-        Each host's :class:`HostStatus` (``stopped`` or ``not running``).
+        Each host's ``HostStatus`` (``stopped`` or ``not running``).
 
     Raises:
         DeployError: some host could not be reached or its server not stopped.
@@ -408,7 +408,7 @@ def status(hosts: Iterable[str], *, python: str = "python3", ssh_config: str | N
         timeout: seconds for each host, connecting included.
 
     Returns:
-        Each host's :class:`HostStatus`.
+        Each host's ``HostStatus``.
 
     Raises:
         DeployError: some host could not be reached or asked.
