@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConnectionClosed, ProtocolError, RemoteError
+from .errors import ConnectionClosed, ProtocolError, RemoteError, remote_error
 from .transport.link import Link, wait_links
 from .wire import messages as msg
 from .wire import serialize
@@ -517,8 +517,8 @@ def remote_error_from(rep: dict[str, Any], host: str, node: int, more: int = 0) 
             original = serialize.loads(rep["pickled"])
         except Exception:  # noqa: BLE001 - the text report stands alone
             original = None
-    err = RemoteError(host, node, rep.get("type", "Exception"), rep.get("message", ""),
-                      rep.get("traceback", ""), original, more)
+    err = remote_error(host, node, rep.get("type", "Exception"), rep.get("message", ""),
+                       rep.get("traceback", ""), original, more)
     if original is not None:
         err.__cause__ = original
     return err

@@ -395,9 +395,11 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
     def wait_result() -> Any:
         while True:
             net.pump_cmd(k)
+            if node.errors:  # a failure reported before this call's result (commands run in order)
+                node.results.pop(req, None)
+                net.raise_errors([k])
             if req in node.results:
                 return node.results.pop(req)
-            net.raise_errors([k])
             if not node.open:
                 raise ConnectionClosed(f"{net.name(k)} is gone: {node.closed_reason}")
             wait_links([node.cmd], None)  # type: ignore[list-item]

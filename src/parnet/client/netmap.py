@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConnectionClosed, RemoteError
+from ..errors import ConnectionClosed, RemoteError, remote_error
 from ..maps.common import (
     Assembler,
     ChunkResult,
@@ -347,8 +347,8 @@ class NetMap:
 
     def _remote_error(self, k: int, res: ChunkResult) -> RemoteError:
         index, identifier, message, tb = res.error  # type: ignore[misc]
-        err = RemoteError(self.net.nodes[k].host, k, identifier,
-                          f"{self.name}: element {index} raised {identifier}: {message}", tb, res.exception)
+        err = remote_error(self.net.nodes[k].host, k, identifier,
+                           f"{self.name}: element {index} raised {identifier}: {message}", tb, res.exception)
         err.index = index  # type: ignore[attr-defined]
         if res.exception is not None:
             err.__cause__ = res.exception
