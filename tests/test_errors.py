@@ -9,7 +9,7 @@ import pickle
 import cloudpickle
 import pytest
 
-from parnet import ConnectionClosed, Connections, RemoteError, netcellfun, reval, rfeval
+from parnet import ConnectionClosed, Connections, RemoteError, netcellfun, precv, reval, rfeval
 from parnet.errors import remote_error
 
 
@@ -105,3 +105,18 @@ def test_except_remote_types(conns: Connections) -> None:
     with pytest.raises(Odd) as oi:
         netcellfun(conns[1:], odd_at_2, [1, 2, 3])
     assert oi.value.code == 7 and isinstance(oi.value, RemoteError) and oi.value.index == 1
+
+
+def test_reval_wait_raises_its_own_failure(conns: Connections) -> None:
+    reval("x = 41", conns[1:], wait=True)  # returns once run: no failure
+    with pytest.raises(ZeroDivisionError) as ei:
+        reval("y = x + 1\nz = y / 0", conns, wait=True)  # node 0 is skipped
+    assert ei.value.node in (1, 2) and "y / 0" in ei.value.remote_traceback
+    other = 3 - ei.value.node
+    with pytest.raises(ZeroDivisionError) as e2:  # the other server's failure is the next one
+        reval("pass", conns[other], wait=True)
+    assert e2.value.node == other
+    with pytest.raises(SyntaxError):
+        reval("1 +* 2", conns[1], wait=True)
+    reval("psend(y, sockets[0])", conns[1], wait=True)  # nothing left pending, namespace intact
+    assert precv(conns[1], timeout=20) == 42

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import pickle
 import select
 import sys
@@ -26,10 +27,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import checks
 from .errors import ConnectionClosed, ProtocolError, RemoteError, remote_error
 from .transport.link import Link, wait_links
 from .wire import messages as msg
@@ -564,18 +566,24 @@ class Connections:
             return self._net.single(idx[key])
         if isinstance(key, bool):
             raise TypeError("index with an int, a slice, or a list of ints or bools")
-        if isinstance(key, int):
-            return self._net.single(idx[key])
+        if isinstance(key, numbers.Integral):
+            return self._net.single(idx[int(key)])
         if isinstance(key, slice):
             return Connections(self._net, idx[key])
+        if isinstance(key, (str, bytes)) or not isinstance(key, Iterable):
+            raise TypeError(f"Connections index must be an int, a slice, or a list of ints or bools, "
+                            f"got {type(key).__name__} {key!r:.40}")
         keys = list(key)
         if keys and all(isinstance(b, bool) for b in keys):
             if len(keys) != len(idx):
                 raise IndexError(f"bool index of length {len(keys)} for {len(idx)} connections")
             return Connections(self._net, [k for k, b in zip(idx, keys, strict=True) if b])
-        if not all(isinstance(k, int) for k in keys):
-            raise TypeError("index with an int, a slice, or a list of ints or bools")
-        return Connections(self._net, [idx[k] for k in keys])
+        if not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in keys):
+            raise TypeError("Connections index must be an int, a slice, or a list of ints or bools")
+        picked = [idx[int(k)] for k in keys]
+        if len(set(picked)) != len(picked):
+            raise ValueError(f"Connections index {keys} names a node twice")
+        return Connections(self._net, picked)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Connections) and other._net is self._net and other._idx == self._idx
@@ -653,6 +661,8 @@ def precv(single_connection: Connections, timeout: float | None = None) -> Any:
         ConnectionClosed: the peer is gone.
         RemoteError: (client) the server reported a failed command.
     """
+    if timeout is not None:
+        timeout = checks.seconds(timeout, "precv: timeout", negative_ok=True)
     if type(single_connection) is Connections and len(single_connection._idx) == 1:  # the hot path
         return single_connection._net.precv(single_connection._idx[0], timeout)
     k = single_index(single_connection, "precv")
@@ -675,4 +685,5 @@ def select_sockets(connections: Connections, timeout: float | None, nfds: int | 
     """
     if not isinstance(connections, Connections):
         raise TypeError(f"select_sockets: expected a Connections object, got {type(connections).__name__}")
+    timeout = checks.seconds(timeout, "select_sockets: timeout", negative_ok=True)
     return connections.network.select(connections.indices, timeout)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .. import checks
 from ..constants import CMD_PORT, PROTOCOL_VERSION
 from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
 from ..network import Connections, Network, NodeInfo, single_index
@@ -45,16 +46,22 @@ _req_ids = itertools.count(1)
 
 def parse_host(spec: str) -> tuple[str, int]:
     """``"name"``, ``"name:port"``, ``"[v6addr]:port"`` or a bare IPv6 address -> (host, port)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"bad host {spec!r}")
+    if not isinstance(spec, str):
+        raise TypeError(f"pconnect: a host must be a str, got {type(spec).__name__} {spec!r:.60}")
+    if not spec.strip():
+        raise ValueError(f"pconnect: empty host name {spec!r}")
     spec = spec.strip()
+    what = f"pconnect: host {spec!r}"
     if spec.startswith("["):
         host, _, rest = spec[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else CMD_PORT
-        return host, port
+        if not host or (rest and not rest.startswith(":")):
+            raise ValueError(f"{what}: expected '[address]' or '[address]:port'")
+        return host, checks.port(rest[1:], what) if rest else CMD_PORT
     if spec.count(":") == 1:
         host, port = spec.split(":")
-        return host, int(port)
+        if not host:
+            raise ValueError(f"{what}: no host name before the ':'")
+        return host, checks.port(port, what)
     return spec, CMD_PORT
 
 
@@ -82,7 +89,15 @@ def _check_hosts(hosts: Sequence[str]) -> list[tuple[str, int]]:
 
 def _credentials(password_file: str | None, user: str | None) -> tuple[str, str]:
     if user is not None:
-        return user, getpass.getpass(f"parnet password for {user}: ")
+        if not isinstance(user, str) or not user:
+            raise TypeError(f"pconnect: user must be a non-empty str, got {user!r:.60}")
+        try:
+            return user, getpass.getpass(f"parnet password for {user}: ")
+        except EOFError:
+            raise ConnectError(f"pconnect(user={user!r}): no terminal to ask for the password (standard "
+                               "input is at its end); use password_file= instead") from None
+    if password_file is not None and not isinstance(password_file, (str, os.PathLike)):
+        raise TypeError(f"pconnect: password_file must be a path, got {type(password_file).__name__}")
     from ..auth.keyfile import read_client_password
 
     return read_client_password(password_file)
@@ -114,6 +129,9 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
     """
     addrs = _check_hosts(hosts)
     names = [str(h) for h in hosts]
+    timeout = checks.seconds(timeout, "pconnect: timeout", none_ok=False, zero_ok=False)  # type: ignore[assignment]
+    if heartbeat is not None:
+        heartbeat = checks.seconds(heartbeat, "pconnect: heartbeat", zero_ok=False)
     deadline = time.monotonic() + timeout
     username = password = ""
     ctx = None
@@ -304,7 +322,7 @@ def _send_cmd(net: Network, k: int, code: int, body: bytes, bufs: Sequence = (),
         raise
 
 
-def reval(commands: str, connections: Connections) -> None:
+def reval(commands: str, connections: Connections, *, wait: bool = False) -> None:
     """Runs the Python source ``commands`` at every server in ``connections``.
 
     Returns as soon as the command is sent; commands run in order, in one namespace per
@@ -314,9 +332,13 @@ def reval(commands: str, connections: Connections) -> None:
     Args:
         commands: Python source (statements), run with ``exec``.
         connections: the servers to run it at (the local machine, if included, is skipped).
+        wait: return only once the commands have run on every server, and raise their
+            failure now rather than in a later call (beyond Octave). Do not wait for
+            commands that wait for something this client sends later.
 
     Raises:
-        RemoteError: an earlier command at one of these servers failed.
+        RemoteError: these commands (with ``wait``) or an earlier command at one of these
+            servers failed.
         ConnectionClosed: a server is gone.
     """
     if not isinstance(commands, str):
@@ -350,6 +372,42 @@ def reval(commands: str, connections: Connections) -> None:
             except ConnectionClosed:
                 net._lost(k, "command link closed")
                 raise
+    if wait:
+        _barrier(net, [k for k in ks if k != 0])
+
+
+def _call_body(req: int, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any], nout: int | None,
+               isout: Sequence[bool] | None, on_cmd: bool) -> tuple[bytes, list, int]:
+    """The CALL command for ``func(*args, **kwargs)``; with ``on_cmd`` the result (or failure)
+    comes back on the command link under ``req``."""
+    return serialize.dumps((req, func, args, kwargs, nout, isout, on_cmd))
+
+
+def _barrier(net: Network, ks: Sequence[int]) -> None:
+    """Returns once every server in ``ks`` has run every command sent to it before, and
+    raises the first failure among them (a no-op call each, answered in command order)."""
+    reqs: dict[int, int] = {}
+    for k in ks:
+        reqs[k] = req = next(_req_ids)
+        _send_cmd(net, k, msg.CALL, *_call_body(req, int, (), {}, None, None, True))
+
+    def wait_all() -> None:
+        left = dict(reqs)
+        while left:
+            for k in list(left):
+                net.pump_cmd(k)
+                node = net.nodes[k]
+                if node.errors:
+                    node.results.pop(left[k], None)
+                    net.raise_errors([k])
+                if node.results.pop(left[k], None) is not None:
+                    del left[k]
+                elif not node.open:
+                    raise ConnectionClosed(f"{net.name(k)} is gone: {node.closed_reason}")
+            if left:
+                wait_links([net.nodes[k].cmd for k in left], None)  # type: ignore[misc]
+
+    net._waiting_call(list(ks), wait_all)
 
 
 def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: int | None = None,
@@ -375,6 +433,7 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
         ConnectionClosed: the server is gone.
         ValueError: ``connection`` is not one server, or a bad ``nout``/``isout``.
     """
+    checks.function(func, "rfeval: func")
     k = single_index(connection, "rfeval")
     net, _ = servers_of(connection, "rfeval")
     if k == 0:
@@ -386,8 +445,7 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
         if nout is None or len(isout) != nout:
             raise ValueError("rfeval: isout needs nout and must have nout elements")
     req = next(_req_ids)
-    body, bufs, flags = serialize.dumps((req, func, args, kwargs, nout, isout, wait))
-    _send_cmd(net, k, msg.CALL, body, bufs, flags)
+    _send_cmd(net, k, msg.CALL, *_call_body(req, func, args, kwargs, nout, isout, wait))
     if not wait:
         return None
     node = net.nodes[k]

@@ -171,7 +171,12 @@ class NetMap:
             raise ValueError(f"{name}: chunk_size must be an int >= 1")
         if not isinstance(nout, int) or nout < 1:
             raise ValueError(f"{name}: nout must be an int >= 1")
+        if not isinstance(verbose, int):
+            raise TypeError(f"{name}: verbose must be an int (0: quiet, 1: progress bar), got {verbose!r:.40}")
         self.net, ks = servers_of(connections, name)
+        if not ks:
+            raise ValueError(f"{name}: no servers in these connections (node 0 is this machine; "
+                             "use connections[1:])")
         self.servers = [k for k in ks if self.net.nodes[k].open]
         if not self.servers:
             raise ConnectionClosed(f"{name}: no open server in these connections")

@@ -174,6 +174,8 @@ def _run_map(name: str, kind: str, nproc: int, fun: Callable[..., Any],
             raise ValueError(f"{name}: {label} must be callable, got {type(f).__name__}")
     if fun is None:
         raise ValueError(f"{name}: fun must be callable")
+    if not isinstance(verbose, int):
+        raise TypeError(f"{name}: verbose must be an int (0: quiet, 1: progress bar), got {verbose!r:.40}")
     nproc = max(1, min(nproc, available_cores(), n))
     asm = Assembler(n, shape=shape, nout=nout, uniform_output=uniform_output,
                     cum_func=cum_func, kind=kind, name=name)  # type: ignore[arg-type]

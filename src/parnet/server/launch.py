@@ -37,12 +37,23 @@ def start_background(timeout: float = 30.0, **opts: object) -> int:
     Raises:
         ParnetError: with the server's own message when it could not start.
     """
+    from ..checks import port
+
+    cmd_port = port(opts.get("cmd_port", 12502), "parnet server: cmd_port")
+    if port(opts.get("data_port", 12501), "parnet server: data_port") == cmd_port:
+        raise ValueError(f"parnet server: cmd_port and data_port must differ (both are {cmd_port})")
     r, w = os.pipe()
     bind = effective_bind(opts.get("bind"), bool(opts.get("use_tls", True)))  # type: ignore[arg-type]
     log_file = opts.get("log_file") or default_log_file(bind, opts.get("cmd_port", 12502))  # type: ignore[arg-type]
     argv = [sys.executable, "-m", "parnet", "server", "--foreground", "--ready-fd", str(w),
             *server_argv(**opts)]  # type: ignore[arg-type]
-    with open(log_file, "ab") as errf:
+    try:
+        errf = open(log_file, "ab")  # noqa: SIM115 - closed below, after the fork
+    except OSError as e:
+        os.close(r)
+        os.close(w)
+        raise ParnetError(f"parnet server: cannot open the log file {log_file}: {e.strerror}") from None
+    with errf:
         os.chmod(log_file, 0o600)
         proc = subprocess.Popen(argv, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=errf, close_fds=True)
