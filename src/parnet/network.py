@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import checks
+from .checks import seconds as check_seconds
 from .errors import ConnectionClosed, ProtocolError, RemoteError, remote_error
 from .transport.link import Link, wait_links
 from .wire import messages as msg
@@ -662,7 +662,7 @@ def precv(single_connection: Connections, timeout: float | None = None) -> Any:
         RemoteError: (client) the server reported a failed command.
     """
     if timeout is not None:
-        timeout = checks.seconds(timeout, "precv: timeout", negative_ok=True)
+        timeout = check_seconds(timeout, "precv: timeout", negative_ok=True)
     if type(single_connection) is Connections and len(single_connection._idx) == 1:  # the hot path
         return single_connection._net.precv(single_connection._idx[0], timeout)
     k = single_index(single_connection, "precv")
@@ -685,5 +685,5 @@ def select_sockets(connections: Connections, timeout: float | None, nfds: int | 
     """
     if not isinstance(connections, Connections):
         raise TypeError(f"select_sockets: expected a Connections object, got {type(connections).__name__}")
-    timeout = checks.seconds(timeout, "select_sockets: timeout", negative_ok=True)
+    timeout = check_seconds(timeout, "select_sockets: timeout", negative_ok=True)
     return connections.network.select(connections.indices, timeout)

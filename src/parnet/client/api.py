@@ -28,7 +28,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .. import checks
+from ..checks import function as check_function
+from ..checks import port as check_port
+from ..checks import seconds as check_seconds
 from ..constants import CMD_PORT, PROTOCOL_VERSION
 from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
 from ..network import Connections, Network, NodeInfo, single_index
@@ -56,12 +58,12 @@ def parse_host(spec: str) -> tuple[str, int]:
         host, _, rest = spec[1:].partition("]")
         if not host or (rest and not rest.startswith(":")):
             raise ValueError(f"{what}: expected '[address]' or '[address]:port'")
-        return host, checks.port(rest[1:], what) if rest else CMD_PORT
+        return host, check_port(rest[1:], what) if rest else CMD_PORT
     if spec.count(":") == 1:
         host, port = spec.split(":")
         if not host:
             raise ValueError(f"{what}: no host name before the ':'")
-        return host, checks.port(port, what)
+        return host, check_port(port, what)
     return spec, CMD_PORT
 
 
@@ -129,9 +131,9 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
     """
     addrs = _check_hosts(hosts)
     names = [str(h) for h in hosts]
-    timeout = checks.seconds(timeout, "pconnect: timeout", none_ok=False, zero_ok=False)  # type: ignore[assignment]
+    timeout = check_seconds(timeout, "pconnect: timeout", none_ok=False, zero_ok=False)  # type: ignore[assignment]
     if heartbeat is not None:
-        heartbeat = checks.seconds(heartbeat, "pconnect: heartbeat", zero_ok=False)
+        heartbeat = check_seconds(heartbeat, "pconnect: heartbeat", zero_ok=False)
     deadline = time.monotonic() + timeout
     username = password = ""
     ctx = None
@@ -433,7 +435,7 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
         ConnectionClosed: the server is gone.
         ValueError: ``connection`` is not one server, or a bad ``nout``/``isout``.
     """
-    checks.function(func, "rfeval: func")
+    check_function(func, "rfeval: func")
     k = single_index(connection, "rfeval")
     net, _ = servers_of(connection, "rfeval")
     if k == 0:
