@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import wait_until
+
+# the first test also builds the bed (on a fresh machine: the hosts' venv from PyPI)
+pytestmark = pytest.mark.timeout(300)
 
 
 def lines(r) -> dict[str, str]:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import wait_until
+
+# the first test also builds the bed (on a fresh machine: the hosts' venv from PyPI)
+pytestmark = pytest.mark.timeout(300)
 
 MESH = """
 import json, time
