@@ -17,6 +17,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from parnet.auth import srp
@@ -416,3 +417,95 @@ class FakeSrpServer:
 
     def join(self) -> None:
         self._thread.join(10)
+
+
+# -- floods ------------------------------------------------------------------------------
+class Flood:
+    """Hostile connections from a background thread until ``stop()``.
+
+    ``keep``: hold ``per`` connections open to each ``(host, port)`` target from each source
+    address, reopening whatever the server closes (every 50 ms). ``rate``: instead open
+    ``rate`` new connections per second (round-robin over targets and sources) and leave them
+    to the server. Each new connection sends ``payload()`` (nothing by default) and then stays
+    silent. ``opened`` counts the connections made.
+    """
+
+    def __init__(self, targets: list[tuple[str, int]], srcs: list[str], *, per: int = 0, rate: float = 0,
+                 payload: Callable[[], bytes] | None = None) -> None:
+        self.targets, self.srcs, self.per, self.rate = targets, srcs, per, rate
+        self.payload = payload
+        self.opened = 0
+        self.errors: list[BaseException] = []
+        self.socks: dict[tuple[int, int], list[socket.socket]] = {}
+        self._all: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _open(self, target: tuple[str, int], src: str) -> socket.socket | None:
+        try:
+            s = connect(*target, src=src, timeout=2)
+            if self.payload is not None:
+                s.sendall(self.payload())
+        except OSError:
+            return None
+        self.opened += 1
+        self._all.append(s)
+        return s
+
+    def _run(self) -> None:
+        try:
+            combos = [(t, ip) for t in self.targets for ip in self.srcs]
+            k = 0
+            t0 = time.monotonic()
+            while not self._stop.is_set():
+                if self.rate:
+                    due = int((time.monotonic() - t0) * self.rate)
+                    while k < due and not self._stop.is_set():
+                        self._open(*combos[k % len(combos)])
+                        k += 1
+                    self._stop.wait(0.01)
+                    continue
+                for key, (t, ip) in enumerate(combos):
+                    live = [s for s in self.socks.get((key, 0), []) if not _closed(s)]
+                    while len(live) < self.per and not self._stop.is_set():
+                        s = self._open(t, ip)
+                        if s is None:
+                            break
+                        live.append(s)
+                    self.socks[(key, 0)] = live
+                self._stop.wait(0.05)
+        except BaseException as e:  # noqa: BLE001 - recorded for the test
+            self.errors.append(e)
+
+    def live(self) -> int:
+        """Connections of ``keep`` mode that the server has not closed yet."""
+        return sum(1 for lst in list(self.socks.values()) for s in lst if not _closed(s))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for s in self._all:
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def __enter__(self) -> Flood:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the peer closed or reset ``sock`` (without waiting); data is discarded."""
+    if sock.fileno() < 0:
+        return True
+    r, _, _ = select.select([sock], [], [], 0)
+    if not r:
+        return False
+    try:
+        return not sock.recv(4096, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

@@ -2,19 +2,37 @@
 
 Theory of operation. One thread, one ``selectors`` loop, no user code and no secrets of any
 session. It accepts on the command and the data port, reads each connection's fixed-size
-plaintext preamble (with a deadline, and caps on pending connections in total and per source
-address), and then:
+plaintext preamble, and then:
 
-* command preamble (a new client network): answers OK and forks a worker process that
-  inherits the socket and does TLS + SRP itself (``worker.run_worker``). The daemon is
-  single-threaded and has numpy and cloudpickle imported already, so the fork is cheap and
-  the worker starts warm: the daemon is its own fork server.
+* command preamble (a new client network): answers OK, waits for the first bytes of the
+  client's TLS handshake, and forks a worker process that inherits the socket and does TLS +
+  SRP itself (``worker.run_worker``). The daemon is single-threaded and has numpy and
+  cloudpickle imported already, so the fork is cheap and the worker starts warm: the daemon
+  is its own fork server.
 * data preamble: looks up the worker of that network id and passes the socket to it over a
   Unix socket (``SCM_RIGHTS``) together with the preamble; unknown ids get a generic refusal.
 
 Workers tell the daemon over that Unix socket when their client has authenticated (``A``)
-or failed (``F``, which counts toward a growing delay for that address); its EOF means the
-worker is exiting, and SIGCHLD makes the loop reap it. SIGTERM stops every worker and exits.
+or failed (``F`` and the reason, which counts toward a growing delay for that address); its
+EOF means the worker is exiting, and SIGCHLD makes the loop reap it. SIGTERM stops every
+worker and exits.
+
+Before authentication (SECURITY.md rows 22-25), so that idle or hanging connections cannot
+lock clients out and junk cannot fill the log:
+
+* a connection has ``PREAMBLE_DEADLINE`` (1.5 s) for its preamble and, with TLS, as long again
+  after the OK for its first TLS bytes; only then is a worker forked (at most
+  ``FORKS_PER_SECOND``, a token bucket; later ones wait their turn);
+* each port has its own table of pending connections, ``MAX_PENDING`` in all and
+  ``MAX_PENDING_PER_IP`` per source. A newcomer beyond either evicts the oldest connection
+  that has sent nothing, else the oldest one of the most represented source: an honest
+  client, which sends its preamble at once, is never the one evicted;
+* beyond ``DROP_START_RATE`` accepts per second on a port, newcomers are dropped at random
+  (OpenSSH's MaxStartups), with a "server busy" reply, which clients retry;
+* at most ``MAX_UNAUTH_WORKERS`` workers wait for their client's login: beyond, the oldest
+  one (of the most represented source) is stopped, or the newcomer gets "server busy";
+* refusals are logged through ``logs.RefusalLog`` (rate-limited, summed up every
+  ``LOG_WINDOW``), into a rotated log file.
 """
 
 from __future__ import annotations
@@ -24,26 +42,34 @@ import errno
 import glob
 import logging
 import os
+import random
 import select
 import selectors
 import signal
 import socket
 import sys
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..constants import (
-    AUTH_DEADLINE,
     CMD_PORT,
     DATA_PORT,
+    DROP_FULL_RATE,
+    DROP_MAX_PROBABILITY,
+    DROP_START_RATE,
+    FORKS_PER_SECOND,
     LISTEN_BACKLOG,
     MAX_PENDING,
     MAX_PENDING_PER_IP,
+    MAX_UNAUTH_WORKERS,
+    PREAMBLE_DEADLINE,
     PROTOCOL_VERSION,
 )
 from ..errors import ConfigError, ParnetError
 from ..transport import handshake
+from .logs import LogFile, RefusalLog
 from .worker import ServerConfig, run_worker
 
 log = logging.getLogger("parnet.daemon")
@@ -143,7 +169,11 @@ class _Pending:
     port_kind: int
     accepted_at: float
     buf: bytearray = field(default_factory=bytearray)
-    not_before: float = 0.0
+    not_before: float = 0.0  # routed (or forked) no earlier than this: back-off, fork budget
+    ok_at: float = 0.0  # when the OK went out (command port with TLS: waiting for TLS bytes)
+    pre: handshake.Preamble | None = None
+    fails: int = 0  # failed logins from this source that delayed it
+    watched: bool = True
 
 
 @dataclass
@@ -152,7 +182,10 @@ class _WorkerRec:
     ctl: socket.socket
     netid: bytes
     ip: str
-    authenticated: bool = False
+    authenticated: bool = False  # may take data connections (at once without TLS)
+    logged_in: bool = False  # said "A": logged in, or without TLS sent its SETUP
+    started: float = 0.0
+    evicted: bool = False
 
 
 class Daemon:
@@ -179,6 +212,10 @@ class Daemon:
         self._stop = False
         self._listeners: list[socket.socket] = []
         self._wake_r = self._wake_w = -1
+        self.rlog = RefusalLog(log)
+        self._accepts: dict[int, deque[float]] = {handshake.KIND_CMD: deque(), handshake.KIND_DATA: deque()}
+        self._tokens = float(FORKS_PER_SECOND)
+        self._tokens_at = time.monotonic()
 
     # -- start -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -228,8 +265,11 @@ class Daemon:
     def _setup_logging(self) -> None:
         root = logging.getLogger("parnet")
         root.setLevel(logging.DEBUG if os.environ.get("PARNET_DEBUG") else logging.INFO)
-        fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        h = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+        try:
+            h = LogFile(self.log_file)
+        except OSError as e:
+            raise ConfigError(f"{self.log_file}: cannot open the log file: {e.strerror or e}"
+                              + (" (a symbolic link: remove it)" if e.errno == errno.ELOOP else "")) from None
         h.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
         root.addHandler(h)
 
@@ -313,15 +353,13 @@ class Daemon:
         now = time.monotonic()
         t = 1.0
         for p in self.pending.values():
-            t = min(t, max(0.0, p.accepted_at + AUTH_DEADLINE - now))
             if p.not_before:
                 t = min(t, max(0.0, p.not_before - now))
+            elif p.ok_at:
+                t = min(t, max(0.0, p.ok_at + PREAMBLE_DEADLINE - now))
+            elif len(p.buf) < handshake.PREAMBLE.size:
+                t = min(t, max(0.0, p.accepted_at + PREAMBLE_DEADLINE - now))
         return t
-
-    def _unauth_count(self, ip: str | None = None) -> int:
-        n = sum(1 for p in self.pending.values() if ip is None or p.ip == ip)
-        n += sum(1 for w in self.workers.values() if not w.authenticated and (ip is None or w.ip == ip))
-        return n
 
     def _accept(self, ls: Any, kind: int) -> None:
         for _ in range(64):
@@ -333,41 +371,87 @@ class Daemon:
                 log.warning("accept failed: %s", e)
                 return
             ip = addr[0]
-            if self._unauth_count() >= MAX_PENDING or self._unauth_count(ip) >= MAX_PENDING_PER_IP:
-                log.warning("refused connection from %s: too many pending connections", ip)
+            rate = self._accept_rate(kind)
+            if rate > DROP_START_RATE and random.random() < min(
+                    DROP_MAX_PROBABILITY, (rate - DROP_START_RATE) / (DROP_FULL_RATE - DROP_START_RATE)):
+                self.rlog.note(ip, f"dropped connection from {ip}: {rate} new connections in the last second")
+                _say_busy(sock)
                 sock.close()
                 continue
+            self._make_room(kind, ip)
             sock.setblocking(False)
             p = _Pending(sock, ip, kind, time.monotonic())
             self.pending[sock.fileno()] = p
             self.sel.register(sock, selectors.EVENT_READ, ("pending", p))
+            self._read_preamble(p)  # a real client's preamble is usually there already
+
+    def _accept_rate(self, kind: int) -> int:
+        """Connections accepted on this port in the last second, this one included."""
+        q = self._accepts[kind]
+        now = time.monotonic()
+        q.append(now)
+        while q[0] < now - 1.0:
+            q.popleft()
+        return len(q)
+
+    def _make_room(self, kind: int, ip: str) -> None:
+        """Evicts a pending connection if a newcomer from ``ip`` on this port would exceed
+        the port's or the source's budget."""
+        port = [p for p in self.pending.values() if p.port_kind == kind]
+        mine = [p for p in port if p.ip == ip]
+        if len(mine) >= MAX_PENDING_PER_IP:
+            self._evict(mine, "too many pending connections from that address")
+        elif len(port) >= MAX_PENDING:
+            self._evict(port, "too many pending connections")
+
+    def _evict(self, cands: list[_Pending], why: str) -> None:
+        """Closes the oldest of ``cands`` that has sent nothing, else the oldest one; of the
+        most represented source among those, in both cases."""
+        pool = [p for p in cands if not p.buf] or cands
+        counts = Counter(p.ip for p in pool)
+        top = max(counts.values())
+        victim = min((p for p in pool if counts[p.ip] == top), key=lambda p: p.accepted_at)
+        self.rlog.note(victim.ip, f"closed a pending connection from {victim.ip} to make room: {why}")
+        if len(victim.buf) == handshake.PREAMBLE.size and not victim.ok_at:
+            _say_busy(victim.sock)  # it waits for an answer: tell it why
+        self._drop_pending(victim)
+
+    def _watch(self, p: _Pending, on: bool) -> None:
+        if on and not p.watched:
+            self.sel.register(p.sock, selectors.EVENT_READ, ("pending", p))
+        elif not on and p.watched:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(p.sock)
+        p.watched = on
 
     def _drop_pending(self, p: _Pending, close: bool = True) -> None:
         self.pending.pop(p.sock.fileno(), None)
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(p.sock)
+        self._watch(p, False)
         if close:
             p.sock.close()
 
     def _refuse(self, p: _Pending, reason: str, log_reason: str | None = None) -> None:
-        log.warning("refused %s connection from %s: %s", "command" if p.port_kind == 1 else "data",
-                    p.ip, log_reason or reason)
+        kind = "command" if p.port_kind == handshake.KIND_CMD else "data"
+        self.rlog.note(p.ip, f"refused {kind} connection from {p.ip}: {log_reason or reason}")
         with contextlib.suppress(OSError):
             p.sock.send(handshake.pack_reply(False, 0, reason))
         self._drop_pending(p)
 
     def _read_preamble(self, p: _Pending) -> None:
+        if p.ok_at:
+            self._on_tls_start(p)
+            return
         need = handshake.PREAMBLE.size - len(p.buf)
         try:
             data = p.sock.recv(need)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            log.info("connection from %s failed before its preamble: %s", p.ip, e)
+            self.rlog.note(p.ip, f"connection from {p.ip} failed before its preamble: {e}", logging.INFO)
             self._drop_pending(p)
             return
         if not data:
-            log.info("connection from %s closed before its preamble", p.ip)
+            self.rlog.note(p.ip, f"connection from {p.ip} closed before its preamble", logging.INFO)
             self._drop_pending(p)
             return
         p.buf += data
@@ -375,11 +459,12 @@ class Daemon:
             return
         fails, last = self.failures.get(p.ip, (0, 0.0))
         if fails and time.monotonic() - last < 60:
+            p.fails = fails
             p.not_before = last + min(8.0, 0.25 * 2 ** min(fails - 1, 6))
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(p.sock)
+            self._watch(p, False)
             if time.monotonic() < p.not_before:
                 return  # handled by _expire when the delay has passed
+            p.not_before = 0.0
         self._route(p)
 
     def _route(self, p: _Pending) -> None:
@@ -403,7 +488,22 @@ class Daemon:
             if pre.netid in self.workers or pre.src != 0:
                 self._refuse(p, handshake.GENERIC_REFUSAL, "network id in use")
                 return
-            self._start_worker(p, pre)
+            if not self._worker_room(min_age=1.0):
+                self._refuse(p, handshake.BUSY, "server busy: too many workers waiting for a login")
+                return
+            p.pre = pre
+            if not self.use_tls:
+                self._start_worker(p, pre)
+                return
+            note = f"login delayed after {p.fails} failed attempt{'s' if p.fails > 1 else ''}" if p.fails else ""
+            try:
+                p.sock.send(handshake.pack_reply(True, self.data_port, note))
+            except OSError as e:
+                self.rlog.note(p.ip, f"connection from {p.ip} failed: {e}", logging.INFO)
+                self._drop_pending(p)
+                return
+            p.ok_at = time.monotonic()
+            self._watch(p, True)
             return
         rec = self.workers.get(pre.netid)
         if rec is not None:
@@ -421,24 +521,81 @@ class Daemon:
             log.warning("could not pass a data connection to worker %d: %s", rec.pid, e)
         self._drop_pending(p)
 
+    def _on_tls_start(self, p: _Pending) -> None:
+        """A command connection after its OK: fork its worker once TLS bytes arrive."""
+        try:
+            data = p.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._watch(p, True)
+            return
+        except OSError as e:
+            self.rlog.note(p.ip, f"connection from {p.ip} failed before TLS: {e}", logging.INFO)
+            self._drop_pending(p)
+            return
+        if not data:
+            self.rlog.note(p.ip, f"connection from {p.ip} closed before TLS", logging.INFO)
+            self._drop_pending(p)
+            return
+        if not self._take_fork_token():
+            p.not_before = time.monotonic() + 1.0 / FORKS_PER_SECOND
+            self._watch(p, False)
+            return
+        self._worker_room(min_age=0.0)
+        assert p.pre is not None
+        self._start_worker(p, p.pre)
+
+    def _take_fork_token(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(float(FORKS_PER_SECOND), self._tokens + (now - self._tokens_at) * FORKS_PER_SECOND)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def _worker_room(self, min_age: float) -> bool:
+        """Whether one more worker may wait for a login; stops a waiting worker to make room:
+        the oldest one started ``min_age`` s ago or more, of the source with the most waiting
+        workers that has such a one."""
+        waiting = [w for w in self.workers.values() if not w.logged_in and not w.evicted]
+        if len(waiting) < MAX_UNAUTH_WORKERS:
+            return True
+        now = time.monotonic()
+        counts = Counter(w.ip for w in waiting)
+        old = [w for w in waiting if now - w.started >= min_age]
+        if not old:
+            return False
+        victim = min(old, key=lambda w: (-counts[w.ip], w.started))
+        victim.evicted = True
+        with contextlib.suppress(OSError):
+            os.kill(victim.pid, signal.SIGKILL)
+        self.rlog.note(victim.ip, f"stopped the worker of a login from {victim.ip} to make room: "
+                                  "too many workers waiting for a login")
+        return True
+
     def _start_worker(self, p: _Pending, pre: handshake.Preamble) -> None:
+        if not p.ok_at and not self._take_fork_token():
+            self._refuse(p, handshake.BUSY, "server busy: too many new workers")
+            return
         parent_ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            p.sock.send(handshake.pack_reply(True, self.data_port))
+            if not p.ok_at:
+                p.sock.send(handshake.pack_reply(True, self.data_port))
         except OSError as e:
-            log.info("connection from %s failed: %s", p.ip, e)
+            self.rlog.note(p.ip, f"connection from {p.ip} failed: {e}", logging.INFO)
             parent_ctl.close()
             child_ctl.close()
             self._drop_pending(p)
             return
         self._drop_pending(p, close=False)
+        started = p.ok_at or time.monotonic()
         pid = os.fork()
         if pid == 0:  # the worker
             status = 1
             try:
                 self._in_child(parent_ctl)
                 p.sock.setblocking(True)
-                status = run_worker(self.cfg, p.sock, child_ctl, p.ip, pre, p.accepted_at)  # type: ignore[arg-type]
+                status = run_worker(self.cfg, p.sock, child_ctl, p.ip, pre, started)  # type: ignore[arg-type]
             except BaseException:  # noqa: BLE001
                 log.exception("worker crashed")
             finally:
@@ -447,11 +604,11 @@ class Daemon:
         child_ctl.close()
         p.sock.close()
         parent_ctl.setblocking(False)
-        rec = _WorkerRec(pid, parent_ctl, pre.netid, p.ip, authenticated=not self.use_tls)
+        rec = _WorkerRec(pid, parent_ctl, pre.netid, p.ip, authenticated=not self.use_tls, started=started)
         self.workers[pre.netid] = rec
         self.by_ctl[parent_ctl.fileno()] = rec
         self.sel.register(parent_ctl, selectors.EVENT_READ, ("ctl", rec))
-        log.info("connection from %s: worker %d for network %s", p.ip, pid, pre.netid.hex()[:8])
+        log.debug("connection from %s: worker %d for network %s", p.ip, pid, pre.netid.hex()[:8])
 
     def _in_child(self, keep_out: socket.socket) -> None:
         signal.set_wakeup_fd(-1)
@@ -484,17 +641,21 @@ class Daemon:
 
     def _on_ctl(self, rec: _WorkerRec) -> None:
         try:
-            data = rec.ctl.recv(16)
+            data = rec.ctl.recv(512)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
         if data == b"A":
-            rec.authenticated = True
+            rec.authenticated = rec.logged_in = True
             self.failures.pop(rec.ip, None)
-        elif data == b"F":
+            log.info("connection from %s: worker %d for network %s authenticated", rec.ip, rec.pid,
+                     rec.netid.hex()[:8])
+        elif data[:1] == b"F":
             fails, _ = self.failures.get(rec.ip, (0, 0.0))
             self.failures[rec.ip] = (fails + 1, time.monotonic())
+            why = data[1:].decode(errors="replace")
+            self.rlog.note(rec.ip, f"client {rec.ip}: authentication failed{': ' if why else ''}{why}")
         elif not data:
             self._forget(rec)
 
@@ -511,11 +672,24 @@ class Daemon:
         now = time.monotonic()
         if self.failures:  # forget addresses quiet for a minute (bounded memory)
             self.failures = {ip: v for ip, v in self.failures.items() if now - v[1] < 60}
+        self.rlog.flush()
         for p in list(self.pending.values()):
-            if p.not_before and now >= p.not_before:
-                self._route(p)
-            elif now - p.accepted_at > AUTH_DEADLINE:
-                log.warning("closed connection from %s: no preamble within %.0f s", p.ip, AUTH_DEADLINE)
+            if p.sock.fileno() < 0 or self.pending.get(p.sock.fileno()) is not p:
+                continue  # dropped meanwhile (evicted by a worker's room-making)
+            if p.ok_at and now - p.ok_at > PREAMBLE_DEADLINE:
+                self.rlog.note(p.ip, f"closed connection from {p.ip}: no TLS handshake within "
+                                     f"{PREAMBLE_DEADLINE:g} s of its preamble")
+                self._drop_pending(p)
+            elif p.not_before:
+                if now >= p.not_before:
+                    p.not_before = 0.0
+                    if p.ok_at:
+                        self._on_tls_start(p)
+                    else:
+                        self._route(p)
+            elif len(p.buf) < handshake.PREAMBLE.size and now - p.accepted_at > PREAMBLE_DEADLINE:
+                self.rlog.note(p.ip, f"closed connection from {p.ip}: no preamble within "
+                                     f"{PREAMBLE_DEADLINE:g} s")
                 self._drop_pending(p)
 
     def _reap(self) -> None:
@@ -527,9 +701,12 @@ class Daemon:
             if pid == 0:
                 return
             code = os.waitstatus_to_exitcode(status)
-            log.info("worker %d exited (%s)", pid, f"signal {-code}" if code < 0 else f"status {code}")
+            # status 1 is a failed login (logged as such) or a stopped waiting worker
+            log.log(logging.DEBUG if code in (1, -signal.SIGKILL) else logging.INFO, "worker %d exited (%s)",
+                    pid, f"signal {-code}" if code < 0 else f"status {code}")
 
     def _shutdown(self) -> None:
+        self.rlog.flush(force=True)
         log.info("shutting down (%d workers)", len(self.workers))
         pids = [w.pid for w in self.workers.values()]
         for pid in pids:
@@ -559,3 +736,9 @@ class Daemon:
         except ChildProcessError:
             return False
         return done == 0
+
+
+def _say_busy(sock: socket.socket) -> None:
+    """Tells a refused client the server is busy (it retries), best effort."""
+    with contextlib.suppress(OSError):
+        sock.send(handshake.pack_reply(False, 0, handshake.BUSY))

@@ -11,6 +11,7 @@ import time
 
 from ..errors import ParnetError
 from .daemon import default_log_file, effective_bind, kill_server
+from .logs import open_log_fd
 
 
 def server_argv(*, use_tls: bool = True, auth_file: str | None = None, cmd_port: int = 12502,
@@ -48,13 +49,13 @@ def start_background(timeout: float = 30.0, **opts: object) -> int:
     argv = [sys.executable, "-m", "parnet", "server", "--foreground", "--ready-fd", str(w),
             *server_argv(**opts)]  # type: ignore[arg-type]
     try:
-        errf = open(log_file, "ab")  # noqa: SIM115 - closed below, after the fork
+        errf = os.fdopen(open_log_fd(str(log_file)), "ab")
     except OSError as e:
         os.close(r)
         os.close(w)
-        raise ParnetError(f"parnet server: cannot open the log file {log_file}: {e.strerror}") from None
+        raise ParnetError(f"parnet server: cannot open the log file {log_file}: {e.strerror or e}") from None
     with errf:
-        os.chmod(log_file, 0o600)
+        os.fchmod(errf.fileno(), 0o600)
         proc = subprocess.Popen(argv, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=errf, close_fds=True)
     os.close(w)

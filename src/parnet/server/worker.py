@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import linecache
 import logging
 import os
@@ -56,6 +57,11 @@ log = logging.getLogger("parnet.worker")
 NOTICE_EVERY = 0.05
 
 MAX_REPORT = 64 * 1024
+#: Seconds an incoming data link has for TLS and its tags during the mesh set-up.
+INCOMING_LINK_DEADLINE = float(os.environ.get("PARNET_LINK_DEADLINE", "3"))
+#: Incoming data links authenticated at once during the set-up (beyond: the oldest is aborted).
+MAX_INCOMING_LINKS = 16
+LINK_FAILURES_LOGGED = 10
 
 
 @dataclass
@@ -122,6 +128,7 @@ class Worker:
         self._interrupt_requested = False
         self.running = False
         self.heartbeat = DEFAULT_TIMEOUT
+        self._wake = socket.socketpair()  # wakes the set-up when an incoming link is done
 
     # -- set-up ------------------------------------------------------------------------
     def authenticate(self) -> None:
@@ -135,9 +142,8 @@ class Worker:
             user = handshake.srp_server(self.cmd, self.cfg.auth.lookup, self.cfg.auth.fake_secret,
                                         self.cfg.cb, True, deadline, on_success=self._tell_daemon)
             log.info("client %s authenticated as %r", self.peer, user)
-        else:
+        else:  # nothing to check: the daemon learns of the client at its SETUP (setup())
             self.cmd = Link(sock, name=f"client {self.peer}", authenticated=True)
-            self._tell_daemon()
 
     def _tell_daemon(self) -> None:
         with contextlib.suppress(OSError):
@@ -146,9 +152,12 @@ class Worker:
     def setup(self) -> None:
         """Receives SETUP, builds the mesh, answers READY (or SETUP_FAILED)."""
         assert self.cmd is not None
-        f = self.cmd.recv_frame(time.monotonic() + 60)
+        # without TLS, SETUP is the first frame and counts as the login (its deadline)
+        f = self.cmd.recv_frame(time.monotonic() + 60 if self.cfg.use_tls else self.accepted_at + AUTH_DEADLINE)
         if f.code != msg.SETUP:
             raise ConnectError(f"expected SETUP, got message {f.code}")
+        if not self.cfg.use_tls:
+            self._tell_daemon()
         s = serialize.loads(f.body, f.buffers)
         node = s["node"]
         net = self.net = Network(self.netid, s["hosts"], node)
@@ -207,34 +216,86 @@ class Worker:
         pool = ThreadPoolExecutor(max_workers=max(1, n - node - 1)) if node + 1 < n else None
         futures = {j: pool.submit(outgoing, j) for j in range(node + 1, n)} if pool else {}
         try:
-            waiting = set(range(node))
-            while waiting:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    names = ", ".join(net.name(k) for k in sorted(waiting))
-                    raise ConnectError(f"server {node} ({net.nodes[node].host}): no data connection "
-                                       f"from {names} in time")
-                r, _, _ = select.select([self.ctl], [], [], left)
-                if not r:
-                    continue
-                got = self._take_fd()
-                if got is None:
-                    continue
-                pre, sock = got
-                if pre.src not in waiting or pre.dst != node:
-                    sock.close()
-                    continue
-                try:
-                    net.nodes[pre.src].data = self._accept_data(sock, pre, deadline)
-                    waiting.discard(pre.src)
-                except (OSError, ParnetError, TimeoutError) as e:
-                    log.warning("data connection from node %d refused: %s", pre.src, e)
-                    sock.close()
+            self._accept_links(net, node, deadline)
             for j, fut in futures.items():
                 net.nodes[j].data = fut.result(timeout=max(0.01, deadline - time.monotonic()))
         finally:
             if pool:
                 pool.shutdown(wait=False, cancel_futures=True)
+
+    def _accept_links(self, net: Network, node: int, deadline: float) -> None:
+        """Takes the data links of the earlier nodes (and the client) from the daemon.
+
+        Each incoming connection is authenticated in a thread of its own within
+        ``INCOMING_LINK_DEADLINE``, at most ``MAX_INCOMING_LINKS`` at a time (beyond, the
+        oldest attempt is aborted): one that never starts TLS, or is not from this network,
+        cannot delay the real ones (SECURITY.md row 24). The first to authenticate for a node
+        wins; later ones are closed.
+        """
+        waiting = set(range(node))
+        lock = threading.Lock()
+        # attempt number -> (when it started, a duplicate of its socket to abort it with)
+        inflight: dict[int, tuple[float, socket.socket]] = {}
+        failed = [0]
+        count = itertools.count()
+        wake_r, wake_w = self._wake
+
+        def attempt(pre: handshake.Preamble, sock: socket.socket, key: int) -> None:
+            link = None
+            try:
+                link = self._accept_data(sock, pre, min(deadline, time.monotonic() + INCOMING_LINK_DEADLINE))
+            except (OSError, ParnetError, TimeoutError, ValueError) as e:
+                failed[0] += 1
+                if failed[0] <= LINK_FAILURES_LOGGED:  # an attacker may send many: a few, then a count
+                    log.warning("data connection from node %d refused: %s", pre.src, e)
+            with lock:
+                _, dup = inflight.pop(key, (0.0, None))
+                if dup is not None:
+                    dup.close()
+                if link is not None and pre.src in waiting:
+                    net.nodes[pre.src].data = link
+                    waiting.discard(pre.src)
+                elif link is not None:
+                    link.close()  # a second one for that node
+            with contextlib.suppress(OSError):
+                wake_w.send(b"x")
+
+        try:
+            while True:
+                with lock:
+                    if not waiting:
+                        return
+                    names = ", ".join(net.name(k) for k in sorted(waiting))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConnectError(f"server {node} ({net.nodes[node].host}): no data connection "
+                                       f"from {names} in time")
+                r, _, _ = select.select([self.ctl, wake_r], [], [], left)
+                if wake_r in r:
+                    wake_r.recv(4096)
+                if self.ctl not in r:
+                    continue
+                got = self._take_fd()
+                if got is None:
+                    continue
+                pre, sock = got
+                with lock:
+                    if pre.src not in waiting or pre.dst != node:
+                        sock.close()
+                        continue
+                    if len(inflight) >= MAX_INCOMING_LINKS:
+                        _abort(min(inflight.values(), key=lambda v: v[0])[1])
+                    key = next(count)
+                    inflight[key] = (time.monotonic(), sock.dup())
+                threading.Thread(target=attempt, args=(pre, sock, key), daemon=True,
+                                 name="parnet-link-accept").start()
+        finally:
+            with lock:
+                waiting.clear()  # late successes are closed
+                for _, dup in inflight.values():
+                    _abort(dup)
+            if failed[0] > LINK_FAILURES_LOGGED:
+                log.warning("%d more data connections refused during set-up", failed[0] - LINK_FAILURES_LOGGED)
 
     def _take_fd(self) -> tuple[handshake.Preamble, socket.socket] | None:
         data, fds, _, _ = socket.recv_fds(self.ctl, 64, 1)
@@ -570,6 +631,13 @@ class Worker:
             self.cmd.close()
 
 
+def _abort(dup: socket.socket) -> None:
+    """Wakes a handshake blocked on the socket that ``dup`` duplicates (used by another
+    thread) with an error."""
+    with contextlib.suppress(OSError):
+        dup.shutdown(socket.SHUT_RDWR)
+
+
 def _watch_client(fd: int, on_gone: Any) -> None:
     p = select.poll()
     p.register(fd, select.POLLRDHUP)
@@ -587,9 +655,8 @@ def run_worker(cfg: ServerConfig, sock: socket.socket, ctl: socket.socket, peer:
     try:
         w.authenticate()
     except (AuthenticationError, OSError, ParnetError, TimeoutError, ValueError) as e:
-        log.warning("client %s: authentication failed: %s", peer, e)
-        with contextlib.suppress(OSError):
-            ctl.send(b"F")
+        with contextlib.suppress(OSError):  # the daemon logs it (rate-limited)
+            ctl.send(b"F" + str(e).encode(errors="replace")[:400])
         return 1
     fd = w.cmd.fileno() if w.cmd else -1
 

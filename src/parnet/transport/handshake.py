@@ -18,11 +18,13 @@ pairwise-key tag exchange. Without TLS nothing more is exchanged. All of it runs
 from __future__ import annotations
 
 import contextlib
+import random
 import secrets
 import socket
 import ssl
 import struct
 import time
+import warnings
 from dataclasses import dataclass
 
 from ..constants import MAGIC, PROTOCOL_VERSION
@@ -39,6 +41,8 @@ STATUS_OK = 0
 STATUS_ERROR = 1
 MAX_REASON = 512
 GENERIC_REFUSAL = "refused"
+#: The daemon's answer when it sheds load before authentication; clients retry it.
+BUSY = "server busy, try again later"
 
 
 def options_bytes(use_tls: bool) -> bytes:
@@ -104,6 +108,8 @@ def open_channel(
     """Connects to a daemon, sends the preamble, checks the reply, and does TLS if asked.
 
     ``source``: the local address to connect from (a server bound to one address uses it).
+    A "server busy" answer is retried after a short random pause until ``deadline``; a note
+    in an OK answer (a login delayed after failed attempts) becomes a warning.
 
     Returns:
         The connected socket (an ``SSLSocket`` with TLS) and the daemon's data port.
@@ -112,6 +118,24 @@ def open_channel(
         ConnectError: refused, unreachable, wrong version, TLS mismatch, or timed out; the
             message names ``host:port``.
     """
+    while True:
+        try:
+            return _open_once(host, port, pre, deadline=deadline, ctx=ctx, source=source)
+        except ConnectError as e:
+            if not str(e).endswith(BUSY) or deadline - time.monotonic() < 0.3:
+                raise
+        time.sleep(random.uniform(0.05, 0.2))
+
+
+def _text(raw: bytes) -> str:
+    """A peer's text, safe to show: printable ASCII, anything else escaped."""
+    return "".join(c if " " <= c <= "~" else repr(c)[1:-1] for c in raw.decode(errors="replace"))
+
+
+def _open_once(
+    host: str, port: int, pre: Preamble, *, deadline: float, ctx: ssl.SSLContext | None,
+    source: str | None = None,
+) -> tuple[socket.socket, int]:
     where = f"{host}:{port}"
     sock = None
     try:
@@ -124,9 +148,11 @@ def open_channel(
         magic, version, status, data_port, rlen = REPLY.unpack(head)
         if magic != MAGIC:
             raise ConnectError(f"{where}: not a parnet server (bad reply)")
-        reason = _recv_exact(sock, min(rlen, MAX_REASON), deadline, "the server's reply").decode(errors="replace")
+        reason = _text(_recv_exact(sock, min(rlen, MAX_REASON), deadline, "the server's reply"))
         if status != STATUS_OK:
             raise ConnectError(f"{where}: {reason}")
+        if reason:
+            warnings.warn(f"parnet: {where}: {reason}", stacklevel=4)
         if version != PROTOCOL_VERSION:
             raise ConnectError(f"{where}: protocol version mismatch (server {version}, client {PROTOCOL_VERSION})")
         if ctx is not None:
