@@ -441,18 +441,8 @@ class Daemon:
         if p.ok_at:
             self._on_tls_start(p)
             return
-        need = handshake.PREAMBLE.size - len(p.buf)
-        try:
-            data = p.sock.recv(need)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self.rlog.note(p.ip, f"connection from {p.ip} failed before its preamble: {e}", logging.INFO)
-            self._drop_pending(p)
-            return
-        if not data:
-            self.rlog.note(p.ip, f"connection from {p.ip} closed before its preamble", logging.INFO)
-            self._drop_pending(p)
+        data = self._recv_or_drop(p, handshake.PREAMBLE.size - len(p.buf), 0, "its preamble")
+        if data is None:
             return
         p.buf += data
         if len(p.buf) < handshake.PREAMBLE.size:
@@ -466,6 +456,23 @@ class Daemon:
                 return  # handled by _expire when the delay has passed
             p.not_before = 0.0
         self._route(p)
+
+    def _recv_or_drop(self, p: _Pending, n: int, flags: int, before: str) -> bytes | None:
+        """Up to ``n`` bytes of a pending connection; None if none yet, or if it closed or
+        failed (then it is dropped, and that is logged)."""
+        try:
+            data = p.sock.recv(n, flags)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            self.rlog.note(p.ip, f"connection from {p.ip} failed before {before}: {e}", logging.INFO)
+            self._drop_pending(p)
+            return None
+        if not data:
+            self.rlog.note(p.ip, f"connection from {p.ip} closed before {before}", logging.INFO)
+            self._drop_pending(p)
+            return None
+        return data
 
     def _route(self, p: _Pending) -> None:
         try:
@@ -523,18 +530,9 @@ class Daemon:
 
     def _on_tls_start(self, p: _Pending) -> None:
         """A command connection after its OK: fork its worker once TLS bytes arrive."""
-        try:
-            data = p.sock.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            self._watch(p, True)
-            return
-        except OSError as e:
-            self.rlog.note(p.ip, f"connection from {p.ip} failed before TLS: {e}", logging.INFO)
-            self._drop_pending(p)
-            return
-        if not data:
-            self.rlog.note(p.ip, f"connection from {p.ip} closed before TLS", logging.INFO)
-            self._drop_pending(p)
+        if self._recv_or_drop(p, 1, socket.MSG_PEEK, "TLS") is None:
+            if self.pending.get(p.sock.fileno()) is p:
+                self._watch(p, True)  # nothing yet
             return
         if not self._take_fork_token():
             p.not_before = time.monotonic() + 1.0 / FORKS_PER_SECOND
