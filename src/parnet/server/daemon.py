@@ -216,6 +216,7 @@ class Daemon:
         self._accepts: dict[int, deque[float]] = {handshake.KIND_CMD: deque(), handshake.KIND_DATA: deque()}
         self._tokens = float(FORKS_PER_SECOND)
         self._tokens_at = time.monotonic()
+        self._stopped: set[int] = set()  # waiting workers stopped to make room (not reaped yet)
 
     # -- start -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -565,6 +566,7 @@ class Daemon:
             return False
         victim = min(old, key=lambda w: (-counts[w.ip], w.started))
         victim.evicted = True
+        self._stopped.add(victim.pid)
         with contextlib.suppress(OSError):
             os.kill(victim.pid, signal.SIGKILL)
         self.rlog.note(victim.ip, f"stopped the worker of a login from {victim.ip} to make room: "
@@ -699,8 +701,10 @@ class Daemon:
             if pid == 0:
                 return
             code = os.waitstatus_to_exitcode(status)
-            # status 1 is a failed login (logged as such) or a stopped waiting worker
-            log.log(logging.DEBUG if code in (1, -signal.SIGKILL) else logging.INFO, "worker %d exited (%s)",
+            # status 1 is a failed login (logged as such); a stopped waiting worker was logged too
+            quiet = code == 1 or (code == -signal.SIGKILL and pid in self._stopped)
+            self._stopped.discard(pid)
+            log.log(logging.DEBUG if quiet else logging.INFO, "worker %d exited (%s)",
                     pid, f"signal {-code}" if code < 0 else f"status {code}")
 
     def _shutdown(self) -> None:
