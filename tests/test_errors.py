@@ -4,6 +4,7 @@ and, against real servers, rfeval / reval / netcellfun)."""
 from __future__ import annotations
 
 import errno
+import linecache
 import pickle
 
 import cloudpickle
@@ -11,6 +12,7 @@ import pytest
 
 from parnet import ConnectionClosed, Connections, RemoteError, netcellfun, precv, reval, rfeval
 from parnet.errors import remote_error
+from parnet.tracebacks import fill_source
 
 
 class OddInit(Exception):
@@ -120,3 +122,75 @@ def test_reval_wait_raises_its_own_failure(conns: Connections) -> None:
         reval("1 +* 2", conns[1], wait=True)
     reval("psend(y, sockets[0])", conns[1], wait=True)  # nothing left pending, namespace intact
     assert precv(conns[1], timeout=20) == 42
+
+
+# -- remote tracebacks ----------------------------------------------------------------------
+
+
+def _client_only_function() -> object:
+    """A function whose source exists only in this process's linecache, as a notebook cell's."""
+    path = "/nonexistent-parnet-client-dir/cell_17.py"
+    src = "def cell_fn(d):\n    total = 0\n    return d['no such key'] + total\n"
+    linecache.cache[path] = (len(src), None, src.splitlines(True), path)
+    ns: dict = {}
+    exec(compile(src, path, "exec"), ns)
+    return ns["cell_fn"]
+
+
+def test_remote_traceback_shows_client_source(conns: Connections) -> None:
+    fn = _client_only_function()
+    with pytest.raises(KeyError) as ei:
+        rfeval(fn, {}, connection=conns[1])
+    tb = ei.value.remote_traceback
+    assert 'File "/nonexistent-parnet-client-dir/cell_17.py", line 3, in cell_fn' in tb
+    assert "    return d['no such key'] + total\n" in tb
+    assert "<dynamic-code>" not in tb and "parnet" not in tb.replace("parnet-client", "")
+    with pytest.raises(KeyError) as mi:
+        netcellfun(conns[1:], fn, [{}])
+    assert "    return d['no such key'] + total\n" in mi.value.remote_traceback
+
+
+def test_remote_traceback_drops_parnet_frames(conns: Connections) -> None:
+    with pytest.raises(IndexError) as ei:
+        reval("psend(1, sockets[7])", conns[1], wait=True)
+    tb = ei.value.remote_traceback
+    assert tb.startswith("Traceback (most recent call last):\n  File \"<reval-")
+    assert "psend(1, sockets[7])" in tb and "site-packages" not in tb and "/parnet/" not in tb
+    with pytest.raises(SyntaxError) as si:
+        reval("x = 1\ny = 1 +* 2", conns[2], wait=True)
+    lines = si.value.remote_traceback.splitlines()
+    assert lines[0].startswith('  File "<reval-') and lines[0].endswith(", line 2")
+    assert len(lines) == 4 and lines[1] == "    y = 1 +* 2" and lines[2].strip() == "^"
+    assert lines[3] == "SyntaxError: invalid syntax"
+
+
+def test_fill_source_only_where_missing() -> None:
+    path = "/nonexistent-parnet-client-dir/mod.py"
+    linecache.cache[path] = (10, None, ["a = 1\n", "b = a / 0\n"], path)
+    text = (f'Traceback (most recent call last):\n  File "{path}", line 2, in <module>\n'
+            f'  File "/srv/lib.py", line 5, in g\n    server_line()\nZeroDivisionError: x\n')
+    out = fill_source(text)
+    assert out == text.replace("in <module>\n", "in <module>\n    b = a / 0\n")
+    assert fill_source(out) == out
+
+
+def test_code_by_value_keeps_its_file_and_is_marked(tmp_path) -> None:
+    """A server does not show its own file's lines for code that came from the client (the
+    file of that name there is not the client's); it keeps the client's file name."""
+    from parnet.tracebacks import format_remote
+    from parnet.wire.serialize import cloud_dumps, is_client_code
+
+    path = tmp_path / "same_name.py"
+    path.write_text("# the server's file of that name\n\nserver_line = 1\n")
+    ns: dict = {}
+    exec(compile("def boom():\n\n    return 1 / 0\n", str(path), "exec"), ns)
+    here = ns["boom"]
+    there = pickle.loads(cloud_dumps(here))
+    assert there.__code__.co_filename == str(path) and is_client_code(there.__code__)
+    assert not is_client_code(here.__code__)
+    try:
+        there()
+    except ZeroDivisionError as e:
+        text = format_remote(e)
+    assert f'File "{path}", line 3, in boom\nZeroDivisionError' in text.replace("\n  ", "\n")
+    assert "server_line" not in text and "test_errors.py" in text  # this test's frame is no parnet's

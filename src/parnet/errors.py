@@ -174,6 +174,10 @@ def remote_error(host: str, node: int, exc_type: str, message: str, remote_trace
     """The ``RemoteError`` for a failure at a server: a ``RemoteError[T]`` when the remote
     type ``T`` (of ``original``, else ``cause``, else looked up by ``exc_type``) exists here
     and can be mixed in; a plain ``RemoteError`` otherwise. Raise it ``from original``."""
+    if remote_traceback:
+        from .tracebacks import fill_source
+
+        remote_traceback = fill_source(remote_traceback)
     t = type(original) if original is not None else cause or _type_by_name(exc_type)
     cls = _mixed_class(t) if t is not None else None
     if cls is None:

@@ -51,7 +51,6 @@ import math
 import numbers
 import pickle
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +61,8 @@ import cloudpickle
 import numpy as np
 
 from parnet.errors import ParnetError
+from parnet.tracebacks import format_remote
+from parnet.wire import serialize
 
 __all__ = [
     "Assembler",
@@ -168,7 +169,7 @@ class Shared:
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._blob is None:
-            self._blob = cloudpickle.dumps(self.obj, protocol=5)
+            self._blob = serialize.cloud_dumps(self.obj)
         return (_shared_from_blob, (self.key, self._blob))
 
     def __repr__(self) -> str:
@@ -454,7 +455,7 @@ def error_result(start: int, count: int, index: int, exc: BaseException, *,
         for _ in range(skip_frames):
             if tb is not None and tb.tb_next is not None:
                 tb = tb.tb_next
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        text = format_remote(exc, tb)
     kept = _portable_exception(exc) if portable else exc
     return ChunkResult(start, count, error=(index, type(exc).__name__, str(exc), text),
                        exception=kept)

@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ import numpy as np
 from ..constants import AUTH_DEADLINE, PROTOCOL_VERSION
 from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
 from ..network import Connections, Network, precv, psend, select_sockets
+from ..tracebacks import format_remote
 from ..transport import handshake
 from ..transport.heartbeat import DEFAULT_TIMEOUT, monitor
 from ..transport.link import Link
@@ -83,7 +83,7 @@ def error_report(e: BaseException, skip: int = 0) -> dict[str, Any]:
     for _ in range(skip):
         if tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-    text = "".join(traceback.format_exception(type(e), e, tb))[-MAX_REPORT:]
+    text = format_remote(e, tb, MAX_REPORT)
     pickled = None
     try:
         body, bufs, _ = serialize.dumps(e)

@@ -14,10 +14,15 @@ read into their own preallocated buffers, without further copies.
 
 from __future__ import annotations
 
+import io
 import pickle
+import types
+import weakref
+from collections import ChainMap
 from typing import Any
 
 import cloudpickle
+from cloudpickle import cloudpickle as _cp
 
 OOB_MIN = 1024
 #: Types whose pickle never holds buffers or code (the fast path of small messages).
@@ -54,8 +59,46 @@ def dumps(obj: Any) -> tuple[bytes, list[memoryview], int]:
     except (pickle.PicklingError, AttributeError, TypeError):
         pass
     buffers.clear()
-    body = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+    body = cloud_dumps(obj, buffer_callback=keep)
     return body, buffers, FLAG_CLOUDPICKLE
+
+
+# -- code sent by value keeps its file name, and is known as the client's where it lands ----
+#: Code objects that arrived by value from another node (their source is not this node's).
+_client_code: weakref.WeakValueDictionary[int, types.CodeType] = weakref.WeakValueDictionary()  # by id:
+# code objects compare equal by value, and a server's own code may equal one that came by value
+
+
+def _code_reduce(co: types.CodeType) -> tuple[Any, ...]:
+    # cloudpickle names every such code "<dynamic-code>"; keep the real file name, so the
+    # client can show the source lines of its own functions in a remote traceback.
+    _, args = _cp._code_reduce(co)
+    fields = list(args)
+    fields[fields.index("<dynamic-code>")] = co.co_filename
+    return _make_code, (tuple(fields),)
+
+
+def _make_code(args: tuple) -> types.CodeType:
+    co = types.CodeType(*args)
+    _client_code[id(co)] = co
+    return co
+
+
+def is_client_code(co: types.CodeType) -> bool:
+    """Whether ``co`` came by value from another node (ultimately from the client)."""
+    return _client_code.get(id(co)) is co
+
+
+class _Pickler(cloudpickle.Pickler):
+    dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
+
+def cloud_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
+    """``cloudpickle.dumps(obj, protocol=5)``, except that code keeps its file name (see
+    ``is_client_code``)."""
+    with io.BytesIO() as f:
+        _Pickler(f, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        return f.getvalue()
 
 
 def loads(body: bytes | bytearray | memoryview, buffers: list[bytearray] | tuple = ()) -> Any:
