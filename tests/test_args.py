@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import pytest
 
 import parnet
-from helpers import Cluster, stop_pid
+from helpers import Cluster, free_port_pair, stop_pid
 from parnet import (
     ConnectError,
     ParnetError,
@@ -184,9 +183,12 @@ def test_version() -> None:
 
 def test_server_prints_its_log_file(tmp_path) -> None:
     log = tmp_path / "server.log"
-    port = 2 * (os.getpid() % 5000) + 24000
-    r = cli("server", "--no-tls", "--bind", "127.0.0.61", "--cmd-port", str(port), "--data-port",
-            str(port + 1), "--allow-root", "--log-file", str(log))
+    for _ in range(5):  # another test's server may hold the port pair
+        port = free_port_pair()
+        r = cli("server", "--no-tls", "--bind", "127.0.0.61", "--cmd-port", str(port), "--data-port",
+                str(port + 1), "--allow-root", "--log-file", str(log))
+        if "in use" not in r.stderr:
+            break
     m = re.search(r"started \(pid (\d+)\)", r.stdout)
     assert r.returncode == 0 and m, r.stdout + r.stderr
     try:
