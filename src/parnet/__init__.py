@@ -31,7 +31,7 @@ from .errors import (
 from .network import Connections, NodeInfo, precv, psend, select_sockets
 
 __all__ = [
-    "AuthenticationError", "ConnectError", "ConnectionClosed", "Connections", "NodeInfo",
+    "AuthenticationError", "ConnectError", "ConnectionClosed", "Connections", "Executor", "NodeInfo",
     "ParnetError", "ProtocolError", "RemoteError", "fload", "fsave", "install_vars",
     "netarrayfun", "netcellfun", "network_get_info", "network_set", "parallel_generate_srp_data",
     "pararrayfun", "parcellfun", "pconnect", "precv", "pserver", "psend", "reval", "rfeval",
@@ -50,6 +50,7 @@ _LAZY = {
     "pserver": ("parnet.server.launch", "pserver"),
     "parallel_generate_srp_data": ("parnet.auth.keyfile", "parallel_generate_srp_data"),
     "netcellfun": ("parnet.client.netmap", "netcellfun"),
+    "Executor": ("parnet.client.executor", "Executor"),
     "netarrayfun": ("parnet.client.netmap", "netarrayfun"),
     "parcellfun": ("parnet.maps.localmap", "parcellfun"),
     "pararrayfun": ("parnet.maps.localmap", "pararrayfun"),

@@ -155,10 +155,59 @@ def _on_map_frame(net: Network, k: int, f: Any) -> None:
     map_id, results = serialize.loads(f.body, f.buffers)
     m = getattr(net, "active_maps", {}).get(map_id)
     if m is not None:
-        m.inbox.extend((k, job, res, dt) for job, res, dt in results)
+        m.deliver(k, results)
 
 
-class NetMap:
+class MapSession:
+    """What every map on the network shares: its id, the routing of its ``MAP_RESULT``
+    frames (read by whichever thread reads the command links) to ``deliver``, its ``MAP``
+    frames, and the ``RemoteError`` of a failed job. ``NetMap`` runs a map of known length;
+    ``parnet.client.executor`` a call stream."""
+
+    def __init__(self, net: Network) -> None:
+        self.net = net
+        self.map_id = next(_map_ids)
+        self.inbox: deque[tuple[int, tuple[int, int], ChunkResult, float]] = deque()
+
+    def deliver(self, k: int, results: list[tuple[tuple[int, int], ChunkResult, float]]) -> None:
+        """Results from server ``k`` (called by the thread that read them)."""
+        self.inbox.extend((k, job, res, dt) for job, res, dt in results)
+
+    def register(self) -> None:
+        """Routes this map's results to ``deliver`` from now on."""
+        net = self.net
+        if not hasattr(net, "active_maps"):
+            net.active_maps = {}  # type: ignore[attr-defined]
+            net.cmd_handler = lambda k, f: _on_map_frame(net, k, f)
+        net.active_maps[self.map_id] = self  # type: ignore[attr-defined]
+
+    def unregister(self) -> None:
+        """Late results of this map are dropped from now on."""
+        getattr(self.net, "active_maps", {}).pop(self.map_id, None)
+
+    def _send(self, k: int, payload: Any) -> bool:
+        node = self.net.nodes[k]
+        try:
+            body, bufs, flags = serialize.dumps(payload)
+            node.cmd.send_frame(msg.MAP, body, bufs, flags)  # type: ignore[union-attr]
+            return True
+        except ConnectionClosed:
+            self.net._lost(k, "command link closed")
+            return False
+
+    def job_error(self, k: int, res: ChunkResult, what: str) -> RemoteError:
+        """The ``RemoteError`` for the failed job ``res`` from server ``k``; ``what`` starts
+        the message (e.g. "netcellfun: element 3")."""
+        index, identifier, message, tb = res.error  # type: ignore[misc]
+        err = remote_error(self.net.nodes[k].host, k, identifier, f"{what} raised {identifier}: {message}",
+                           tb, res.exception)
+        err.index = index  # type: ignore[attr-defined]
+        if res.exception is not None:
+            err.__cause__ = res.exception
+        return err
+
+
+class NetMap(MapSession):
     """One network map in progress (see the module docstring)."""
 
     def __init__(self, connections: Connections, fun: Callable[..., Any], cols: list[Sequence[Any]],
@@ -173,10 +222,11 @@ class NetMap:
             raise ValueError(f"{name}: nout must be an int >= 1")
         if not isinstance(verbose, int):
             raise TypeError(f"{name}: verbose must be an int (0: quiet, 1: progress bar), got {verbose!r:.40}")
-        self.net, ks = servers_of(connections, name)
+        net, ks = servers_of(connections, name)
         if not ks:
             raise ValueError(f"{name}: no servers in these connections (node 0 is this machine; "
                              "use connections[1:])")
+        super().__init__(net)
         self.servers = [k for k in ks if self.net.nodes[k].open]
         if not self.servers:
             raise ConnectionClosed(f"{name}: no open server in these connections")
@@ -188,42 +238,27 @@ class NetMap:
         self.asm = Assembler(n, shape=shape, nout=nout, uniform_output=uniform_output,
                              cum_func=cum_func, kind=kind, name=name)  # type: ignore[arg-type]
         self.verbose = verbose
-        self.inbox: deque[tuple[int, tuple[int, int], ChunkResult, float]] = deque()
         self.work_time = 0.0  # measured run time of the jobs back so far, and their count
         self.work_jobs = 0
-        self.map_id = next(_map_ids)
 
     def run(self) -> Any:
         """Runs the map to the end and returns its value."""
         if self.n == 0:
             return self.asm.result()
         net = self.net
-        if not hasattr(net, "active_maps"):
-            net.active_maps = {}  # type: ignore[attr-defined]
-            net.cmd_handler = lambda k, f: _on_map_frame(net, k, f)
-        net.active_maps[self.map_id] = self  # type: ignore[attr-defined]
+        self.register()
         bar = None
         if self.verbose >= 1:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm
 
             bar = tqdm(total=self.n, file=sys.stderr, desc=self.name, unit="el")
         try:
             with net.read_lock:
                 return self._run(bar)
         finally:
-            net.active_maps.pop(self.map_id, None)  # type: ignore[attr-defined]
+            self.unregister()
             if bar is not None:
                 bar.close()
-
-    def _send(self, k: int, payload: Any) -> bool:
-        node = self.net.nodes[k]
-        try:
-            body, bufs, flags = serialize.dumps(payload)
-            node.cmd.send_frame(msg.MAP, body, bufs, flags)  # type: ignore[union-attr]
-            return True
-        except ConnectionClosed:
-            self.net._lost(k, "command link closed")
-            return False
 
     def _run(self, bar: Any) -> Any:
         net = self.net
@@ -351,13 +386,7 @@ class NetMap:
                 self._give(k)
 
     def _remote_error(self, k: int, res: ChunkResult) -> RemoteError:
-        index, identifier, message, tb = res.error  # type: ignore[misc]
-        err = remote_error(self.net.nodes[k].host, k, identifier,
-                           f"{self.name}: element {index} raised {identifier}: {message}", tb, res.exception)
-        err.index = index  # type: ignore[attr-defined]
-        if res.exception is not None:
-            err.__cause__ = res.exception
-        return err
+        return self.job_error(k, res, f"{self.name}: element {res.error[0]}")  # type: ignore[index]
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:

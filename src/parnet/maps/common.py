@@ -72,7 +72,10 @@ __all__ = [
     "MapElementError",
     "MapErr",
     "Shared",
+    "JobInterrupted",
     "array_columns",
+    "call_chunk",
+    "call_packed",
     "cell_columns",
     "chunk_ranges",
     "dumps_result",
@@ -139,6 +142,24 @@ class MapElementError(ParnetError):
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.index, self.identifier, self.message, self.remote_traceback,
                              self.where))
+
+
+class JobInterrupted(ParnetError):
+    """A job of a call stream (``parnet.Executor``) was dropped from its queue or stopped
+    while running because of an interrupt (Ctrl-C at the client)."""
+
+
+def call_packed(blob: bytes) -> Any:
+    """Runs one call of a call stream: ``blob`` is ``(fn, args, kwargs)`` pickled by the
+    client (``fn`` may be a ``Shared``). Unpickled here, so a call whose function or
+    arguments cannot be loaded on this machine fails alone."""
+    fn, args, kwargs = pickle.loads(blob)
+    return _resolve(fn)(*args, **kwargs)
+
+
+def call_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """``[fn(*args) for args in chunk]``: one call of ``Executor.map`` with ``chunksize > 1``."""
+    return [fn(*args) for args in chunk]
 
 
 # ----------------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ def _run_map(name: str, kind: str, nproc: int, fun: Callable[..., Any],
 
 
 def _progress(name: str, n: int) -> Any:
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     return tqdm(total=n, desc=name, file=sys.stderr, unit="call", dynamic_ncols=True)
 

@@ -1,6 +1,15 @@
 """The worker side of network maps: runs the jobs a client's ``NetMap`` sends, in the worker
 process itself or on the local process pool (see ``parnet.client.netmap`` for the theory of
-operation)."""
+operation).
+
+A *call stream* (``spec["stream"]``, the maps of ``parnet.Executor``) is a map without a
+fixed length: jobs (one call each) keep coming until the client ends it, and every job gets
+an answer, whatever happens. Its mode is decided per job: calls run in this process while
+they are fast; a call that runs ``SPECULATE_AFTER`` or longer moves the stream to the pool
+(``nlocaljobs`` calls at once), where it stays. An interrupt, or the client's ``cancel``,
+answers every queued call with ``JobInterrupted`` and stops the running ones (they answer
+``JobInterrupted`` too), but leaves the stream open for more calls.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ from typing import Any
 from ..maps.common import (
     ChunkResult,
     ChunkTask,
+    JobInterrupted,
     dumps_result,
     error_result,
     run_chunk,
@@ -38,6 +48,8 @@ class _WMap:
         self.mode: str | None = None
         self.inflight = 0
         self.cancelled = False
+        self.stream = bool(spec.get("stream"))
+        self.fast_streak = 0  # stream: pool calls in a row that ran faster than FAST_JOB
         self.lock = threading.Lock()
 
     def pop_job(self) -> tuple[tuple[int, int], int, list[Any]]:
@@ -83,6 +95,7 @@ class WorkerMapRunner:
         self._spec_cv = threading.Condition()
         self._probing: tuple[_WMap, float] | None = None
         self._speculator: threading.Thread | None = None
+        self.interrupts = 0  # interrupts so far: a pool job failing after one was stopped by it
 
     def nlocal(self) -> int:
         """Local processes for map jobs: ``nlocaljobs``, or the processor count when 0."""
@@ -103,6 +116,9 @@ class WorkerMapRunner:
             m.queue.extend(list(item) for item in payload[2])
             self._pump(m)
         elif kind == "cancel":
+            if m.stream:
+                self._drop(m)
+                return
             with m.lock:
                 m.cancelled = True
                 m.queue.clear()
@@ -130,6 +146,8 @@ class WorkerMapRunner:
                     if self._probing is not probe or time.monotonic() < probe[1] + SPECULATE_AFTER:
                         continue  # that probe ended (or a spurious wake-up)
                 self._probing = None
+            if probe[0].stream:
+                probe[0].mode = "pool"  # a slow call: this stream's calls go to the pool now
             self._fill(probe[0], limit=self.nlocal() - 1)
 
     def _warm_pool(self) -> None:
@@ -192,7 +210,71 @@ class WorkerMapRunner:
         self._send(m, out)
         return dt
 
+    def _drop(self, m: _WMap) -> None:
+        """A call stream's queued calls are dropped, each answered with ``JobInterrupted``."""
+        with m.lock:
+            runs = list(m.queue)
+            m.queue.clear()
+        err = JobInterrupted("interrupted by the client before it ran")
+        self._send(m, [((j0, j1), error_result(start, j1 - j0, start, err, want_traceback=False), 0.0)
+                       for j0, j1, start, _ in runs])
+
+    def _pump_stream(self, m: _WMap) -> None:
+        """Runs a call stream's queued calls: here while they are fast, else in the pool."""
+        nloc = self.nlocal()
+        if m.mode == "pool" and m.fast_streak >= 4:
+            m.mode = "here"  # the calls have become fast: a process hop costs more than they do
+        if m.mode == "pool" and nloc > 1:
+            self._fill(m)
+            return
+        speculate = nloc > 1 and self._pool is not None and self._pool_warm
+        if speculate:
+            self._start_speculator()
+        out: list[tuple[tuple[int, int], ChunkResult, float]] = []
+        last_send = time.monotonic()
+        job: tuple[tuple[int, int], int] | None = None
+        try:
+            while True:
+                with m.lock:
+                    if not m.queue or m.mode == "pool":
+                        break
+                    j, start, args = m.pop_job()
+                job = (j, start)
+                if speculate:  # the speculator starts pool jobs if this call takes long
+                    with self._spec_cv:
+                        self._probing = (m, time.monotonic())
+                        self._spec_cv.notify()
+                t = time.perf_counter()
+                res = run_chunk(m.task(start, args))
+                dt = time.perf_counter() - t
+                out.append((j, res, dt))
+                job = None
+                if dt >= SPECULATE_AFTER and nloc > 1:
+                    m.mode = "pool"
+                    m.fast_streak = 0
+                elif m.mode is None:
+                    m.mode = "here"
+                if time.monotonic() - last_send > _SEND_EVERY:
+                    self._send(m, out)
+                    out = []
+                    last_send = time.monotonic()
+        except KeyboardInterrupt:  # the client's interrupt (the queue is already answered)
+            if job is not None:
+                err = JobInterrupted("interrupted by the client while it ran")
+                out.append((job[0], error_result(job[1], 1, job[1], err, want_traceback=False), 0.0))
+        finally:
+            if speculate:
+                with self._spec_cv:
+                    self._probing = None
+                    self._spec_cv.notify()
+            self._send(m, out)
+        if m.mode == "pool" and nloc > 1:
+            self._fill(m)
+
     def _pump(self, m: _WMap) -> None:
+        if m.stream:
+            self._pump_stream(m)
+            return
         nloc = self.nlocal()
         if m.mode is None:
             speculate = nloc > 1 and self._pool is not None and self._pool_warm
@@ -227,6 +309,7 @@ class WorkerMapRunner:
                 m.inflight += 1
                 self.pool_jobs += 1
             t0 = time.perf_counter()
+            epoch = self.interrupts
             try:
                 fut = pool.submit(m.task(start, args))
             except Exception as e:  # noqa: BLE001 - a broken pool fails this job, clearly
@@ -236,26 +319,39 @@ class WorkerMapRunner:
                 self._send(m, [(j, error_result(start, len(args[0]) if args else 0, start, e), 0.0)])
                 continue
             count = len(args[0]) if args else 0
-            fut.add_done_callback(lambda f, j=j, start=start, n=count, t0=t0: self._done(m, j, start, n, f, t0))
+            fut.add_done_callback(lambda f, j=j, start=start, n=count, t0=t0, epoch=epoch:
+                                  self._done(m, j, start, n, f, t0, epoch))
 
-    def _done(self, m: _WMap, j: tuple[int, int], start: int, count: int, fut: Any, t0: float) -> None:
+    def _done(self, m: _WMap, j: tuple[int, int], start: int, count: int, fut: Any, t0: float,
+              epoch: int = 0) -> None:
         with m.lock:
             m.inflight -= 1
             self.pool_jobs -= 1
             cancelled = m.cancelled
-        if cancelled:
+        if cancelled and not m.stream:  # a stream's calls are answered whatever happens
             return
         try:
             res = fut.result()
         except BaseException as e:  # noqa: BLE001 - e.g. a pool process died
-            res = error_result(start, count, start, e if isinstance(e, Exception) else RuntimeError(str(e)))
+            err = e if isinstance(e, Exception) else RuntimeError(str(e))
+            if m.stream and epoch != self.interrupts:
+                err = JobInterrupted("interrupted by the client while it ran")
+            res = error_result(start, count, start, err)
+        if m.stream:
+            m.fast_streak = m.fast_streak + 1 if res.elapsed < FAST_JOB else 0
         self._send(m, [(j, res, time.perf_counter() - t0)])
-        self._fill(m)
+        if not cancelled and (not m.stream or m.mode == "pool"):
+            self._fill(m)
 
     def interrupt(self) -> None:
         """Ctrl-C at the client: drop every queued job and stop the jobs running in the pool
-        (its processes are killed; a new pool starts with the next map)."""
+        (its processes are killed; a new pool starts with the next map). A call stream stays
+        open: its queued calls are answered with ``JobInterrupted``, as are its running ones."""
+        self.interrupts += 1
         for m in list(self.maps.values()):
+            if m.stream:
+                self._drop(m)
+                continue
             with m.lock:
                 m.cancelled = True
                 m.queue.clear()

@@ -1,0 +1,124 @@
+"""Executor benchmark (issue 12): per-call overhead and tiny-call throughput beside netcellfun.
+
+Usage: .venv/bin/python bench/bench_executor.py [--tls] [--quick]
+
+E1  one call at a time (submit + result) of a trivial function: the Executor's round trip,
+    beside rfeval's (the same work without futures) -> ratio.
+E2  N trivial calls submitted at once, then waited for: calls/s, beside netcellfun of the
+    same N calls (batched) and N rfeval calls one after the other -> ratios.
+E3  8 calls of a 0.4 s sleep on 2 servers x nlocaljobs 2: ideal 0.8 s (one at a time per
+    server would be 1.6 s).
+Two servers on 127.0.0.2/3, warm network and pools; medians of repeated runs. Nothing is
+asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import wait
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_core import SERVER_ADDRS, loadavg, pick_ports  # noqa: E402
+
+
+def _double(x: int) -> int:
+    return x * 2
+
+
+def _sleep(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tls", action="store_true", help="servers with TLS + SRP (default: without)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    a = ap.parse_args(argv)
+    home = tempfile.mkdtemp(prefix="parnet-bench-exec-")
+    os.environ["PARNET_HOME"] = home
+    os.environ["XDG_RUNTIME_DIR"] = home
+    from parnet import Executor, netcellfun, network_set, pconnect, rfeval, sclose
+    from parnet.server.launch import start_background, stop_pid
+
+    if a.tls:
+        from parnet.auth.keyfile import parallel_generate_srp_data
+
+        parallel_generate_srp_data("bench", password="bench-password-123")
+    pids: list[int] = []
+    reps = 3 if a.quick else 7
+    n_tiny = 2000 if a.quick else 5000
+    print(f"parnet Executor benchmark{' (quick)' if a.quick else ''}, TLS {'on' if a.tls else 'off'}; "
+          f"load average {loadavg()}")
+    try:
+        port = pick_ports()
+        for addr in SERVER_ADDRS:
+            pids.append(start_background(use_tls=a.tls, cmd_port=port, data_port=port + 1, bind=addr,
+                                         allow_root=True))
+        c = pconnect([f"{x}:{port}" for x in SERVER_ADDRS], use_tls=a.tls)
+        network_set(c, "nlocaljobs", 2)
+        with Executor(c) as ex:
+            # warm up: pools started, functions cached, stream back in its fast mode
+            wait([ex.submit(_sleep, 0.05) for _ in range(8)])
+            for _ in range(3):
+                wait([ex.submit(_double, i) for i in range(500)])
+
+            def one_exec() -> float:
+                t = time.perf_counter()
+                for i in range(200):
+                    ex.submit(_double, i).result()
+                return (time.perf_counter() - t) / 200
+
+            def one_rfeval() -> float:
+                t = time.perf_counter()
+                for i in range(200):
+                    rfeval(_double, i, connection=c[1 + i % 2])
+                return (time.perf_counter() - t) / 200
+
+            def many_exec() -> float:
+                t = time.perf_counter()
+                fs = [ex.submit(_double, i) for i in range(n_tiny)]
+                wait(fs)
+                dt = time.perf_counter() - t
+                assert fs[-1].result() == 2 * (n_tiny - 1)
+                return dt
+
+            def many_netcellfun() -> float:
+                t = time.perf_counter()
+                netcellfun(c, _double, range(n_tiny))
+                return time.perf_counter() - t
+
+            def sleeps() -> float:
+                t = time.perf_counter()
+                wait([ex.submit(_sleep, 0.4) for _ in range(8)])
+                return time.perf_counter() - t
+
+            e1 = statistics.median(one_exec() for _ in range(reps))
+            r1 = statistics.median(one_rfeval() for _ in range(reps))
+            e2 = statistics.median(many_exec() for _ in range(reps))
+            n2 = statistics.median(many_netcellfun() for _ in range(reps))
+            r2 = r1 * n_tiny
+            wait([ex.submit(_sleep, 0.05) for _ in range(8)])  # back to the pool mode
+            e3 = statistics.median(sleeps() for _ in range(reps))
+        sclose(c)
+    finally:
+        for pid in pids:
+            stop_pid(pid)
+    print(f"E1 one call at a time      Executor {e1 * 1e6:8.0f} us/call   rfeval {r1 * 1e6:8.0f} us/call"
+          f"   ratio {e1 / r1:5.2f}x")
+    print(f"E2 {n_tiny} calls at once    Executor {n_tiny / e2:8.0f} calls/s "
+          f"({e2 / n_tiny * 1e6:.1f} us/call)   netcellfun {n_tiny / n2:8.0f} calls/s   "
+          f"Executor/netcellfun time {e2 / n2:6.1f}x   rfeval in a row {n_tiny / r2:6.0f} calls/s "
+          f"({r2 / e2:.1f}x slower than Executor)")
+    print(f"E3 8 x 0.4 s on 2 x 2      Executor {e3:6.3f} s   ideal 0.800 s   overhead {(e3 - 0.8) * 1e3:5.0f} ms"
+          f"   (serial per server: 1.600 s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
