@@ -40,6 +40,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # the lazy names below, for type checkers and the docs (mkdocstrings)
     from .auth.keyfile import parallel_generate_srp_data
+    from .client.executor import Executor
     from .client.netmap import netarrayfun, netcellfun
     from .deploy import down, status, up
     from .helpers import fload, fsave, select

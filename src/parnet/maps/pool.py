@@ -58,7 +58,7 @@ import cloudpickle
 from parnet.errors import ParnetError
 from parnet.maps.common import ChunkResult, ChunkTask, dumps_result, error_result, run_chunk
 
-__all__ = ["Pool", "PoolShutDownError", "WorkerDiedError", "get_pool", "shutdown_pools"]
+__all__ = ["Pool", "PoolShutDownError", "WorkerDiedError", "get_pool", "preload", "shutdown_pools"]
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,24 @@ class Pool:
 
 _pool: Pool | None = None
 _pool_lock = threading.Lock()
+
+#: What starting a pool imports besides this module. ``preload`` imports them in the calling
+#: thread: a pool started by a background thread while user code imports in another (e.g.
+#: joblib, whose vendored loky imports the same ``multiprocessing`` modules) could otherwise
+#: meet it in a cycle of module locks, and one of them gets a partially initialized module.
+_POOL_MODULES = ("loky", "loky.backend.context", "loky.backend.fork_exec", "loky.backend.popen_loky_posix",
+                 "loky.backend.resource_tracker", "loky.backend.spawn", "loky.backend.synchronize",
+                 "multiprocessing.resource_tracker", "multiprocessing.spawn", "json", "runpy",
+                 "importlib.util")
+
+
+def preload() -> None:
+    """Imports what starting a pool needs, in the calling thread (see ``_POOL_MODULES``)."""
+    import importlib
+
+    for name in _POOL_MODULES:
+        if name not in sys.modules:
+            importlib.import_module(name)
 
 
 def get_pool(nproc: int) -> Pool:

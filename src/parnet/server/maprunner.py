@@ -107,6 +107,9 @@ class WorkerMapRunner:
         if kind == "start":
             self.maps[map_id] = _WMap(map_id, payload[2])
             if self.nlocal() > 1 and self._pool is None:
+                from ..maps.pool import preload
+
+                preload()  # here, not in the thread below: user code may be importing meanwhile
                 threading.Thread(target=self._warm_pool, daemon=True, name="parnet-pool-start").start()
             return
         m = self.maps.get(map_id)
