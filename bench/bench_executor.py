@@ -8,6 +8,9 @@ E2  N trivial calls submitted at once, then waited for: calls/s, beside netcellf
     same N calls (batched) and N rfeval calls one after the other -> ratios.
 E3  8 calls of a 0.4 s sleep on 2 servers x nlocaljobs 2: ideal 0.8 s (one at a time per
     server would be 1.6 s).
+E4  scikit-learn GridSearchCV (SVC on digits, 3 x 3 grid, 5 folds = 45 fits) with n_jobs=1
+    in this process, then n_jobs=-1 on the "parnet" joblib backend with 1 and 2 servers
+    (nlocaljobs 2 each); needs the joblib extra (skipped without it).
 Two servers on 127.0.0.2/3, warm network and pools; medians of repeated runs. Nothing is
 asserted.
 """
@@ -33,6 +36,36 @@ def _double(x: int) -> int:
 def _sleep(x: float) -> float:
     time.sleep(x)
     return x
+
+
+def grid_search(c) -> tuple[float, float, float] | None:
+    """E4: seconds for n_jobs=1 here, and n_jobs=-1 on 1 and on 2 servers (same result)."""
+    try:
+        import joblib
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import GridSearchCV
+        from sklearn.svm import SVC
+
+        import parnet.joblib  # noqa: F401
+    except ImportError:
+        return None
+    X, y = load_digits(return_X_y=True)
+    grid = {"C": [0.1, 1, 10], "gamma": [0.0001, 0.001, 0.01]}
+
+    def fit(**kw) -> tuple[float, object]:
+        t = time.perf_counter()
+        g = GridSearchCV(SVC(), grid, refit=False, **kw).fit(X, y)
+        return time.perf_counter() - t, (g.best_params_, g.best_score_)
+
+    local, want = fit(n_jobs=1)
+    out = [local]
+    for sub in (c[1:2], c[1:]):
+        with joblib.parallel_config(backend="parnet", connections=sub):
+            fit(n_jobs=-1)  # warm: pools up, sklearn imported on the servers
+            dt, got = fit(n_jobs=-1)
+        assert got == want, (got, want)
+        out.append(dt)
+    return out[0], out[1], out[2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             r2 = r1 * n_tiny
             wait([ex.submit(_sleep, 0.05) for _ in range(8)])  # back to the pool mode
             e3 = statistics.median(sleeps() for _ in range(reps))
+        e4 = grid_search(c)
         sclose(c)
     finally:
         for pid in pids:
@@ -117,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({r2 / e2:.1f}x slower than Executor)")
     print(f"E3 8 x 0.4 s on 2 x 2      Executor {e3:6.3f} s   ideal 0.800 s   overhead {(e3 - 0.8) * 1e3:5.0f} ms"
           f"   (serial per server: 1.600 s)")
+    if e4:
+        local, one, two = e4
+        print(f"E4 GridSearchCV 45 fits    n_jobs=1 here {local:6.2f} s   parnet 1 server {one:6.2f} s "
+              f"({local / one:.2f}x)   parnet 2 servers {two:6.2f} s ({local / two:.2f}x)")
+    else:
+        print("E4 skipped: joblib / scikit-learn not installed (pip install parnet[joblib])")
     return 0
 
 

@@ -39,6 +39,13 @@ EXPECTED = {
         "sum of squares: 328350",
         " [ 64.  81. 100. 121.]]",
     ],
+    "executor_joblib.py": [
+        "powers of two: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]",
+        "squares: [0, 1, 4, 9, 16, 25, 36, 49]",
+        "a failed call: RemoteError KeyError caught by except KeyError: True",
+        "8 calls of 0.4 s on 2 servers x 2:",
+        "best parameters: {'C': 1, 'gamma': 0.1}",
+    ],
     "rfeval_parallel.py": [
         "results: [9, 16]",
         "divmod, quotient only: [3]",

@@ -605,7 +605,24 @@ class Connections:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"<Connections {self._net.id_str[:8]} nodes={list(self._idx)}>"
+        """One line: the network id, then each node (up to 8) with its state, e.g.
+        ``<Connections 1a2b3c4d: [0] local, [1] srv1 open 8 cpus, [2] srv2 closed (...)>``."""
+        net = self._net
+        parts = []
+        for k in self._idx[:8]:
+            node = net.nodes[k]
+            if k == net.self_index:
+                parts.append(f"[{k}] local")
+            elif node.open and not net.closed:
+                cpus = f" {node.nlocaljobs or node.nproc} jobs" if node.nproc else ""
+                parts.append(f"[{k}] {node.host or 'client'} open{cpus}")
+            else:
+                why = node.closed_reason or "closed"
+                parts.append(f"[{k}] {node.host or 'client'} closed ({why[:60]})")
+        if len(self._idx) > 8:
+            parts.append(f"... {len(self._idx) - 8} more")
+        state = " closed" if net.closed else ""
+        return f"<Connections {net.id_str[:8]}{state}: {', '.join(parts)}>"
 
     def __enter__(self) -> Connections:
         return self
