@@ -314,6 +314,32 @@ def pick_ports(addrs: Sequence[str] = SERVER_ADDRS, rng: Any = random) -> int:
     raise RuntimeError("no free port pair found")
 
 
+@contextlib.contextmanager
+def bench_servers(use_tls: bool, prefix: str, addrs: Sequence[str] = SERVER_ADDRS) -> Any:
+    """Servers on ``addrs`` with a private ``PARNET_HOME`` (a bench user when TLS), stopped
+    by pid on exit; yields their ``host:port`` names for ``pconnect``."""
+    home = tempfile.mkdtemp(prefix=prefix)
+    os.environ["PARNET_HOME"] = home
+    os.environ["XDG_RUNTIME_DIR"] = home
+    from parnet.server.launch import start_background, stop_pid
+
+    if use_tls:
+        from parnet.auth.keyfile import parallel_generate_srp_data
+
+        parallel_generate_srp_data("bench", password="bench-password-123")
+    pids: list[int] = []
+    try:
+        port = pick_ports(addrs)
+        for addr in addrs:
+            pids.append(start_background(use_tls=use_tls, cmd_port=port, data_port=port + 1, bind=addr,
+                                         allow_root=True))
+        yield [f"{x}:{port}" for x in addrs]
+    finally:
+        for pid in pids:
+            stop_pid(pid)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def proc_table() -> dict[int, tuple[int, int, str]]:
     """pid -> (ppid, session id, state) of every process, from /proc/*/stat."""
     out = {}

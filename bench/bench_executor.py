@@ -21,12 +21,11 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import wait
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_core import SERVER_ADDRS, loadavg, pick_ports  # noqa: E402
+from bench_core import bench_servers, loadavg  # noqa: E402
 
 
 def _double(x: int) -> int:
@@ -73,27 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls", action="store_true", help="servers with TLS + SRP (default: without)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     a = ap.parse_args(argv)
-    home = tempfile.mkdtemp(prefix="parnet-bench-exec-")
-    os.environ["PARNET_HOME"] = home
-    os.environ["XDG_RUNTIME_DIR"] = home
     from parnet import Executor, netcellfun, network_set, pconnect, rfeval, sclose
-    from parnet.server.launch import start_background, stop_pid
 
-    if a.tls:
-        from parnet.auth.keyfile import parallel_generate_srp_data
-
-        parallel_generate_srp_data("bench", password="bench-password-123")
-    pids: list[int] = []
     reps = 3 if a.quick else 7
     n_tiny = 2000 if a.quick else 5000
     print(f"parnet Executor benchmark{' (quick)' if a.quick else ''}, TLS {'on' if a.tls else 'off'}; "
           f"load average {loadavg()}")
-    try:
-        port = pick_ports()
-        for addr in SERVER_ADDRS:
-            pids.append(start_background(use_tls=a.tls, cmd_port=port, data_port=port + 1, bind=addr,
-                                         allow_root=True))
-        c = pconnect([f"{x}:{port}" for x in SERVER_ADDRS], use_tls=a.tls)
+    with bench_servers(a.tls, "parnet-bench-exec-") as hosts:
+        c = pconnect(hosts, use_tls=a.tls)
         network_set(c, "nlocaljobs", 2)
         with Executor(c) as ex:
             # warm up: pools started, functions cached, stream back in its fast mode
@@ -140,9 +126,6 @@ def main(argv: list[str] | None = None) -> int:
             e3 = statistics.median(sleeps() for _ in range(reps))
         e4 = grid_search(c)
         sclose(c)
-    finally:
-        for pid in pids:
-            stop_pid(pid)
     print(f"E1 one call at a time      Executor {e1 * 1e6:8.0f} us/call   rfeval {r1 * 1e6:8.0f} us/call"
           f"   ratio {e1 / r1:5.2f}x")
     print(f"E2 {n_tiny} calls at once    Executor {n_tiny / e2:8.0f} calls/s "

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_core import SERVER_ADDRS, RawPeer, loadavg, pick_ports  # noqa: E402
+from bench_core import RawPeer, bench_servers, loadavg  # noqa: E402
 
 
 def _double(x: int) -> int:
@@ -44,25 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls", action="store_true", help="servers with TLS + SRP (default: without)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, skip the 8 s Example")
     a = ap.parse_args(argv)
-    home = tempfile.mkdtemp(prefix="parnet-bench-maps-")
-    os.environ["PARNET_HOME"] = home
-    os.environ["XDG_RUNTIME_DIR"] = home
     from parnet import netcellfun, network_set, pconnect, sclose
-    from parnet.server.launch import start_background, stop_pid
 
-    if a.tls:
-        from parnet.auth.keyfile import parallel_generate_srp_data
-
-        parallel_generate_srp_data("bench", password="bench-password-123")
-    pids: list[int] = []
     print(f"parnet map benchmark{' (quick)' if a.quick else ''}, TLS {'on' if a.tls else 'off'}; "
           f"load average {loadavg()}")
-    try:
-        port = pick_ports()
-        for addr in SERVER_ADDRS:
-            pids.append(start_background(use_tls=a.tls, cmd_port=port, data_port=port + 1, bind=addr,
-                                         allow_root=True))
-        c = pconnect([f"{x}:{port}" for x in SERVER_ADDRS], use_tls=a.tls)
+    with bench_servers(a.tls, "parnet-bench-maps-") as hosts:
+        c = pconnect(hosts, use_tls=a.tls)
         reps = 20 if a.quick else 100
         xs = range(2000)
 
@@ -103,10 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{'workload':{w}}  {'parnet':>10}  {'limit / ideal':40}  {'target':18}  result")
         for r in rows:
             print(f"{r[0]:{w}}  {r[1]:>10}  {r[2]:40}  {r[3]:18}  {r[4]}")
-    finally:
-        for pid in pids:
-            stop_pid(pid)
-        shutil.rmtree(home, ignore_errors=True)
     print(f"\nload average at end: {loadavg()}")
     return 0
 

@@ -129,6 +129,7 @@ def test_closed_network(cluster) -> None:
         Executor(c)
 
 
+@pytest.mark.kills_workers
 def test_server_lost_mid_call_reruns_elsewhere(fresh_cluster, tmp_path) -> None:
     c = fresh_cluster.connect()
     try:
