@@ -19,12 +19,15 @@ See bench/README.md for what each row means.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import os
 import pickle
 import platform
 import random
+import resource
+import select
 import shutil
 import socket
 import ssl
@@ -57,10 +60,13 @@ class Reps:
     echo80: int
     warm_bulk: int
     connects: int
+    #: payload sizes of the slow extras (values kept alive, raw variants): all in a full run,
+    #: 8 MB only in a quick one
+    extra_sizes: tuple[str, ...] = ("8 MB", "80 MB")
 
 
-FULL = Reps(rtt=3000, rtt_warm=300, echo8=30, echo80=7, warm_bulk=2, connects=15)
-QUICK = Reps(rtt=400, rtt_warm=50, echo8=6, echo80=3, warm_bulk=1, connects=4)
+FULL = Reps(rtt=3000, rtt_warm=300, echo8=40, echo80=15, warm_bulk=2, connects=15)
+QUICK = Reps(rtt=400, rtt_warm=50, echo8=6, echo80=3, warm_bulk=1, connects=4, extra_sizes=("8 MB",))
 
 
 # --------------------------------------------------------------------------------------
@@ -72,12 +78,66 @@ K_MSG, K_QUIT = 0, 1
 _SCRATCH = 256 * 1024
 
 
+@dataclass(frozen=True)
+class RawOpts:
+    """How the raw pair treats its memory and sockets (``--gap`` compares the variants).
+
+    alloc: ``numpy``: receive buffers from ``np.empty``, which NumPy advises onto transparent
+        huge pages (``MADV_HUGEPAGE``, arrays of 4 MB or more), touched once and reused: the
+        memory parnet's buffer pool receives into. ``bytearray``: zero-filled ``bytearray``
+        (no huge-page advice), the baseline before issue 14. ``fresh``: a new ``np.empty``
+        per receive (page faults on every receive, as without a pool).
+    chunk: most bytes per ``recv_into`` call (0: all that is missing).
+    sockbuf: ``SO_SNDBUF``/``SO_RCVBUF`` in bytes on both sides (0: the kernel's autotuning).
+    nbsend: send a large buffer as parnet does (plain TCP only): ``send`` with ``MSG_DONTWAIT``,
+        ``poll`` for room when the socket is full; otherwise one blocking ``sendall``.
+    """
+
+    alloc: str = "numpy"
+    chunk: int = 0
+    sockbuf: int = 0
+    nbsend: bool = False
+
+    def argv(self) -> list[str]:
+        return ["--raw-alloc", self.alloc, "--raw-chunk", str(self.chunk), "--raw-sockbuf", str(self.sockbuf),
+                *(["--raw-nbsend"] if self.nbsend else [])]
+
+
+def raw_buffer(size: int, alloc: str) -> memoryview:
+    """A receive buffer of ``size`` bytes as ``alloc`` says (see ``RawOpts``), touched once."""
+    if alloc == "bytearray":
+        return memoryview(bytearray(size))
+    a = np.empty(size, dtype=np.uint8)
+    if alloc != "fresh":
+        a.fill(0)  # fault every page in now, as the pool's reused blocks were by earlier values
+    return memoryview(a)
+
+
+class RawBuffers:
+    """The receive buffers of one side: one per payload size, preallocated (or, with
+    ``alloc="fresh"``, a new one per receive)."""
+
+    def __init__(self, alloc: str) -> None:
+        self.alloc = alloc
+        self.bufs = [] if alloc == "fresh" else [raw_buffer(s + 4096, alloc) for s in sorted(SIZES.values())]
+
+    def get(self, n: int) -> memoryview:
+        if self.alloc == "fresh":
+            return raw_buffer(n, "fresh")
+        for b in self.bufs:
+            if b.nbytes >= n:
+                return b
+        raise ValueError(f"no preallocated buffer of {n} bytes")
+
+
 class RawConn:
     """A blocking socket with a read-ahead scratch buffer: a small frame costs one ``recv``,
-    a large out-of-band buffer is read straight into the caller's preallocated memory."""
+    a large out-of-band buffer is read straight into memory from ``RawBuffers``."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, opts: RawOpts) -> None:
         self.sock = sock
+        self.chunk = opts.chunk
+        self.nbsend = opts.nbsend and not isinstance(sock, ssl.SSLSocket)
         self.scratch = bytearray(_SCRATCH)
         self.mv = memoryview(self.scratch)
         self.start = self.end = 0
@@ -109,8 +169,10 @@ class RawConn:
         target[:have] = self.mv[self.start : self.start + have]
         self.start += have
         off = have
-        while off < target.nbytes:
-            got = self.sock.recv_into(target[off:])
+        total = target.nbytes
+        chunk = self.chunk or total
+        while off < total:
+            got = self.sock.recv_into(target[off : off + chunk])
             if not got:
                 raise ConnectionError("peer closed")
             off += got
@@ -129,49 +191,68 @@ class RawConn:
         body = pickle.dumps(obj, protocol=5, buffer_callback=keep)
         blen = bufs[0].nbytes if bufs else 0
         self.sock.sendall(HDR.pack(K_MSG, len(body), blen) + body)
-        if bufs:
+        if bufs and self.nbsend:
+            self._send_nowait(bufs[0].cast("B"))
+        elif bufs:
             self.sock.sendall(bufs[0])
 
-    def recv_msg(self, into: memoryview | None) -> tuple[int, object]:
-        """The next frame: (kind, value); a buffer is read into ``into`` (preallocated)."""
+    def _send_nowait(self, mv: memoryview) -> None:
+        off = 0
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLOUT)
+        while off < mv.nbytes:
+            try:
+                off += self.sock.send(mv[off:], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                poller.poll()
+
+    def recv_msg(self, into: RawBuffers | None) -> tuple[int, object]:
+        """The next frame: (kind, value); a buffer is read into memory from ``into``."""
         kind, blen, buflen = HDR.unpack(self.read_exact(HDR.size))
         if kind == K_QUIT:
             return kind, None
         body = self.read_exact(blen)
         bufs = []
         if buflen:
-            assert into is not None and into.nbytes >= buflen, "preallocated buffer too small"
-            target = into[:buflen]
+            assert into is not None, "a buffer arrived but there is no memory for it"
+            target = into.get(buflen)[:buflen]
             self.read_into(target)
             bufs.append(target)
         return kind, pickle.loads(body, buffers=bufs)
 
 
-def _nodelay(sock: socket.socket) -> None:
+def _tune(sock: socket.socket, opts: RawOpts) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if opts.sockbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, opts.sockbuf)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, opts.sockbuf)
 
 
-def raw_child_main(port: int, use_tls: bool) -> int:
+def raw_child_main(port: int, use_tls: bool, opts: RawOpts) -> int:
     """The echo peer: connects to the parent, answers every message until told to quit.
 
-    A str (the small message) is answered with the int 1, like W1's ``psend(1, ...)``;
-    anything else (an array, received into the preallocated buffer) is sent back as is.
+    A str (the small message) is answered with the int 1, like W1's ``psend(1, ...)`` (a str
+    naming a number, as W1's uncached commands do, with that number); anything else (an
+    array, received into this side's buffer) is sent back as is.
     """
-    sock = socket.create_connection(("127.0.0.1", port))
-    _nodelay(sock)
+    sock = socket.socket()
+    _tune(sock, opts)  # before connecting: the window scale is fixed by the handshake
+    sock.connect(("127.0.0.1", port))
     if use_tls:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         sock = ctx.wrap_socket(sock)
-    conn = RawConn(sock)
-    buf = memoryview(bytearray(max(SIZES.values()) + 4096))
+    conn = RawConn(sock, opts)
+    bufs = RawBuffers(opts.alloc)
     while True:
-        kind, val = conn.recv_msg(buf)
+        kind, val = conn.recv_msg(bufs)
         if kind == K_QUIT:
             break
-        conn.send_msg(1 if isinstance(val, str) else val)
+        if isinstance(val, str):
+            val = int(val[6:-13]) if val[6:-13].isdigit() else 1
+        conn.send_msg(val)
     sock.close()
     return 0
 
@@ -207,18 +288,20 @@ def median_ns(samples: list[int]) -> float:
 class RawPeer:
     """The raw baseline: a child process (the echo peer) connected to this one, plain or TLS."""
 
-    def __init__(self, use_tls: bool, certdir: str | None) -> None:
+    def __init__(self, use_tls: bool, certdir: str | None, opts: RawOpts = RawOpts()) -> None:
         ls = socket.socket()
+        _tune(ls, opts)  # the accepted socket inherits the buffer sizes
         ls.bind(("127.0.0.1", 0))
         ls.listen(1)
         port = ls.getsockname()[1]
+        self.opts = opts
         self.child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--raw-child", str(port),
-                                       *(["--raw-tls"] if use_tls else [])])
+                                       *(["--raw-tls"] if use_tls else []), *opts.argv()])
         try:
             ls.settimeout(30)
             sock, _ = ls.accept()
             sock.settimeout(None)
-            _nodelay(sock)
+            _tune(sock, opts)
             if use_tls:
                 assert certdir is not None
                 os.makedirs(certdir, mode=0o700, exist_ok=True)
@@ -233,18 +316,18 @@ class RawPeer:
         finally:
             ls.close()
         self.sock = sock
-        self.conn = RawConn(sock)
-        self.back = memoryview(bytearray(max(SIZES.values()) + 4096))
+        self.conn = RawConn(sock, opts)
+        self.back = RawBuffers(opts.alloc)
 
-    def roundtrip(self) -> int:
+    def roundtrip(self, msg: str = SMALL_MSG) -> int:
         """One small round trip (ns)."""
         t0 = time.perf_counter_ns()
-        self.conn.send_msg(SMALL_MSG)
+        self.conn.send_msg(msg)
         self.conn.recv_msg(None)
         return time.perf_counter_ns() - t0
 
     def echo(self, a: np.ndarray, check: bool = False) -> int:
-        """One echo of ``a`` (ns), received into the preallocated buffer."""
+        """One echo of ``a`` (ns), received into this side's buffer."""
         t0 = time.perf_counter_ns()
         self.conn.send_msg(a)
         _, b = self.conn.recv_msg(self.back)
@@ -264,15 +347,75 @@ class RawPeer:
         self.sock.close()
 
 
-def interleaved(fns: dict[str, Callable[[], int]], n: int, warm: int, block: int) -> dict[str, list[int]]:
+# --------------------------------------------------------------------------------------
+# Where the time goes: CPU time and page faults of every process taking part
+# --------------------------------------------------------------------------------------
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_usage(pid: int) -> tuple[int, float, float]:
+    """(minor page faults, user s, system s) of ``pid`` (all its threads) from /proc; this
+    process from ``getrusage`` (finer than the clock ticks of /proc)."""
+    if pid == os.getpid():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_minflt, r.ru_utime, r.ru_stime
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0, 0.0, 0.0
+    return int(fields[7]), int(fields[11]) / _TCK, int(fields[12]) / _TCK
+
+
+@dataclass
+class Usage:
+    """Summed over the timed iterations of one workload: per side (``client`` is this
+    process, ``peers`` the raw child or the parnet workers), faults and CPU seconds."""
+
+    ops: int = 0
+    client: tuple[float, float, float] = (0, 0.0, 0.0)
+    peers: tuple[float, float, float] = (0, 0.0, 0.0)
+
+    def add(self, ops: int, client: tuple[float, float, float], peers: tuple[float, float, float]) -> None:
+        self.ops += ops
+        self.client = tuple(a + b for a, b in zip(self.client, client, strict=True))  # type: ignore[assignment]
+        self.peers = tuple(a + b for a, b in zip(self.peers, peers, strict=True))  # type: ignore[assignment]
+
+    def per_op(self) -> str:
+        """'faults c/p, CPU user+sys c/p' per iteration (in us below 1 ms of CPU)."""
+        n = max(self.ops, 1)
+        c, p = self.client, self.peers
+        unit, k = ("us", 1e6) if max(c[1] + c[2], p[1] + p[2]) / n < 1e-3 else ("ms", 1e3)
+        return (f"faults {c[0] / n:.0f}/{p[0] / n:.0f}, CPU {unit} user+sys "
+                f"{c[1] / n * k:.1f}+{c[2] / n * k:.1f} / {p[1] / n * k:.1f}+{p[2] / n * k:.1f}")
+
+
+def _usage_sum(pids: Sequence[int]) -> tuple[float, float, float]:
+    out = [0.0, 0.0, 0.0]
+    for pid in pids:
+        for k, v in enumerate(proc_usage(pid)):
+            out[k] += v
+    return out[0], out[1], out[2]
+
+
+def _diff(a: tuple[float, float, float], b: tuple[float, float, float]) -> tuple[float, float, float]:
+    return b[0] - a[0], b[1] - a[1], b[2] - a[2]
+
+
+def interleaved(fns: dict[str, Callable[[], int]], n: int, warm: int, block: int,
+                peers: dict[str, Sequence[int]] | None = None) -> tuple[dict[str, list[int]], dict[str, Usage]]:
     """Runs each ``fn`` (one timed iteration, returns ns) ``warm`` times, then ``n`` timed times,
     alternating between them in blocks of ``block`` (order rotated each round), so that every
-    figure sees the same machine conditions. Returns the samples per name."""
+    figure sees the same machine conditions. Returns the samples per name, and the usage
+    (this process and the processes ``peers[name]``) over each name's timed blocks."""
     names = list(fns)
+    peers = peers or {}
     for name in names:
         for _ in range(warm):
             fns[name]()
     out: dict[str, list[int]] = {name: [] for name in names}
+    usage = {name: Usage() for name in names}
+    me = [os.getpid()]
     done = 0
     rnd = 0
     while done < n:
@@ -281,11 +424,29 @@ def interleaved(fns: dict[str, Callable[[], int]], n: int, warm: int, block: int
         for name in order:
             fn = fns[name]
             gc.collect()
+            ps = peers.get(name, ())
+            c0, p0 = _usage_sum(me), _usage_sum(ps)
             for _ in range(k):
                 out[name].append(fn())
+            usage[name].add(k, _diff(c0, _usage_sum(me)), _diff(p0, _usage_sum(ps)))
         done += k
         rnd += 1
-    return out
+    return out, usage
+
+
+def timer_ns(fn: Callable[[], object]) -> Callable[[], int]:
+    """``fn`` as one timed iteration for ``interleaved``: runs it, returns its time in ns."""
+    def run() -> int:
+        t = time.perf_counter_ns()
+        fn()
+        return time.perf_counter_ns() - t
+
+    return run
+
+
+def anon_huge_kb(pid: int) -> int | None:
+    """``AnonHugePages`` of ``pid`` (kB): memory actually on transparent huge pages."""
+    return mem_kb(pid, "AnonHugePages")
 
 
 # --------------------------------------------------------------------------------------
@@ -369,8 +530,8 @@ def children_of(pid: int) -> list[int]:
 
 
 def mem_kb(pid: int, key: str) -> int | None:
-    """``VmRSS`` from /proc/<pid>/status, or ``Pss`` from smaps_rollup, in kB."""
-    path = f"/proc/{pid}/smaps_rollup" if key == "Pss" else f"/proc/{pid}/status"
+    """``VmRSS`` from /proc/<pid>/status, or ``Pss``/``AnonHugePages`` from smaps_rollup, in kB."""
+    path = f"/proc/{pid}/smaps_rollup" if key in ("Pss", "AnonHugePages") else f"/proc/{pid}/status"
     try:
         with open(path) as f:
             for line in f:
@@ -384,6 +545,9 @@ def mem_kb(pid: int, key: str) -> int | None:
 # --------------------------------------------------------------------------------------
 # results table
 # --------------------------------------------------------------------------------------
+NOT_AT_LIMIT = "baseline not at the limit"
+
+
 @dataclass
 class Row:
     name: str
@@ -391,8 +555,18 @@ class Row:
     baseline: str = "-"
     ratio: float | None = None
     target: str = "-"
-    ok: bool | None = None
+    verdict: str = ""  # "ok", "over", NOT_AT_LIMIT, or "" (no target)
     note: str = ""
+    failed: bool = False
+
+
+def verdict(ratio: float, limit: float | None) -> str:
+    """How a ratio to the limit reads: below 1.0 the baseline was not the limit."""
+    if ratio < 1.0:
+        return NOT_AT_LIMIT
+    if limit is None:
+        return ""
+    return "ok" if ratio <= limit else "over"
 
 
 def fmt_time(ns: float) -> str:
@@ -406,23 +580,22 @@ def fmt_echo(ns: float, size: int) -> str:
     return f"{ns / 1e6:.2f} ms ({2 * size / MB / (ns / 1e9):.0f} MB/s)"
 
 
-def ratio_row(name: str, ns: float, base_ns: float | None, limit: float, *, size: int | None = None) -> Row:
+def ratio_row(name: str, ns: float, base_ns: float, limit: float | None, *, size: int | None = None,
+              note: str = "") -> Row:
     fig = fmt_echo(ns, size) if size else fmt_time(ns)
-    if base_ns is None:
-        return Row(name, fig, "n/a", None, f"<= {limit:g}x", None)
     base = fmt_echo(base_ns, size) if size else fmt_time(base_ns)
     r = ns / base_ns
-    return Row(name, fig, base, r, f"<= {limit:g}x", r <= limit)
+    return Row(name, fig, base, r, "-" if limit is None else f"<= {limit:g}x", verdict(r, limit), note)
 
 
 def failed_row(name: str, e: BaseException) -> Row:
-    return Row(name, "FAILED", note=f"{type(e).__name__}: {str(e)[:150]}")
+    return Row(name, "FAILED", note=f"{type(e).__name__}: {str(e)[:150]}", failed=True)
 
 
-def print_table(title: str, rows: list[Row]) -> None:
-    head = ("workload", "parnet", "baseline", "ratio", "target", "")
+def print_table(title: str, rows: list[Row], head: tuple[str, ...] = ("workload", "parnet", "baseline")) -> None:
+    head = (*head, "ratio", "target", "")
     cells = [head] + [(r.name, r.figure, r.baseline, "-" if r.ratio is None else f"{r.ratio:.2f}x",
-                       r.target, {True: "ok", False: "over", None: ""}[r.ok]) for r in rows]
+                       r.target, r.verdict) for r in rows]
     widths = [max(len(c[k]) for c in cells) for k in range(len(head))]
     print(f"\n{title}")
     line = "  ".join("-" * w for w in widths)
@@ -437,9 +610,70 @@ def print_table(title: str, rows: list[Row]) -> None:
             print(f"  {r.name}: {r.note}")
 
 
+def usage_note(u_par: Usage, u_raw: Usage) -> str:
+    """Per iteration, faults and CPU of this process / the peers, parnet then raw."""
+    return f"per iteration, client/peers: parnet {u_par.per_op()}; raw {u_raw.per_op()}"
+
+
+# --------------------------------------------------------------------------------------
+# Raw variants: what the raw figure depends on (memory, recv_into size, socket buffers)
+# --------------------------------------------------------------------------------------
+GAP_VARIANTS = {
+    "numpy (the baseline)": RawOpts(),
+    "bytearray (before issue 14)": RawOpts(alloc="bytearray"),
+    "numpy, new buffer per receive": RawOpts(alloc="fresh"),
+    "numpy, recv_into <= 256 KiB": RawOpts(chunk=256 * 1024),
+    "numpy, SO_SNDBUF/SO_RCVBUF 4 MB": RawOpts(sockbuf=4 * MB),
+    "numpy, send as parnet (MSG_DONTWAIT + poll)": RawOpts(nbsend=True),
+}
+
+
+def run_gap(reps: Reps, use_tls: bool, home: str) -> list[Row]:
+    """The raw echo with each of ``GAP_VARIANTS``, interleaved; ratios to the first."""
+    tag = " [tls]" if use_tls else ""
+    peers: dict[str, RawPeer] = {}
+    rows: list[Row] = []
+    try:
+        for name, opts in GAP_VARIANTS.items():
+            if use_tls and opts.nbsend:
+                continue  # a blocking SSLSocket: not the same path as parnet's non-blocking TLS
+            peers[name] = RawPeer(use_tls, os.path.join(home, "rawcert"), opts)
+        first = next(iter(GAP_VARIANTS))
+        for label in reps.extra_sizes:
+            size = SIZES[label]
+            a = np.random.default_rng(1).random(size // 8)
+            for p in peers.values():
+                p.echo(a, check=True)
+            n = reps.echo8 if size < 50 * MB else reps.echo80
+            fns = {name: (lambda p=p, a=a: p.echo(a)) for name, p in peers.items()}
+            s, use = interleaved(fns, n, reps.warm_bulk, 1, {name: [p.child.pid] for name, p in peers.items()})
+            base = median_ns(s[first])
+            for name in peers:
+                r = ratio_row(f"echo {label}: {name}{tag}", median_ns(s[name]), base, None, size=size,
+                              note=f"client/peer {use[name].per_op()}")
+                if name == first:
+                    r.ratio, r.baseline, r.verdict = None, "-", ""
+                rows.append(r)
+        huge = {name: (anon_huge_kb(p.child.pid) or 0) // 1024 for name, p in peers.items()}
+        rows.append(Row(f"AnonHugePages of the echo peers{tag}", "",
+                        note=", ".join(f"{n}: {mb} MB" for n, mb in huge.items())
+                        + f"; this process: {(anon_huge_kb(os.getpid()) or 0) // 1024} MB"))
+    except Exception as e:  # noqa: BLE001 - report
+        rows.append(failed_row(f"raw variants{tag}", e))
+    finally:
+        for p in peers.values():
+            p.close()
+    return rows
+
+
 # --------------------------------------------------------------------------------------
 # parnet workloads, each interleaved with its raw baseline
 # --------------------------------------------------------------------------------------
+#: Values kept alive by the "kept alive" W2 rows, on each side: one more than the blocks
+#: parnet's buffer pool tracks (``parnet.bufpool.MAX_BLOCKS``, 4), so no receive finds one free.
+KEEP_ALIVE = 5
+
+
 def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[list[Row], dict[str, float]]:
     """Raw baselines (plain or TLS) and, with ``with_parnet``, the parnet workloads on two
     servers started here; each parnet workload runs interleaved with its raw counterpart.
@@ -454,6 +688,7 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
     rows: list[Row] = []
     base: dict[str, float] = {}
     pids: list[int] = []
+    workers: list[int] = []
     conns = None
     broken: str | None = None
     raw = RawPeer(use_tls, os.path.join(home, "rawcert"))
@@ -476,41 +711,48 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
         if c is not None:
             time.sleep(0.2)
             for k, (addr, dpid) in enumerate(zip(SERVER_ADDRS, pids, strict=True), start=1):
-                workers = children_of(dpid)
+                kids = children_of(dpid)
                 d_rss = mem_kb(dpid, "VmRSS")
-                if len(workers) != 1:
+                if len(kids) != 1:
                     rows.append(Row(f"idle worker RSS, server {k}{tag}", "?",
-                                    note=f"expected one worker child of daemon {dpid}, found {workers}"))
+                                    note=f"expected one worker child of daemon {dpid}, found {kids}"))
                 else:
-                    w_rss = mem_kb(workers[0], "VmRSS") or 0
-                    w_pss = mem_kb(workers[0], "Pss")
+                    workers.append(kids[0])
+                    w_rss = mem_kb(kids[0], "VmRSS") or 0
+                    w_pss = mem_kb(kids[0], "Pss")
                     pss = f", PSS {w_pss / 1024:.1f} MB" if w_pss is not None else ""
                     rows.append(Row(f"idle worker RSS, server {k}{tag}", f"{w_rss / 1024:.1f} MB",
-                                    target="<= 40 MB", ok=w_rss <= 40 * 1024, note=f"worker pid {workers[0]}{pss}"))
+                                    target="<= 40 MB", verdict="ok" if w_rss <= 40 * 1024 else "over",
+                                    note=f"worker pid {kids[0]}{pss}"))
                 rows.append(Row(f"daemon RSS, server {k}{tag}", f"{(d_rss or 0) / 1024:.1f} MB",
                                 note=f"daemon pid {dpid} ({addr})"))
 
         def measure(name: str, raw_fn: Callable[[], int], par_fn: Callable[[], int] | None,
-                    prepare: Callable[[int], None] | None, n: int, warm: int, block: int) -> tuple[float, float | None]:
-            """Medians (raw, parnet); parnet None if not run. ``prepare(count)`` runs first
-            (e.g. the server loop for ``count`` iterations)."""
+                    prepare: Callable[[int], None] | None, n: int, warm: int, block: int,
+                    par_peers: Sequence[int] = ()) -> tuple[float, float | None, str]:
+            """Medians (raw, parnet; parnet None if not run) and a usage note. ``prepare(count)``
+            runs first (e.g. the server loop for ``count`` iterations)."""
             nonlocal broken
             if par_fn is not None and broken is None:
                 try:
                     if prepare is not None:
                         prepare(warm + n)
-                    s = interleaved({"raw": raw_fn, "parnet": par_fn}, n, warm, block)
-                    return median_ns(s["raw"]), median_ns(s["parnet"])
+                    s, u = interleaved({"raw": raw_fn, "parnet": par_fn}, n, warm, block,
+                                       {"raw": [raw.child.pid], "parnet": par_peers})
+                    return median_ns(s["raw"]), median_ns(s["parnet"]), usage_note(u["parnet"], u["raw"])
                 except Exception as e:  # noqa: BLE001
                     rows.append(failed_row(name, e))
                     broken = name
             elif par_fn is not None:
-                rows.append(Row(name, "skipped", note=f"not run: {broken} failed before"))
-            s = interleaved({"raw": raw_fn}, n, warm, block)
-            return median_ns(s["raw"]), None
+                rows.append(Row(name, "skipped", note=f"not run: {broken} failed before", failed=True))
+            s, _ = interleaved({"raw": raw_fn}, n, warm, block)
+            return median_ns(s["raw"]), None, ""
 
-        # W1: small round trip through a reval, against the raw small round trip
-        w1 = None
+        # W1: small round trip through a reval, against the raw small round trip; then with
+        # a new command string each time (misses the client's frame cache and the worker's
+        # compiled-code cache), against raw round trips of strings just as new
+        w1 = w1_new = None
+        counter = iter(range(10**7, 10**8))
         if c is not None:
             c1 = c[1]
 
@@ -520,35 +762,70 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                 precv(c1)
                 return time.perf_counter_ns() - t0
 
+            def w1_new() -> int:
+                cmd = f"psend({next(counter)}, sockets[0])"
+                t0 = time.perf_counter_ns()
+                reval(cmd, c1)
+                precv(c1)
+                return time.perf_counter_ns() - t0
+
         name = f"W1 reval+psend/precv round trip{tag}"
-        base["rtt"], par = measure(name, raw.roundtrip, w1, None, reps.rtt, reps.rtt_warm, 100)
+        base["rtt"], par, note = measure(name, raw.roundtrip, w1, None, reps.rtt, reps.rtt_warm, 100,
+                                         workers[:1])
         if par is not None:
-            rows.append(ratio_row(name, par, base["rtt"], 1.3))
+            rows.append(ratio_row(name, par, base["rtt"], 1.3, note=note))
 
-        # W2: echo client -> server 1 -> client; the server runs a loop of fixed length
-        for label, size in SIZES.items():
-            a = np.random.default_rng(1).random(size // 8)
-            raw.echo(a, check=True)
-            n = reps.echo8 if size < 50 * MB else reps.echo80
-            w2 = prep2 = None
-            if c is not None:
+        def raw_new() -> int:
+            return raw.roundtrip(f"psend({next(counter)}, sockets[0])")
 
-                def prep2(count: int, a: np.ndarray = a) -> None:
-                    reval(f"for _ in range({count + 1}):\n    psend(precv(sockets[0]), sockets[0])", c[1])
-                    psend(a, c[1])
-                    if not np.array_equal(a, precv(c[1], timeout=120)):
-                        raise RuntimeError("echo returned different data")
+        name = f"W1 with a new command string each time{tag}"
+        n_new = reps.rtt // 3
+        rtt_new, par, note = measure(name, raw_new, w1_new, None, n_new, reps.rtt_warm, 100, workers[:1])
+        if par is not None:
+            rows.append(ratio_row(name, par, rtt_new, None, note=note))
 
-                def w2(a: np.ndarray = a) -> int:
-                    t0 = time.perf_counter_ns()
-                    psend(a, c[1])
-                    precv(c[1], timeout=120)
-                    return time.perf_counter_ns() - t0
+        # W2: echo client -> server 1 -> client; the server runs a loop of fixed length. Then
+        # the same with the last KEEP_ALIVE values kept alive on both sides: every receive
+        # then needs new memory (the buffer pool has no free block)
+        for keep in (False, True):
+            for label, size in SIZES.items():
+                if keep and label not in reps.extra_sizes:
+                    continue
+                a = np.random.default_rng(1).random(size // 8)
+                raw.echo(a, check=True)
+                n = reps.echo8 if size < 50 * MB else reps.echo80
+                w2 = prep2 = None
+                if c is not None:
+                    kept: collections.deque = collections.deque(maxlen=KEEP_ALIVE if keep else 0)
+                    if keep:
+                        loop = (f"_kept = []\nfor _ in range({{n}}):\n    _kept.append(precv(sockets[0]))\n"
+                                f"    del _kept[:-{KEEP_ALIVE}]\n    psend(_kept[-1], sockets[0])\ndel _kept")
+                    else:
+                        loop = "for _ in range({n}):\n    psend(precv(sockets[0]), sockets[0])"
 
-            name = f"W2 echo {label}{tag}"
-            base[label], par = measure(name, lambda a=a: raw.echo(a), w2, prep2, n, reps.warm_bulk, 1)
-            if par is not None:
-                rows.append(ratio_row(name, par, base[label], 1.2 if size < 50 * MB else 1.1, size=size))
+                    def prep2(count: int, a: np.ndarray = a, loop: str = loop) -> None:
+                        reval(loop.format(n=count + 1), c[1])
+                        psend(a, c[1])
+                        if not np.array_equal(a, precv(c[1], timeout=120)):
+                            raise RuntimeError("echo returned different data")
+
+                    def w2(a: np.ndarray = a, kept: collections.deque = kept) -> int:
+                        t0 = time.perf_counter_ns()
+                        psend(a, c[1])
+                        v = precv(c[1], timeout=120)
+                        dt = time.perf_counter_ns() - t0
+                        kept.append(v)
+                        return dt
+
+                name = f"W2 echo {label}{', values kept alive' if keep else ''}{tag}"
+                b, par, note = measure(name, lambda a=a: raw.echo(a), w2, prep2, n, reps.warm_bulk, 1, workers[:1])
+                if not keep:
+                    base[label] = b
+                if par is not None:
+                    limit = None if keep else 1.2 if size < 50 * MB else 1.1
+                    rows.append(ratio_row(name, par, b, limit, size=size, note=note))
+                if c is not None:
+                    kept.clear()
 
         # W3: 80 MB client -> server 1 -> server 2 -> client, against the raw 80 MB echo
         size = SIZES["80 MB"]
@@ -570,9 +847,14 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                 return time.perf_counter_ns() - t0
 
         name = f"W3 80 MB via 2 servers{tag}"
-        b80, par = measure(name, lambda: raw.echo(a3), w3, prep3, reps.echo80, reps.warm_bulk, 1)
+        b80, par, note = measure(name, lambda: raw.echo(a3), w3, prep3, reps.echo80, reps.warm_bulk, 1, workers)
         if par is not None:
-            rows.append(ratio_row(name, par, b80, 1.6, size=size))
+            rows.append(ratio_row(name, par, b80, 1.6, size=size, note=note))
+        if workers:
+            huge = ", ".join(f"{(anon_huge_kb(w) or 0) // 1024} MB" for w in workers)
+            rows.append(Row(f"AnonHugePages after the bulk rows{tag}", "",
+                            note=f"workers {huge}; raw echo peer {(anon_huge_kb(raw.child.pid) or 0) // 1024} MB; "
+                                 f"this process {(anon_huge_kb(os.getpid()) or 0) // 1024} MB"))
 
         # W5: pconnect until it returns, sclose between
         if c is not None:
@@ -589,7 +871,7 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                     sclose(conns)
                     conns = None
                 ms = median_ns(samples) / 1e6
-                rows.append(Row(name, f"{ms:.1f} ms", target="<= 100 ms", ok=ms <= 100,
+                rows.append(Row(name, f"{ms:.1f} ms", target="<= 100 ms", verdict="ok" if ms <= 100 else "over",
                                 note=f"min {min(samples) / 1e6:.1f} ms, max {max(samples) / 1e6:.1f} ms "
                                      f"over {len(samples)} connects"))
             except Exception as e:  # noqa: BLE001
@@ -659,14 +941,24 @@ def loadavg() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="parnet core benchmark against raw loopback TCP/TLS")
     ap.add_argument("--tls", action="store_true", help="also measure TLS baselines and a parnet TLS run")
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions (CI smoke test, < 30 s)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer repetitions (CI smoke test): exits 1 if anything failed")
+    ap.add_argument("--no-gap", action="store_true", help="skip the table of raw variants")
+    ap.add_argument("--gap-only", action="store_true",
+                    help="only the table of raw variants, with 4x the repetitions (no servers)")
     ap.add_argument("--raw-child", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--raw-tls", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--raw-alloc", default="numpy", help=argparse.SUPPRESS)
+    ap.add_argument("--raw-chunk", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--raw-sockbuf", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--raw-nbsend", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.raw_child is not None:
-        return raw_child_main(a.raw_child, a.raw_tls)
+        return raw_child_main(a.raw_child, a.raw_tls, RawOpts(a.raw_alloc, a.raw_chunk, a.raw_sockbuf, a.raw_nbsend))
 
     reps = QUICK if a.quick else FULL
+    if a.gap_only:
+        reps = Reps(**{k: v * 4 if isinstance(v, int) else v for k, v in vars(reps).items()})
     t_start = time.monotonic()
     print(f"parnet core benchmark{' (quick)' if a.quick else ''}, commit {git_state()}: {environment()}")
     print(f"repetitions: round trips {reps.rtt} (after {reps.rtt_warm} warm-up), echo 8 MB {reps.echo8}, "
@@ -677,33 +969,49 @@ def main(argv: list[str] | None = None) -> int:
     # servers and client read PARNET_HOME; pid files and default logs go under XDG_RUNTIME_DIR
     os.environ["PARNET_HOME"] = home
     os.environ["XDG_RUNTIME_DIR"] = home
+    failed = False
     try:
+        if a.gap_only:
+            gap = run_gap(reps, False, home) + (run_gap(reps, True, home) if a.tls else [])
+            print_table("Raw echo variants, interleaved (ratio: to the baseline's memory and sockets; "
+                        "per iteration of this process/the echo peer)", gap, ("variant", "echo", "baseline"))
+            return 1 if a.quick and any(r.failed for r in gap) else 0
         rows, base_plain = run_suite(reps, False, True, home)
+        gap = [] if a.no_gap else run_gap(reps, False, home)
         base_tls: dict[str, float] | None = None
         tls_note = ""
         if a.tls:
             tls_ok = True
             try:
-                from parnet.auth.keyfile import parallel_generate_srp_data
+                from parnet import parallel_generate_srp_data
 
                 parallel_generate_srp_data("bench", password="bench-password-123",
                                            directory=os.path.join(home, "srp"))
             except Exception as e:  # noqa: BLE001
                 tls_ok = False
-                tls_note = f"TLS: not available yet ({type(e).__name__}: {e})"
+                tls_note = f"TLS: not available ({type(e).__name__}: {e})"
             tls_rows, base_tls = run_suite(reps, True, tls_ok, home)
             rows += tls_rows
+            if not a.no_gap:
+                gap += run_gap(reps, True, home)
         print_raw(base_plain, base_tls)
         print_table("parnet (2 servers on 127.0.0.2/127.0.0.3; baseline: the raw figure of the same kind, "
                     "measured interleaved with it)", rows)
+        if gap:
+            print_table("Raw echo variants, interleaved (ratio: to the baseline's memory and sockets; "
+                        "per iteration of this process/the echo peer)", gap, ("variant", "echo", "baseline"))
         if tls_note:
             print(f"\n{tls_note}")
-    except Exception:  # noqa: BLE001 - a benchmark reports, it does not fail
+        failed = bool(tls_note) or any(r.failed for r in rows + gap)
+    except Exception:  # noqa: BLE001 - a benchmark reports (and in --quick mode fails below)
         traceback.print_exc()
+        failed = True
     finally:
         shutil.rmtree(home, ignore_errors=True)
     print(f"\ntotal time {time.monotonic() - t_start:.1f} s; load average at end: {loadavg()}")
-    return 0
+    if failed:
+        print("something FAILED (see above)" + ("" if a.quick else "; exit status 0 (not --quick)"))
+    return 1 if failed and a.quick else 0
 
 
 if __name__ == "__main__":

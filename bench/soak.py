@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/soak.py [--minutes M] [--servers N] [--tls/--no-tls] [--seed S]
+    .venv/bin/python bench/soak.py [--minutes M] [--servers N] [--tls/--no-tls] [--seed S] [--quick]
 
 (defaults: 10 minutes, 3 servers, TLS on). It starts N servers on 127.0.0.60, .61, ... (one
 random free port pair, the same on every address), with ``PARNET_HOME`` and
@@ -1095,7 +1095,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", type=int, default=3, help="number of servers (default 3)")
     ap.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True, help="TLS + SRP (default on)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    ap.add_argument("--quick", action="store_true", help="a 24-second run (CI smoke test; same as --minutes 0.4)")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.minutes = 0.4
     if a.seed is None:
         a.seed = random.randrange(1_000_000)
     if a.servers < 1 or a.servers > 100:
