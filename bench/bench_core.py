@@ -91,12 +91,18 @@ class RawOpts:
     sockbuf: ``SO_SNDBUF``/``SO_RCVBUF`` in bytes on both sides (0: the kernel's autotuning).
     nbsend: send a large buffer as parnet does (plain TCP only): ``send`` with ``MSG_DONTWAIT``,
         ``poll`` for room when the socket is full; otherwise one blocking ``sendall``.
+    own_session: the echo child runs in a session of its own, as parnet's servers do
+        (``start_new_session``). With ``sched_autogroup_enabled`` (the default on most
+        desktop and many server kernels) every session is a scheduling group with an equal
+        share of a busy CPU: a child in the benchmark's session shares one share with the
+        client, while parnet's client and worker have one each.
     """
 
     alloc: str = "numpy"
     chunk: int = 0
     sockbuf: int = 0
     nbsend: bool = False
+    own_session: bool = True
 
     def argv(self) -> list[str]:
         return ["--raw-alloc", self.alloc, "--raw-chunk", str(self.chunk), "--raw-sockbuf", str(self.sockbuf),
@@ -296,7 +302,8 @@ class RawPeer:
         port = ls.getsockname()[1]
         self.opts = opts
         self.child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--raw-child", str(port),
-                                       *(["--raw-tls"] if use_tls else []), *opts.argv()])
+                                       *(["--raw-tls"] if use_tls else []), *opts.argv()],
+                                      start_new_session=opts.own_session)
         try:
             ls.settimeout(30)
             sock, _ = ls.accept()
@@ -353,53 +360,68 @@ class RawPeer:
 _TCK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_usage(pid: int) -> tuple[int, float, float]:
-    """(minor page faults, user s, system s) of ``pid`` (all its threads) from /proc; this
-    process from ``getrusage`` (finer than the clock ticks of /proc)."""
-    if pid == os.getpid():
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_minflt, r.ru_utime, r.ru_stime
+Sample = tuple[float, float, float, float]  # minor faults, user s, system s, run time s
+
+
+def proc_usage(pid: int) -> Sample:
+    """Minor page faults, user and system CPU seconds (clock ticks; this process: from
+    ``getrusage``, finer) and the exact time on a CPU (``/proc/<pid>/task/*/schedstat``, ns)
+    of ``pid``, all its threads; zeros for a process that is gone."""
+    run = 0
     try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run += int(f.read().split()[0])
+        if pid == os.getpid():
+            r = resource.getrusage(resource.RUSAGE_SELF)
+            return r.ru_minflt, r.ru_utime, r.ru_stime, run / 1e9
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0, 0.0, 0.0
-    return int(fields[7]), int(fields[11]) / _TCK, int(fields[12]) / _TCK
+        return 0, 0.0, 0.0, 0.0
+    return int(fields[7]), int(fields[11]) / _TCK, int(fields[12]) / _TCK, run / 1e9
 
 
 @dataclass
 class Usage:
-    """Summed over the timed iterations of one workload: per side (``client`` is this
-    process, ``peers`` the raw child or the parnet workers), faults and CPU seconds."""
+    """Summed over the timed iterations of one workload, per side (``client`` is this
+    process, ``peers`` the raw child or the parnet workers): a ``Sample`` of differences."""
 
     ops: int = 0
-    client: tuple[float, float, float] = (0, 0.0, 0.0)
-    peers: tuple[float, float, float] = (0, 0.0, 0.0)
+    client: Sample = (0, 0.0, 0.0, 0.0)
+    peers: Sample = (0, 0.0, 0.0, 0.0)
 
-    def add(self, ops: int, client: tuple[float, float, float], peers: tuple[float, float, float]) -> None:
+    def add(self, ops: int, client: Sample, peers: Sample) -> None:
         self.ops += ops
-        self.client = tuple(a + b for a, b in zip(self.client, client, strict=True))  # type: ignore[assignment]
-        self.peers = tuple(a + b for a, b in zip(self.peers, peers, strict=True))  # type: ignore[assignment]
+        self.client = _plus(self.client, client)
+        self.peers = _plus(self.peers, peers)
+
+    def cpu_per_op(self) -> float:
+        """Seconds on a CPU (every process, every thread) per iteration."""
+        return (self.client[3] + self.peers[3]) / max(self.ops, 1)
 
     def per_op(self) -> str:
-        """'faults c/p, CPU user+sys c/p' per iteration (in us below 1 ms of CPU)."""
+        """'faults c/p, CPU c/p (user+sys c/p)' per iteration (in us below 1 ms of CPU)."""
         n = max(self.ops, 1)
         c, p = self.client, self.peers
-        unit, k = ("us", 1e6) if max(c[1] + c[2], p[1] + p[2]) / n < 1e-3 else ("ms", 1e3)
-        return (f"faults {c[0] / n:.0f}/{p[0] / n:.0f}, CPU {unit} user+sys "
-                f"{c[1] / n * k:.1f}+{c[2] / n * k:.1f} / {p[1] / n * k:.1f}+{p[2] / n * k:.1f}")
+        unit, k = ("us", 1e6) if max(c[3], p[3]) / n < 1e-3 else ("ms", 1e3)
+        return (f"faults {c[0] / n:.0f}/{p[0] / n:.0f}, CPU {unit} {c[3] / n * k:.1f}/{p[3] / n * k:.1f} "
+                f"(user+sys {c[1] / n * k:.1f}+{c[2] / n * k:.1f}/{p[1] / n * k:.1f}+{p[2] / n * k:.1f})")
 
 
-def _usage_sum(pids: Sequence[int]) -> tuple[float, float, float]:
-    out = [0.0, 0.0, 0.0]
+def _plus(a: Sample, b: Sample) -> Sample:
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]
+
+
+def _usage_sum(pids: Sequence[int]) -> Sample:
+    out: Sample = (0, 0.0, 0.0, 0.0)
     for pid in pids:
-        for k, v in enumerate(proc_usage(pid)):
-            out[k] += v
-    return out[0], out[1], out[2]
+        out = _plus(out, proc_usage(pid))
+    return out
 
 
-def _diff(a: tuple[float, float, float], b: tuple[float, float, float]) -> tuple[float, float, float]:
-    return b[0] - a[0], b[1] - a[1], b[2] - a[2]
+def _diff(a: Sample, b: Sample) -> Sample:
+    return b[0] - a[0], b[1] - a[1], b[2] - a[2], b[3] - a[3]
 
 
 def interleaved(fns: dict[str, Callable[[], int]], n: int, warm: int, block: int,
@@ -558,6 +580,7 @@ class Row:
     verdict: str = ""  # "ok", "over", NOT_AT_LIMIT, or "" (no target)
     note: str = ""
     failed: bool = False
+    cpu: float | None = None  # CPU time per iteration of all processes, over the baseline's
 
 
 def verdict(ratio: float, limit: float | None) -> str:
@@ -581,11 +604,17 @@ def fmt_echo(ns: float, size: int) -> str:
 
 
 def ratio_row(name: str, ns: float, base_ns: float, limit: float | None, *, size: int | None = None,
-              note: str = "") -> Row:
+              use: tuple[Usage, Usage] | None = None, note: str = "") -> Row:
+    """A row with the ratio of ``ns`` to ``base_ns``; ``use``: the (measured, baseline) usage,
+    for the CPU ratio and the note."""
     fig = fmt_echo(ns, size) if size else fmt_time(ns)
     base = fmt_echo(base_ns, size) if size else fmt_time(base_ns)
     r = ns / base_ns
-    return Row(name, fig, base, r, "-" if limit is None else f"<= {limit:g}x", verdict(r, limit), note)
+    cpu = None
+    if use is not None:
+        cpu = use[0].cpu_per_op() / use[1].cpu_per_op() if use[1].cpu_per_op() > 0 else None
+        note = note or f"per iteration, client/peers: parnet {use[0].per_op()}; raw {use[1].per_op()}"
+    return Row(name, fig, base, r, "-" if limit is None else f"<= {limit:g}x", verdict(r, limit), note, cpu=cpu)
 
 
 def failed_row(name: str, e: BaseException) -> Row:
@@ -593,9 +622,11 @@ def failed_row(name: str, e: BaseException) -> Row:
 
 
 def print_table(title: str, rows: list[Row], head: tuple[str, ...] = ("workload", "parnet", "baseline")) -> None:
-    head = (*head, "ratio", "target", "")
+    cpu = any(r.cpu is not None for r in rows)
+    head = (*head, "ratio", *(["CPU ratio"] if cpu else []), "target", "")
     cells = [head] + [(r.name, r.figure, r.baseline, "-" if r.ratio is None else f"{r.ratio:.2f}x",
-                       r.target, r.verdict) for r in rows]
+                       *(["-" if r.cpu is None else f"{r.cpu:.2f}x"] if cpu else []), r.target, r.verdict)
+                      for r in rows]
     widths = [max(len(c[k]) for c in cells) for k in range(len(head))]
     print(f"\n{title}")
     line = "  ".join("-" * w for w in widths)
@@ -610,11 +641,6 @@ def print_table(title: str, rows: list[Row], head: tuple[str, ...] = ("workload"
             print(f"  {r.name}: {r.note}")
 
 
-def usage_note(u_par: Usage, u_raw: Usage) -> str:
-    """Per iteration, faults and CPU of this process / the peers, parnet then raw."""
-    return f"per iteration, client/peers: parnet {u_par.per_op()}; raw {u_raw.per_op()}"
-
-
 # --------------------------------------------------------------------------------------
 # Raw variants: what the raw figure depends on (memory, recv_into size, socket buffers)
 # --------------------------------------------------------------------------------------
@@ -625,6 +651,7 @@ GAP_VARIANTS = {
     "numpy, recv_into <= 256 KiB": RawOpts(chunk=256 * 1024),
     "numpy, SO_SNDBUF/SO_RCVBUF 4 MB": RawOpts(sockbuf=4 * MB),
     "numpy, send as parnet (MSG_DONTWAIT + poll)": RawOpts(nbsend=True),
+    "numpy, child in the client's session (before issue 14)": RawOpts(own_session=False),
 }
 
 
@@ -650,9 +677,9 @@ def run_gap(reps: Reps, use_tls: bool, home: str) -> list[Row]:
             base = median_ns(s[first])
             for name in peers:
                 r = ratio_row(f"echo {label}: {name}{tag}", median_ns(s[name]), base, None, size=size,
-                              note=f"client/peer {use[name].per_op()}")
+                              use=(use[name], use[first]), note=f"client/peer {use[name].per_op()}")
                 if name == first:
-                    r.ratio, r.baseline, r.verdict = None, "-", ""
+                    r.ratio, r.baseline, r.verdict, r.cpu = None, "-", "", None
                 rows.append(r)
         huge = {name: (anon_huge_kb(p.child.pid) or 0) // 1024 for name, p in peers.items()}
         rows.append(Row(f"AnonHugePages of the echo peers{tag}", "",
@@ -729,9 +756,9 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
 
         def measure(name: str, raw_fn: Callable[[], int], par_fn: Callable[[], int] | None,
                     prepare: Callable[[int], None] | None, n: int, warm: int, block: int,
-                    par_peers: Sequence[int] = ()) -> tuple[float, float | None, str]:
-            """Medians (raw, parnet; parnet None if not run) and a usage note. ``prepare(count)``
-            runs first (e.g. the server loop for ``count`` iterations)."""
+                    par_peers: Sequence[int] = ()) -> tuple[float, float | None, tuple[Usage, Usage] | None]:
+            """Medians (raw, parnet; parnet None if not run) and the usage (parnet, raw).
+            ``prepare(count)`` runs first (e.g. the server loop for ``count`` iterations)."""
             nonlocal broken
             if par_fn is not None and broken is None:
                 try:
@@ -739,14 +766,14 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                         prepare(warm + n)
                     s, u = interleaved({"raw": raw_fn, "parnet": par_fn}, n, warm, block,
                                        {"raw": [raw.child.pid], "parnet": par_peers})
-                    return median_ns(s["raw"]), median_ns(s["parnet"]), usage_note(u["parnet"], u["raw"])
+                    return median_ns(s["raw"]), median_ns(s["parnet"]), (u["parnet"], u["raw"])
                 except Exception as e:  # noqa: BLE001
                     rows.append(failed_row(name, e))
                     broken = name
             elif par_fn is not None:
                 rows.append(Row(name, "skipped", note=f"not run: {broken} failed before", failed=True))
             s, _ = interleaved({"raw": raw_fn}, n, warm, block)
-            return median_ns(s["raw"]), None, ""
+            return median_ns(s["raw"]), None, None
 
         # W1: small round trip through a reval, against the raw small round trip; then with
         # a new command string each time (misses the client's frame cache and the worker's
@@ -770,19 +797,19 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                 return time.perf_counter_ns() - t0
 
         name = f"W1 reval+psend/precv round trip{tag}"
-        base["rtt"], par, note = measure(name, raw.roundtrip, w1, None, reps.rtt, reps.rtt_warm, 100,
+        base["rtt"], par, use = measure(name, raw.roundtrip, w1, None, reps.rtt, reps.rtt_warm, 100,
                                          workers[:1])
         if par is not None:
-            rows.append(ratio_row(name, par, base["rtt"], 1.3, note=note))
+            rows.append(ratio_row(name, par, base["rtt"], 1.3, use=use))
 
         def raw_new() -> int:
             return raw.roundtrip(f"psend({next(counter)}, sockets[0])")
 
         name = f"W1 with a new command string each time{tag}"
         n_new = reps.rtt // 3
-        rtt_new, par, note = measure(name, raw_new, w1_new, None, n_new, reps.rtt_warm, 100, workers[:1])
+        rtt_new, par, use = measure(name, raw_new, w1_new, None, n_new, reps.rtt_warm, 100, workers[:1])
         if par is not None:
-            rows.append(ratio_row(name, par, rtt_new, None, note=note))
+            rows.append(ratio_row(name, par, rtt_new, None, use=use))
 
         # W2: echo client -> server 1 -> client; the server runs a loop of fixed length. Then
         # the same with the last KEEP_ALIVE values kept alive on both sides: every receive
@@ -818,12 +845,12 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                         return dt
 
                 name = f"W2 echo {label}{', values kept alive' if keep else ''}{tag}"
-                b, par, note = measure(name, lambda a=a: raw.echo(a), w2, prep2, n, reps.warm_bulk, 1, workers[:1])
+                b, par, use = measure(name, lambda a=a: raw.echo(a), w2, prep2, n, reps.warm_bulk, 1, workers[:1])
                 if not keep:
                     base[label] = b
                 if par is not None:
                     limit = None if keep else 1.2 if size < 50 * MB else 1.1
-                    rows.append(ratio_row(name, par, b, limit, size=size, note=note))
+                    rows.append(ratio_row(name, par, b, limit, size=size, use=use))
                 if c is not None:
                     kept.clear()
 
@@ -847,9 +874,9 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                 return time.perf_counter_ns() - t0
 
         name = f"W3 80 MB via 2 servers{tag}"
-        b80, par, note = measure(name, lambda: raw.echo(a3), w3, prep3, reps.echo80, reps.warm_bulk, 1, workers)
+        b80, par, use = measure(name, lambda: raw.echo(a3), w3, prep3, reps.echo80, reps.warm_bulk, 1, workers)
         if par is not None:
-            rows.append(ratio_row(name, par, b80, 1.6, size=size, note=note))
+            rows.append(ratio_row(name, par, b80, 1.6, size=size, use=use))
         if workers:
             huge = ", ".join(f"{(anon_huge_kb(w) or 0) // 1024} MB" for w in workers)
             rows.append(Row(f"AnonHugePages after the bulk rows{tag}", "",
