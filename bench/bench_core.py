@@ -234,22 +234,13 @@ def _tune(sock: socket.socket, opts: RawOpts) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, opts.sockbuf)
 
 
-def raw_child_main(port: int, use_tls: bool, opts: RawOpts) -> int:
-    """The echo peer: connects to the parent, answers every message until told to quit.
+def echo_loop(sock: socket.socket, opts: RawOpts) -> None:
+    """The echo peer's side of a connected socket: answers every message until told to quit.
 
     A str (the small message) is answered with the int 1, like W1's ``psend(1, ...)`` (a str
     naming a number, as W1's uncached commands do, with that number); anything else (an
     array, received into this side's buffer) is sent back as is.
     """
-    sock = socket.socket()
-    _tune(sock, opts)  # before connecting: the window scale is fixed by the handshake
-    sock.connect(("127.0.0.1", port))
-    if use_tls:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        sock = ctx.wrap_socket(sock)
     conn = RawConn(sock, opts)
     bufs = RawBuffers(opts.alloc)
     while True:
@@ -259,6 +250,20 @@ def raw_child_main(port: int, use_tls: bool, opts: RawOpts) -> int:
         if isinstance(val, str):
             val = int(val[6:-13]) if val[6:-13].isdigit() else 1
         conn.send_msg(val)
+
+
+def raw_child_main(port: int, use_tls: bool, opts: RawOpts) -> int:
+    """The echo peer process: connects to the parent, runs ``echo_loop``."""
+    sock = socket.socket()
+    _tune(sock, opts)  # before connecting: the window scale is fixed by the handshake
+    sock.connect(("127.0.0.1", port))
+    if use_tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        sock = ctx.wrap_socket(sock)
+    echo_loop(sock, opts)
     sock.close()
     return 0
 
