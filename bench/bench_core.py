@@ -1024,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
                 tls_note = f"TLS: not available ({type(e).__name__}: {e})"
             tls_rows, base_tls = run_suite(reps, True, tls_ok, home)
             rows += tls_rows
-            if not a.no_gap:
+            if not a.no_gap and not a.quick:
                 gap += run_gap(reps, True, home)
         print_raw(base_plain, base_tls)
         print_table("parnet (2 servers on 127.0.0.2/127.0.0.3; baseline: the raw figure of the same kind, "

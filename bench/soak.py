@@ -1095,10 +1095,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", type=int, default=3, help="number of servers (default 3)")
     ap.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True, help="TLS + SRP (default on)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
-    ap.add_argument("--quick", action="store_true", help="a 24-second run (CI smoke test; same as --minutes 0.4)")
+    ap.add_argument("--quick", action="store_true", help="an 18-second run (CI smoke test; same as --minutes 0.3)")
     a = ap.parse_args(argv)
     if a.quick:
-        a.minutes = 0.4
+        a.minutes = 0.3
     if a.seed is None:
         a.seed = random.randrange(1_000_000)
     if a.servers < 1 or a.servers > 100:
