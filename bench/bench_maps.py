@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -32,13 +30,12 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_core import (  # noqa: E402
     NOT_AT_LIMIT,
-    SERVER_ADDRS,
     RawPeer,
     Row,
+    bench_servers,
     failed_row,
     interleaved,
     loadavg,
-    pick_ports,
     print_table,
     timer_ns,
 )
@@ -75,99 +72,82 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="calls of W4b 10x shorter, fewer runs (CI smoke test): exits 1 if anything failed")
     a = ap.parse_args(argv)
-    home = tempfile.mkdtemp(prefix="parnet-bench-maps-")
-    os.environ["PARNET_HOME"] = home
-    os.environ["XDG_RUNTIME_DIR"] = home
     from parnet import netcellfun, network_set, pconnect, sclose
-    from parnet.server.launch import start_background, stop_pid
 
     scale = 0.1 if a.quick else 1.0
     runs = 2 if a.quick else 3
     reps = 20 if a.quick else 100
-    pids: list[int] = []
     rows: list[Row] = []
     failed = False
     t_start = time.monotonic()
     print(f"parnet map benchmark{' (quick)' if a.quick else ''}, TLS {'on' if a.tls else 'off'}; "
           f"load average {loadavg()}")
     try:
-        if a.tls:
-            from parnet import parallel_generate_srp_data
+        with bench_servers(a.tls, "parnet-bench-maps-") as hosts:
+            home = os.environ["PARNET_HOME"]  # bench_servers' private directory
+            # W4a: warm network, interleaved with raw round trips and serial runs
+            xs = range(2000)
+            c = pconnect(hosts, use_tls=a.tls)
+            raw = RawPeer(a.tls, os.path.join(home, "rawcert"))
 
-            parallel_generate_srp_data("bench", password="bench-password-123")
-        port = pick_ports()
-        hosts = [f"{x}:{port}" for x in SERVER_ADDRS]
-        for addr in SERVER_ADDRS:
-            pids.append(start_background(use_tls=a.tls, cmd_port=port, data_port=port + 1, bind=addr,
-                                         allow_root=True, log_file=os.path.join(home, f"server-{addr}.log")))
+            def raw_rtt() -> int:
+                """The median of 20 raw round trips in a row: one wake-up of a descheduled peer
+                on a busy machine does not make the figure."""
+                return int(statistics.median(raw.roundtrip() for _ in range(20)))
 
-        # W4a: warm network, interleaved with raw round trips and serial runs
-        xs = range(2000)
-        c = pconnect(hosts, use_tls=a.tls)
-        raw = RawPeer(a.tls, os.path.join(home, "rawcert"))
-
-        def raw_rtt() -> int:
-            """The median of 20 raw round trips in a row: one wake-up of a descheduled peer
-            on a busy machine does not make the figure."""
-            return int(statistics.median(raw.roundtrip() for _ in range(20)))
-
-        try:
-            for label, kw in (("W4a 2000 trivial calls, default options", {}),
-                              ("W4a 2000 trivial calls, chunk_size=100", {"chunk_size": 100})):
-                name = label + (" [tls]" if a.tls else "")
-                try:
-                    t_warm = time.monotonic() + (0.5 if a.quick else 2.0)  # the first map starts
-                    while time.monotonic() < t_warm:  # each server's local pool in the background
-                        netcellfun(c, _double, xs, **kw)
-                    s, _ = interleaved({"map": timer_ns(lambda kw=kw: netcellfun(c, _double, xs, **kw)),
-                                        "raw": raw_rtt,
-                                        "serial": timer_ns(lambda: [_double(x) for x in xs])}, reps, 2, 5)
-                    t, rtt, ser = (statistics.median(s[k]) / 1e9 for k in ("map", "raw", "serial"))
-                    rows.append(ideal_row(name, t, rtt + ser / 2, 0.005 if not kw else None,
-                                          "<= 5 ms" if not kw else "-",
-                                          f"ideal = 1 raw round trip {rtt * 1e6:.1f} us + serial {ser * 1e3:.3f} ms"
-                                          f" / 2 servers; best map {min(s['map']) / 1e6:.2f} ms"))
-                except Exception as e:  # noqa: BLE001
-                    rows.append(failed_row(name, e))
-        finally:
-            raw.close()
-            sclose(c)
-
-        # W4b and the Example: cold (first map on a fresh network) and warm (the second)
-        for label, servers, nlocal, n, dur, ideal in (
-                ("W4b 16 x {d} s, 1 server, nlocaljobs 2", [1], 2, 16, 0.5 * scale, 8 * 0.5 * scale),
-                ("reference Example: 30 x {d} s, 2 servers x 2 cores", [1, 2], 0, 30, 1.0 * scale,
-                 8 * 1.0 * scale)):
-            name = label.format(d=f"{dur:g}")
-            tag = " [tls]" if a.tls else ""
             try:
-                cold: list[float] = []
-                warm: list[float] = []
-                for _ in range(runs):
-                    with pconnect(hosts, use_tls=a.tls) as net:
-                        if nlocal:
-                            network_set(net, "nlocaljobs", nlocal)
-                        target = net[servers[0]] if len(servers) == 1 else net
-                        vals = [dur] * n
-                        for out in (cold, warm):
-                            t = _timed_s(lambda target=target, vals=vals: netcellfun(target, _sleep, vals))
-                            out.append(t)
-                for kind, ts in (("cold", cold), ("warm", warm)):
-                    t = statistics.median(ts)
-                    rows.append(ideal_row(f"{name}, {kind}{tag}", t, ideal, ideal + 0.05, "overhead <= 50 ms",
-                                          f"overhead {(t - ideal) * 1e3:+.0f} ms; runs "
-                                          + ", ".join(f"{x:.3f}" for x in ts) + " s"))
-            except Exception as e:  # noqa: BLE001
-                rows.append(failed_row(name + tag, e))
-        print_table("netcellfun on 2 servers on 127.0.0.2/127.0.0.3 (medians; ratio: to the ideal time)", rows)
+                for label, kw in (("W4a 2000 trivial calls, default options", {}),
+                                  ("W4a 2000 trivial calls, chunk_size=100", {"chunk_size": 100})):
+                    name = label + (" [tls]" if a.tls else "")
+                    try:
+                        t_warm = time.monotonic() + (0.5 if a.quick else 2.0)  # the first map starts
+                        while time.monotonic() < t_warm:  # each server's local pool in the background
+                            netcellfun(c, _double, xs, **kw)
+                        s, _ = interleaved({"map": timer_ns(lambda kw=kw: netcellfun(c, _double, xs, **kw)),
+                                            "raw": raw_rtt,
+                                            "serial": timer_ns(lambda: [_double(x) for x in xs])}, reps, 2, 5)
+                        t, rtt, ser = (statistics.median(s[k]) / 1e9 for k in ("map", "raw", "serial"))
+                        rows.append(ideal_row(name, t, rtt + ser / 2, 0.005 if not kw else None,
+                                              "<= 5 ms" if not kw else "-",
+                                              f"ideal = 1 raw round trip {rtt * 1e6:.1f} us + serial {ser * 1e3:.3f} ms"
+                                              f" / 2 servers; best map {min(s['map']) / 1e6:.2f} ms"))
+                    except Exception as e:  # noqa: BLE001
+                        rows.append(failed_row(name, e))
+            finally:
+                raw.close()
+                sclose(c)
+
+            # W4b and the Example: cold (first map on a fresh network) and warm (the second)
+            for label, servers, nlocal, n, dur, ideal in (
+                    ("W4b 16 x {d} s, 1 server, nlocaljobs 2", [1], 2, 16, 0.5 * scale, 8 * 0.5 * scale),
+                    ("reference Example: 30 x {d} s, 2 servers x 2 cores", [1, 2], 0, 30, 1.0 * scale,
+                     8 * 1.0 * scale)):
+                name = label.format(d=f"{dur:g}")
+                tag = " [tls]" if a.tls else ""
+                try:
+                    cold: list[float] = []
+                    warm: list[float] = []
+                    for _ in range(runs):
+                        with pconnect(hosts, use_tls=a.tls) as net:
+                            if nlocal:
+                                network_set(net, "nlocaljobs", nlocal)
+                            target = net[servers[0]] if len(servers) == 1 else net
+                            vals = [dur] * n
+                            for out in (cold, warm):
+                                t = _timed_s(lambda target=target, vals=vals: netcellfun(target, _sleep, vals))
+                                out.append(t)
+                    for kind, ts in (("cold", cold), ("warm", warm)):
+                        t = statistics.median(ts)
+                        rows.append(ideal_row(f"{name}, {kind}{tag}", t, ideal, ideal + 0.05, "overhead <= 50 ms",
+                                              f"overhead {(t - ideal) * 1e3:+.0f} ms; runs "
+                                              + ", ".join(f"{x:.3f}" for x in ts) + " s"))
+                except Exception as e:  # noqa: BLE001
+                    rows.append(failed_row(name + tag, e))
+            print_table("netcellfun on 2 servers on 127.0.0.2/127.0.0.3 (medians; ratio: to the ideal time)", rows)
         failed = any(r.failed for r in rows)
     except Exception:  # noqa: BLE001 - a benchmark reports (and in --quick mode fails below)
         traceback.print_exc()
         failed = True
-    finally:
-        for pid in pids:
-            stop_pid(pid)
-        shutil.rmtree(home, ignore_errors=True)
     print(f"\ntotal time {time.monotonic() - t_start:.1f} s; load average at end: {loadavg()}")
     if failed:
         print("something FAILED (see above)" + ("" if a.quick else "; exit status 0 (not --quick)"))
