@@ -34,7 +34,7 @@ def _make(orig: BaseException) -> RemoteError:
 
 @pytest.mark.parametrize("orig", [KeyError("k"), ValueError("v"), ZeroDivisionError("z"),
                                   OddInit(1, 2, code=7), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"),
-                                  SyntaxError("s", ("f", 1, 2, "x y", 1, 3)), StopIteration(5)],
+                                  SyntaxError("s", ("f", 1, 2, "x y", 1, 3)), LookupError("l")],
                          ids=lambda e: type(e).__name__)
 def test_mixed_in_type(orig: BaseException) -> None:
     err = _make(orig)
@@ -60,7 +60,8 @@ def test_oserror_fields_and_attributes() -> None:
     assert odd.code == 7 and pickle.loads(pickle.dumps(odd)).code == 7
 
 
-@pytest.mark.parametrize("orig", [KeyboardInterrupt(), SystemExit(3), GeneratorExit(),
+@pytest.mark.parametrize("orig", [KeyboardInterrupt(), SystemExit(3), GeneratorExit(), StopIteration(5),
+                                  StopAsyncIteration(),
                                   ExceptionGroup("g", [ValueError()]), NewWithArg(1),
                                   ConnectionClosed("gone")],
                          ids=lambda e: type(e).__name__)

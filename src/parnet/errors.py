@@ -109,10 +109,11 @@ def _mixed_class(t: type) -> type | None:
         return _mixed[t]
     cls: type | None = None
     # Only ordinary errors: a KeyboardInterrupt/SystemExit/GeneratorExit at a server must not
-    # look like one here; exception groups construct differently; a remote parnet error (a
-    # server's own link closed) is not this client's, so it stays a plain RemoteError.
-    if (isinstance(t, type) and issubclass(t, Exception) and not issubclass(t, (ParnetError, BaseExceptionGroup))
-            and not issubclass(t, RemoteError)):
+    # look like one here, nor a StopIteration (it would end the caller's loop silently);
+    # exception groups construct differently; a remote parnet error (a server's own link
+    # closed) is not this client's, so it stays a plain RemoteError.
+    if (isinstance(t, type) and issubclass(t, Exception)
+            and not issubclass(t, (ParnetError, BaseExceptionGroup, StopIteration, StopAsyncIteration))):
         try:
             cls = type(f"RemoteError[{t.__qualname__}]", (RemoteError, t), {
                 "__module__": __name__,
