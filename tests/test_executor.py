@@ -194,3 +194,29 @@ def test_ctrl_c_cancels_queued_and_interrupts_running(conns) -> None:
         # the executor and the network stay usable
         assert ex.submit(lambda: 3).result(timeout=60) == 3
     assert rfeval(lambda: 4, connection=conns[2]) == 4
+
+
+def test_ctrl_c_through_the_with_block_keeps_the_network(conns) -> None:
+    """Interrupted in result(), then the with block's exit interrupts again: that is not a
+    second Ctrl-C (which would close the network)."""
+    main = threading.main_thread().ident
+    with pytest.raises(KeyboardInterrupt):
+        with Executor(conns) as ex:
+            running = ex.submit(time.sleep, 60)
+            wait_until(running.running, 30, "the call to be sent")
+            threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+            running.result()
+    assert isinstance(running.exception(timeout=30), CancelledError)
+    assert not conns.network.closed
+    assert rfeval(lambda: 6, connection=conns[1]) == 6
+
+
+def test_forgotten_executor_ends_its_thread(conns) -> None:
+    import gc
+
+    ex = Executor(conns)
+    assert ex.submit(abs, -2).result(timeout=60) == 2
+    thread = ex._thread
+    del ex
+    gc.collect()
+    wait_until(lambda: not thread.is_alive(), 30, "the dispatcher thread to end")

@@ -31,6 +31,7 @@ import os
 import pickle
 import select
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
@@ -123,6 +124,11 @@ class _CallStream(MapSession):
             self.unregister()
             os.close(self.efd)
             raise ConnectionClosed("Executor: no server could be reached")
+
+    def stop(self) -> None:
+        """No new calls: the dispatcher thread ends once those sent have finished."""
+        self.stopping = True
+        self.wake()
 
     def wake(self) -> None:
         """Wakes the dispatcher thread (one write until it has woken: submit stays cheap)."""
@@ -313,7 +319,9 @@ class _CallStream(MapSession):
         self.interrupted = [c.fut for k in ks for c in self.out[k].values()]
         for k in ks:
             self._send(k, ("cancel", self.map_id))  # after every call sent: all are answered
-        self.net.interrupt(ks)
+        # Not again where an interrupt is still unanswered (a with block's exit after a
+        # result() that was interrupted): Network.interrupt would take it for a second Ctrl-C.
+        self.net.interrupt([k for k in ks if not self.net.nodes[k].interrupt_pending])
         self.interrupt_done.set()
 
     def _fail_all(self, e: BaseException) -> None:
@@ -376,6 +384,7 @@ class Executor(concurrent.futures.Executor):
         self._fns: dict[int, tuple[Any, Shared]] = {}
         self._thread = threading.Thread(target=self._stream.run, name="parnet-executor", daemon=True)
         self._thread.start()
+        weakref.finalize(self, _CallStream.stop, self._stream)  # forgotten without shutdown
 
     @property
     def nworkers(self) -> int:
