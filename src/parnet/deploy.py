@@ -358,7 +358,9 @@ def up(hosts: Iterable[str], *, python: str = "python3", copy_keys: bool = False
         timeout: seconds for each host, connecting included.
         copy_keys: first copy the local ``$PARNET_HOME/srp/server`` to each host's default
             location (modes 0700/0600), unless the copy there is identical.
-        use_tls, data_port, allow_root: the servers' settings (as ``parnet server``).
+        use_tls: ``False`` starts the servers with ``--no-tls``.
+        data_port: the servers' data port.
+        allow_root: start the servers with ``--allow-root``.
 
     Raises:
         DeployError: some host failed (its ``statuses`` has every host's ``HostStatus``;

@@ -1,6 +1,6 @@
 """The joblib backend ``"parnet"``: joblib (and scikit-learn's ``n_jobs``) on a parnet network.
 
-``import parnet.joblib`` registers it; then::
+``import parnet.joblib`` registers it; then:
 
     with joblib.parallel_config(backend="parnet", connections=conns):
         joblib.Parallel(n_jobs=-1)(joblib.delayed(f)(x) for x in xs)
