@@ -191,16 +191,16 @@ class _CallStream(MapSession):
     def _wait(self, poller: Any) -> None:
         busy = self.inbox or self.want_interrupt or self.want_cancel
         events = poller.poll(0 if busy else int(_POLL * 1000))
-        self.signalled = False  # before the queue is looked at: no wake-up is lost
-        readable = False
-        for fd, _ in events:
-            if fd == self.efd:
-                try:
-                    os.eventfd_read(self.efd)
-                except BlockingIOError:
-                    pass
-            else:
-                readable = True
+        readable = any(fd != self.efd for fd, _ in events)
+        if self.signalled or any(fd == self.efd for fd, _ in events):
+            # Drain, then clear the flag, then (the caller) look at the queue: a submit
+            # that found the flag set appended its call before, so it is seen; one that
+            # finds it clear writes the eventfd again. No wake-up is lost.
+            try:
+                os.eventfd_read(self.efd)
+            except BlockingIOError:
+                pass
+            self.signalled = False
         if readable or self.inbox or any(self.out.values()):
             net = self.net
             # Command links have one reader at a time; another thread holding the lock
@@ -262,7 +262,7 @@ class _CallStream(MapSession):
                 for i in range(n):
                     k = self.alive[(self._rr + i) % n]
                     run, pre = caps[k]
-                    free = run + (pre if phase else 0) - len(self.out[k]) - len(items[k])
+                    free = run + (pre if phase else 0) - len(self.out[k])  # out: this round's too
                     if free > room:
                         best, room = k, free
                 if best < 0:
