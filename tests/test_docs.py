@@ -4,6 +4,7 @@ by ``.ci/run`` with ``mkdocs build --strict``)."""
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import parnet
@@ -41,3 +42,50 @@ def test_api_reference_covers_every_public_name() -> None:
 def test_every_public_name_has_a_docstring() -> None:
     bare = [n for n in parnet.__all__ if not (getattr(parnet, n).__doc__ or "").strip()]
     assert not bare
+
+
+def _documented_args(doc: str) -> list[str]:
+    """The names of a Google-style ``Args:`` section (entries at the section's indentation)."""
+    names: list[str] = []
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() != "Args:":
+            continue
+        indent = None
+        for entry in lines[i + 1:]:
+            if not entry.strip():
+                break
+            width = len(entry) - len(entry.lstrip())
+            if indent is None:
+                indent = width
+            if width < indent:
+                break
+            if width == indent:
+                names.append(entry.strip().split(":", 1)[0])
+    return names
+
+
+def _public_callables() -> list[tuple[str, object]]:
+    out = []
+    for name in parnet.__all__:
+        obj = getattr(parnet, name)
+        if inspect.isclass(obj):
+            if "__init__" in vars(obj) and inspect.isfunction(obj.__init__):
+                out.append((name, obj))  # the class docstring's Args are __init__'s
+            out += [(f"{name}.{m}", f) for m, f in vars(obj).items()
+                    if inspect.isfunction(f) and (not m.startswith("_") or m == "__init__")]
+        elif callable(obj):
+            out.append((name, obj))
+    return out
+
+
+def test_docstring_args_name_real_parameters() -> None:
+    """``mkdocs build --strict`` (CI) fails on an ``Args:`` entry that is not one parameter of
+    the signature, such as ``a, b: ...``; this finds them without building the site."""
+    bad = []
+    for name, fn in _public_callables():
+        params = inspect.signature(fn).parameters  # type: ignore[arg-type]
+        for arg in _documented_args(fn.__doc__ and inspect.cleandoc(fn.__doc__) or ""):
+            if arg.lstrip("*") not in params:
+                bad.append(f"{name}: {arg!r}")
+    assert not bad, "Args entries that are not one parameter each (write one line per name): " + ", ".join(bad)
