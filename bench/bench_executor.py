@@ -8,7 +8,8 @@ E2  N trivial calls submitted at once, then waited for: calls/s, beside netcellf
     same N calls (batched) and N rfeval calls one after the other -> ratios.
 E3  8 calls of a 0.4 s sleep on 2 servers x nlocaljobs 2: ideal 0.8 s (one at a time per
     server would be 1.6 s).
-E4  scikit-learn GridSearchCV (SVC on digits, 3 x 3 grid, 5 folds = 45 fits) with n_jobs=1
+E4  scikit-learn GridSearchCV (SVC on digits, 3 x 3 grid, 5 folds = 45 fits; --quick: 1 x 2
+    grid, 2 folds = 4 fits) with n_jobs=1
     in this process, with joblib's own loky backend (2 processes here), then n_jobs=-1 on
     the "parnet" joblib backend with 1 and 2 servers (nlocaljobs 2 each; all servers share
     this machine's cores); needs the joblib extra (skipped without it).
@@ -38,7 +39,7 @@ def _sleep(x: float) -> float:
     return x
 
 
-def grid_search(c) -> tuple[float, float, float, float] | None:
+def grid_search(c, quick: bool = False) -> tuple[float, float, float, float] | None:
     """E4: seconds for n_jobs=1 here, joblib's own loky backend with 2 processes here, and
     n_jobs=-1 on 1 and on 2 servers (same result)."""
     try:
@@ -51,11 +52,11 @@ def grid_search(c) -> tuple[float, float, float, float] | None:
     except ImportError:
         return None
     X, y = load_digits(return_X_y=True)
-    grid = {"C": [0.1, 1, 10], "gamma": [0.0001, 0.001, 0.01]}
+    grid = {"C": [1], "gamma": [0.001, 0.01]} if quick else {"C": [0.1, 1, 10], "gamma": [0.0001, 0.001, 0.01]}
 
     def fit(**kw) -> tuple[float, object]:
         t = time.perf_counter()
-        g = GridSearchCV(SVC(), grid, refit=False, **kw).fit(X, y)
+        g = GridSearchCV(SVC(), grid, refit=False, cv=2 if quick else 5, **kw).fit(X, y)
         return time.perf_counter() - t, (g.best_params_, g.best_score_)
 
     local, want = fit(n_jobs=1)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             r2 = r1 * n_tiny
             wait([ex.submit(_sleep, 0.05) for _ in range(8)])  # back to the pool mode
             e3 = statistics.median(sleeps() for _ in range(reps))
-        e4 = grid_search(c)
+        e4 = grid_search(c, a.quick)
         sclose(c)
     print(f"E1 one call at a time      Executor {e1 * 1e6:8.0f} us/call   rfeval {r1 * 1e6:8.0f} us/call"
           f"   ratio {e1 / r1:5.2f}x")
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
           f"   (serial per server: 1.600 s)")
     if e4:
         local, loky, one, two = e4
-        print(f"E4 GridSearchCV 45 fits    n_jobs=1 here {local:6.2f} s   loky n_jobs=2 here {loky:6.2f} s   "
+        print(f"E4 GridSearchCV {4 if a.quick else 45:2d} fits    n_jobs=1 here {local:6.2f} s   loky n_jobs=2 here {loky:6.2f} s   "
               f"parnet 1 server {one:6.2f} s ({local / one:.2f}x)   parnet 2 servers {two:6.2f} s "
               f"({local / two:.2f}x)   (speed-up over n_jobs=1)")
     else:
