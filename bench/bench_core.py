@@ -512,7 +512,7 @@ def bench_servers(use_tls: bool, prefix: str, addrs: Sequence[str] = SERVER_ADDR
     from parnet.server.launch import start_background, stop_pid
 
     if use_tls:
-        from parnet.auth.keyfile import parallel_generate_srp_data
+        from parnet.auth.keygen import parallel_generate_srp_data
 
         parallel_generate_srp_data("bench", password="bench-password-123")
     pids: list[int] = []

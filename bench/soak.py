@@ -1112,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
     keep = False
     soak = None
     try:
-        from parnet.auth.keyfile import parallel_generate_srp_data
+        from parnet.auth.keygen import parallel_generate_srp_data
 
         parallel_generate_srp_data("soak", password="soak-password-123", directory=os.path.join(home, "srp"))
         soak = Soak(a, home)

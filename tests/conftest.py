@@ -23,7 +23,7 @@ def parnet_home(tmp_path_factory: pytest.TempPathFactory) -> str:
     run = home / "run"
     run.mkdir(mode=0o700)
     os.environ["XDG_RUNTIME_DIR"] = str(run)
-    from parnet.auth.keyfile import parallel_generate_srp_data
+    from parnet.auth.keygen import parallel_generate_srp_data
 
     parallel_generate_srp_data(USER, password=PASSWORD)
     return str(home)

@@ -370,7 +370,7 @@ def test_garbage_first_auth_frame(tls_server: Cluster) -> None:
         frame_bytes(msg.AUTH, proof_message(bytes(256), bytes(32))),  # a proof before the hello
         frame_bytes(msg.AUTH, srp._pack(SRP_HELLO, b"a\nb")),  # a user name the protocol forbids
         frame_bytes(msg.AUTH_FAIL, b"nope"),
-        frame_bytes(msg.HELLO),
+        frame_bytes(3),  # a raw code the protocol does not use
     ]
     with Guard(tls_server) as g:
         for first in firsts:
@@ -1079,9 +1079,8 @@ def test_data_port_refusals(tls_server: Cluster) -> None:
         master = pairkeys.new_master_secret()
         k01 = pairkeys.pair_key(master, lg.netid, 0, 1)
         k02 = pairkeys.pair_key(master, lg.netid, 0, 2)
-        setup = {"node": 1, "hosts": tls_server.hosts, "data_addrs": [(host, dport)], "cwd": "/",
-                 "keys": {0: k01}, "nlocaljobs": 0, "timeout": 20.0}
-        lg.frames.send(msg.SETUP, serialize.dumps(setup)[0])
+        setup = msg.Setup(1, tls_server.hosts, [(host, dport)], "/", {0: k01}, 0, 20.0)
+        lg.frames.send(*msg.encode(setup)[:2])
         nid = lg.netid
         sent: dict[str, bytes] = {}
 
@@ -1198,12 +1197,12 @@ def test_second_auth_and_early_commands(tls_server: Cluster) -> None:
 
 
 def test_auth_phase_frames_in_running_session_close_it(tls_server: Cluster) -> None:
-    """Row 18 in a running session: an AUTH frame (a second login), an AUTH_FAIL, a HELLO or
-    an unknown message code on the command link is a protocol error that closes that session
+    """Row 18 in a running session: an AUTH frame (a second login), an AUTH_FAIL, an unused raw
+    code or an unknown message code on the command link is a protocol error that closes that session
     (nothing is unpickled); other sessions are fine."""
     with Guard(tls_server) as g:
         for code, body in ((msg.AUTH, srp._pack(SRP_HELLO, USER.encode())), (msg.AUTH_FAIL, b"x"),
-                           (msg.HELLO, b""), (99, g.canary.payload())):
+                           (3, b""), (99, g.canary.payload())):
             before = set(children(g.pid))
             victim = tls_server.connect()
             try:

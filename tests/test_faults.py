@@ -627,14 +627,15 @@ def cpu(pid):
     return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
 
 main = threading.main_thread().ident
-inside = {"precv": "_precv", "stubborn": "_precv", "rfeval": "wait_links", "netcellfun": "wait_links"}[mode]
+waits = ("_precv", "_wait_value")  # precv waits in one of these (the latter watches both links)
+inside = {"precv": waits, "stubborn": waits, "rfeval": ("wait_links",), "netcellfun": ("wait_links",)}[mode]
 
 def announce(tag):
     # "waiting" once the main thread is inside the blocking call (its own Ctrl-C handling)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         f = sys._current_frames().get(main)
-        if f is not None and f.f_code.co_name == inside:
+        if f is not None and f.f_code.co_name in inside:
             print("waiting" + tag, flush=True)
             return
         time.sleep(0.002)

@@ -199,3 +199,53 @@ def test_no_module_imports_private_names_of_another() -> None:
                     if a.name.startswith("_") and not a.name.startswith("__")
                 ]
     assert bad == []
+
+
+#: ``_private`` attributes of the standard library (and of namedtuples) that may be used.
+STDLIB_PRIVATE = {"_getframe", "_exit", "_replace", "_asdict", "_fields", "_make", "_current_frames"}
+
+
+def defined_private_names(tree: ast.AST) -> set[str]:
+    """``_private`` names a module defines itself: functions, classes, assigned names and
+    attributes, ``__slots__`` entries."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for tgt in targets:
+                for sub in ast.walk(tgt):
+                    if isinstance(sub, ast.Name):
+                        names.add(sub.id)
+                    elif isinstance(sub, ast.Attribute):
+                        names.add(sub.attr)
+            if any(isinstance(t, ast.Name) and t.id == "__slots__" for t in targets) and node.value:
+                names.update(c.value for c in ast.walk(node.value)
+                             if isinstance(c, ast.Constant) and isinstance(c.value, str))
+    return {n for n in names if n.startswith("_")}
+
+
+def private_reaches(source: str, name: str) -> list[str]:
+    """``x._name`` in module ``name`` (its ``source``) where ``x`` is not ``self``/``cls`` and
+    ``_name`` is not defined in that module: a reach into another module's private members."""
+    tree = ast.parse(source, filename=name)
+    own = defined_private_names(tree) | STDLIB_PRIVATE
+    bad = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__") and node.attr not in own
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            bad.append(f"{name}:{node.lineno}: .{node.attr}")
+    return bad
+
+
+def test_no_module_reaches_private_members_of_another() -> None:
+    bad = [b for path in all_modules() for b in private_reaches(path.read_text(), module_name(path))]
+    assert bad == []
+
+
+def test_the_private_member_check_sees_reaches() -> None:
+    src = ("import sys\n\nclass A:\n    def f(self, other):\n        self._x = other._x\n\n"
+           "def g(link):\n    return link._sock, sys._getframe, A()._x\n")
+    assert private_reaches(src, "probe") == ["probe:8: ._sock"]

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # the lazy names below, for type checkers and the docs (mkdocstrings)
-    from .auth.keyfile import parallel_generate_srp_data
+    from .auth.keygen import parallel_generate_srp_data
     from .client.executor import Executor
     from .client.netmap import netarrayfun, netcellfun
     from .deploy import down, status, up
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # the lazy names below, for type checkers and the docs (mkdoc
 
 _LAZY = {
     "pserver": ("parnet.server.launch", "pserver"),
-    "parallel_generate_srp_data": ("parnet.auth.keyfile", "parallel_generate_srp_data"),
+    "parallel_generate_srp_data": ("parnet.auth.keygen", "parallel_generate_srp_data"),
     "netcellfun": ("parnet.client.netmap", "netcellfun"),
     "Executor": ("parnet.client.executor", "Executor"),
     "netarrayfun": ("parnet.client.netmap", "netarrayfun"),

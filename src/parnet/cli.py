@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "server":
         return _server(rest)
     if cmd == "keygen":
-        from .auth.keyfile import keygen_main
+        from .auth.keygen import keygen_main
 
         return keygen_main(rest)
     if cmd in ("up", "down", "status"):

@@ -457,7 +457,7 @@ def main(op: str, argv: list[str]) -> int:
                      allow_root=a.allow_root)
     try:
         statuses = run(op, hosts, python=a.python, ssh_config=a.ssh_config, ssh_opts=a.ssh_opt,
-                       cmd_port=a.cmd_port, timeout=a.timeout, **extra)  # type: ignore[arg-type]
+                       cmd_port=a.cmd_port, timeout=a.timeout, **extra)
     except ParnetError as e:
         print(f"parnet {op}: {e}", file=sys.stderr)
         return 2

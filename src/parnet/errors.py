@@ -52,7 +52,10 @@ class RemoteError(ParnetError):
         message: ``str()`` of the remote exception.
         remote_traceback: the formatted remote traceback.
         original: the remote exception object when it could be sent, else ``None``.
+        index: for a failed element of a network map, its 0-based position, else ``None``.
     """
+
+    index: int | None = None
 
     def __init__(
         self,

@@ -66,7 +66,7 @@ def _writer(file: Any) -> Callable[[memoryview], int | None]:
                         f"{type(file).__name__}")
     if isinstance(file, io.TextIOBase):
         raise TypeError("fsave needs a binary stream, got a text stream")
-    return write  # type: ignore[no-any-return]
+    return write
 
 
 def _write_all(write: Callable[[memoryview], int | None], data: Any) -> None:

@@ -98,7 +98,7 @@ class ParnetBackend(AutoBatchingMixin, ParallelBackendBase):
         ex = self._executor
         if ex is None:
             return
-        ex._interrupt()
+        ex.interrupt()
         if not ensure_ready:
             self.terminate()
 

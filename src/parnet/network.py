@@ -1,38 +1,28 @@
-"""A node's view of one client network: the N+1 slots, their links, and the data calls.
+"""A node's view of one client network: the N+1 slots, their data links, and the data calls.
 
-The same ``Network`` type serves the client (node 0) and each server worker (node i >= 1).
-Slot ``self_index`` is the local machine and has no link. Every other slot has one data
-link (``Link``); at the client, each server slot also has its command link, which carries
-remote errors back. ``psend``/``precv``/``select_sockets`` run entirely in the caller's
-thread (see ``link``): no reader threads.
-
-Remote errors (client only): the worker reports a failed command as an ``ERROR`` frame on
-its command link. The client picks such frames up whenever it touches that server
-(``reval``, ``precv``, ``select_sockets``, ``rfeval``): ``raise_errors`` turns the first
-pending report into ``RemoteError``. A ``precv`` waiting on a server also learns of a
-failure there at once: with a timeout it waits on both links; without one it waits on the
-data link alone, where the worker announces every ERROR/OUTPUT/SHUTDOWN frame it sends on
-the command link with a NOTICE (``_next_value_frame``).
+The same ``Network`` type serves each server worker (node i >= 1); the client (node 0) uses
+its subclass ``client.session.ClientSession``, which adds the command links (remote errors,
+forwarded output, interrupts, ``rfeval`` results). Slot ``self_index`` is the local machine
+and has no link; every other slot has one data link (``Link``). ``psend``/``precv``/
+``select_sockets`` run entirely in the caller's thread (see ``link``): no reader threads.
+The subclass hooks in where a wait must also watch the command links: ``_wait_value``,
+``_side_links``, ``check_errors`` and ``data_lost``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import numbers
 import pickle
-import select
-import sys
-import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from .checks import seconds as check_seconds
-from .errors import ConnectionClosed, ProtocolError, RemoteError, remote_error
+from .errors import ConnectionClosed, ProtocolError
 from .transport.link import Link, wait_links
 from .wire import messages as msg
 from .wire import serialize
@@ -41,13 +31,6 @@ from .wire.framing import encode_small
 log = logging.getLogger(__name__)
 #: Bodies up to this size are sent as one pre-joined frame (``Link.send_encoded``).
 SMALL_BODY = 64 * 1024
-_TOLD = frozenset((msg.ERROR, msg.OUTPUT, msg.SHUTDOWN))  # counted by the worker's NOTICEs
-
-
-def _ms(deadline: float | None) -> int:
-    if deadline is None:
-        return -1
-    return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
 
 
 @dataclass
@@ -80,31 +63,20 @@ class Node:
         self.index = index
         self.host = host
         self.data: Link | None = None
-        self.cmd: Link | None = None  # client side only
         self.nproc = 0
         self.nlocaljobs = 0
         self.open = True
-        self.errors: deque[dict[str, Any]] = deque()
-        self.results: dict[int, Any] = {}  # rfeval results that came on the command link
         self.stash: deque[Any] = deque()  # VALUE frames read while looking for another kind
-        self.interrupt_pending = False  # Ctrl-C sent, not yet acknowledged
-        self.told = 0  # ERROR/OUTPUT/SHUTDOWN frames read from the command link
-        self.out_partial = b""  # forwarded output: the unfinished last line
         self.closed_reason: str = ""
-        self._poller: select.poll | None = None
+        self.versions: dict[str, str] = {}  # the node's (client side: from its READY)
 
     def __repr__(self) -> str:
         return f"<Node {self.index} {self.host!r}{'' if self.open else ' closed'}>"
 
-    def poller(self) -> select.poll:
-        """A poll object over this node's data and command links (client side), cached."""
-        if self._poller is None:
-            p = select.poll()
-            for link in (self.data, self.cmd):
-                if link is not None:
-                    p.register(link.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
-            self._poller = p
-        return self._poller
+    def links(self) -> tuple[Link, ...]:
+        """This node's links (the data link; at the client also the command link)."""
+        return () if self.data is None else (self.data,)
+
 
 
 class Network:
@@ -119,14 +91,14 @@ class Network:
     def __init__(self, netid: bytes, hosts: Sequence[str], self_index: int) -> None:
         self.netid = netid
         self.self_index = self_index
-        self.nodes = [Node(0, "")] + [Node(k + 1, h) for k, h in enumerate(hosts)]
+        self.nodes = [self.make_node(0, "")] + [self.make_node(k + 1, h) for k, h in enumerate(hosts)]
         self.closed = False
-        self.on_close: list[Any] = []
-        self.cmd_handler: Any = None  # client: handles non-error frames from command links
-        # Whoever reads command links holds this: user calls, or the heartbeat thread that
-        # prints forwarded output while no call is running (it only ever tries the lock).
-        self.read_lock = threading.RLock()
+        self.on_close: list[Callable[[], None]] = []
         self._singles: dict[int, Connections] = {}
+
+    def make_node(self, k: int, host: str) -> Node:
+        """The ``Node`` of slot ``k`` (a subclass makes its own kind)."""
+        return Node(k, host)
 
     def single(self, k: int) -> Connections:
         """The single connection to node ``k`` (one object per node, made once)."""
@@ -164,7 +136,7 @@ class Network:
                 try:
                     link.send_encoded(encode_small(msg.VALUE, body))
                 except ConnectionClosed as e:
-                    self._lost(k, f"data link broken: {e}")
+                    self.lost(k, f"data link broken: {e}")
                     raise
                 return
         targets = [k for k in idxs if k != self.self_index]
@@ -176,53 +148,12 @@ class Network:
             try:
                 link.send_frame(msg.VALUE, body, buffers, flags)
             except ConnectionClosed as e:
-                self._lost(k, f"data link broken: {e}")
+                self.lost(k, f"data link broken: {e}")
                 raise
 
     def precv(self, k: int, timeout: float | None = None) -> Any:
         """Receives the next value from node ``k``."""
-        if self.self_index == 0 and timeout is None:
-            with self.read_lock:
-                try:
-                    f = self._next_value_frame(k)
-                    if f is not None:
-                        return pickle.loads(f.body, buffers=f.buffers)
-                    return self._precv(k)
-                except KeyboardInterrupt:
-                    self.interrupt([k])
-                    raise
-        return self._waiting_call([k], self._precv, k, timeout)
-
-    def _next_value_frame(self, k: int) -> Any:
-        """The client's hot path of ``precv``: the next frame from ``k`` when it comes plainly
-        (nothing stashed, no pending error, no TLS); None when the general path (``_precv``)
-        must decide.
-
-        It waits in ``recv`` on the data link alone, not on the command link too: the
-        worker follows every ERROR, OUTPUT or SHUTDOWN frame on the command link with a
-        NOTICE on this data link carrying their count, and the wait starts only while every
-        announced frame has been read (``link.notice <= node.told``). A NOTICE wakes it; the
-        general path then reads the command link.
-        """
-        if not 0 < k < len(self.nodes) or self.closed:
-            return None
-        node = self.nodes[k]
-        link = node.data
-        if not node.open or node.stash or node.errors or node.cmd is None or link is None or link.tls:
-            return None
-        f = link.take_frame()
-        if f is None:
-            if link.notice > node.told:
-                return None
-            try:
-                f = link.pull_frame(block=True)
-            except ConnectionClosed:
-                return None
-            if f is None:
-                return None
-        if f.code != msg.VALUE:
-            raise ProtocolError(f"unexpected message {f.code} on the data link from {self.name(k)}")
-        return f
+        return self._precv(k, timeout)
 
     def _precv(self, k: int, timeout: float | None = None) -> Any:
         if k == self.self_index:
@@ -233,64 +164,32 @@ class Network:
         if node.stash:
             f = node.stash.popleft()
             return serialize.loads(f.body, f.buffers)
-        f = None
-        if self.self_index == 0 and node.cmd is not None:
-            # Wait on the data link and the command link at once (one cached poll object):
-            # a failure reported on the command link ends the wait.
-            if node.errors:
-                self._raise_errors([k], False)
-            poller = node.poller()
-            cmd_fd = node.cmd._fd
-            while True:
-                for fd, _ in poller.poll(0 if link.has_frame() else _ms(deadline)):
-                    if fd == cmd_fd:
-                        self.pump_cmd(k)
-                        if node.errors:
-                            self._raise_errors([k], False)
-                    else:
-                        try:
-                            link.pull()
-                        except ConnectionClosed as e:
-                            self._data_lost(k, e)
-                f = link.take_frame()
-                if f is not None or (link.tls and link._sock.pending()):
-                    break
-                if not link.usable:
-                    break  # recv_frame raises ConnectionClosed
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"precv: nothing from {self.name(k)} within {timeout} s")
+        f = self._wait_value(k, link, deadline, timeout)
         try:
             if f is None:
                 f = link.recv_frame(deadline)
         except TimeoutError:
             raise TimeoutError(f"precv: nothing from {self.name(k)} within {timeout} s") from None
         except ConnectionClosed as e:
-            self._data_lost(k, e)
+            self.data_lost(k, e)
         if f.code != msg.VALUE:
             raise ProtocolError(f"unexpected message {f.code} on the data link from {self.name(k)}")
         return serialize.loads(f.body, f.buffers)
 
+    def _wait_value(self, k: int, link: Link, deadline: float | None, timeout: float | None) -> Any:
+        """Hook of ``precv``: waits for the next frame of ``k``'s data ``link`` while also
+        watching what else matters (the client: the command link), or returns None to let
+        ``link.recv_frame`` wait alone."""
+        return None
+
     def select(self, idxs: Sequence[int], timeout: float | None) -> list[int]:
         """Positions in ``idxs`` whose node has a value ready for ``precv``."""
-        return self._waiting_call(idxs, self._select, idxs, timeout)
+        return self._select(idxs, timeout)
 
-    def _waiting_call(self, idxs: Sequence[int], fn: Any, *args: Any) -> Any:
-        """At the client: ``fn(*args)`` holding the read lock of the command links; Ctrl-C
-        during it interrupts the servers in ``idxs`` (``interrupt``). At a server: just ``fn``."""
-        if self.self_index:
-            return fn(*args)
-        with self.read_lock:
-            try:
-                return fn(*args)
-            except KeyboardInterrupt:
-                self.interrupt(idxs)
-                raise
-
-    def _select(self, idxs: Sequence[int], timeout: float | None) -> list[int]:
+    def _select(self, idxs: Sequence[int], timeout: float | None) -> list[int]:  # noqa: C901
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
-            if self.is_client:
-                self.raise_errors(idxs)
+            self.check_errors(idxs)
             ready = []
             links: list[Link] = []
             owners: list[int] = []
@@ -305,17 +204,17 @@ class Network:
                     ready.append(pos)
                     continue
                 try:
-                    if link.poll():
+                    if link.ready():
                         ready.append(pos)
                         continue
                 except ConnectionClosed:
-                    self._lost(k, "data link closed")
+                    self.lost(k, "data link closed")
                     ready.append(pos)  # precv will raise ConnectionClosed at once
                     continue
                 links.append(link)
                 owners.append(-1 - pos)
-                if self.is_client and node.cmd is not None and node.cmd.usable:
-                    links.append(node.cmd)
+                for side in self._side_links(k):
+                    links.append(side)
                     owners.append(k)
             if ready or not links:
                 return ready
@@ -325,18 +224,25 @@ class Network:
             got = wait_links(links, deadline)
             for g in got:
                 if owners[g] >= 0:
-                    self.pump_cmd(owners[g])
+                    self._side_ready(owners[g])
             if not got and deadline is not None and time.monotonic() >= deadline:
                 return []
 
-    def _data_lost(self, k: int, e: ConnectionClosed) -> None:
-        """The data link of node ``k`` ended: read what its command link still holds (a
-        SHUTDOWN notice or an error report says why), then raise ``ConnectionClosed``."""
-        if self.is_client:
-            self.pump_cmd(k)
-            self.raise_errors([k], check=False)
+    def check_errors(self, idxs: Sequence[int]) -> None:
+        """Hook of ``select``: raises a failure reported by one of ``idxs`` (the client)."""
+
+    def _side_links(self, k: int) -> tuple[Link, ...]:
+        """Hook of ``select``: other links of node ``k`` whose traffic ends a wait."""
+        return ()
+
+    def _side_ready(self, k: int) -> None:
+        """Hook of ``select``: one of ``_side_links(k)`` has something to read."""
+
+    def data_lost(self, k: int, e: ConnectionClosed) -> NoReturn:
+        """The data link of node ``k`` ended: marks the node lost and raises
+        ``ConnectionClosed`` (naming the reason the node gave, if it gave one)."""
         node = self.nodes[k]
-        self._lost(k, f"data link closed: {e}")  # keeps a notice's reason if one came first
+        self.lost(k, f"data link closed: {e}")  # keeps a notice's reason if one came first
         raise ConnectionClosed(f"{self.name(k)}: {node.closed_reason}") from e
 
     def recv_special(self, k: int, code: int, deadline: float | None = None) -> Any:
@@ -351,117 +257,19 @@ class Network:
                 raise ProtocolError(f"unexpected message {f.code} on the data link from {self.name(k)}")
             self.nodes[k].stash.append(f)
 
-    # -- client: command links -----------------------------------------------------
-    def pump_cmd(self, k: int) -> None:
-        """Reads whatever frames have arrived on server ``k``'s command link (client side)."""
-        node = self.nodes[k]
-        link = node.cmd
-        if link is None or not link.usable:
-            return
-        try:
-            with self.read_lock:
-                while link.poll():
-                    f = link.recv_frame()
-                    self._on_cmd_frame(k, f)
-        except ConnectionClosed:
-            self._lost(k, "command link closed (the server or its worker has gone)")
-        except ProtocolError as e:
-            self._lost(k, f"protocol error on the command link: {e}")
+    def on_link_dead(self, k: int) -> Callable[[Link, str], None]:
+        """The heartbeat's callback for a link of node ``k`` whose peer fell silent."""
+        return lambda link, why: self.lost(k, why)
 
-    def _on_cmd_frame(self, k: int, f: Any) -> None:
-        node = self.nodes[k]
-        if f.code in _TOLD:
-            node.told += 1
-        if f.code == msg.OUTPUT:
-            self._print_output(node, bytes(f.body))
-        elif f.code == msg.ERROR:
-            rep = serialize.loads(f.body, f.buffers)
-            if rep.get("interrupted") and node.interrupt_pending:
-                return  # the Ctrl-C the user pressed, not a failure to report later
-            node.errors.append(rep)
-        elif f.code == msg.INTERRUPT:
-            node.interrupt_pending = False
-        elif f.code == msg.SHUTDOWN:
-            why = serialize.loads(f.body)
-            self._lost(k, f"{why} (notice from {node.host})")
-        elif f.code == msg.RESULT:
-            req, value = serialize.loads(f.body, f.buffers)
-            node.results[req] = value
-        elif self.cmd_handler is not None:
-            self.cmd_handler(k, f)
-        else:
-            log.warning("unexpected message %s from %s", msg.NAMES.get(f.code, f.code), self.name(k))
-
-    def _print_output(self, node: Node, data: bytes) -> None:
-        lines = (node.out_partial + data).split(b"\n")
-        node.out_partial = lines.pop()
-        if lines:
-            prefix = f"[{node.host}] "
-            text = "".join(prefix + ln.decode(errors="replace") + "\n" for ln in lines)
-            sys.stderr.write(text)
-            sys.stderr.flush()
-
-    def flush_output(self) -> None:
-        """Prints the unfinished last line of each server's forwarded output."""
-        for node in self.nodes:
-            if node.out_partial:
-                data, node.out_partial = node.out_partial, b""
-                self._print_output(node, data + b"\n")
-
-    def background_pump(self) -> None:
-        """Reads command links if no call is using them (prints output, keeps errors)."""
-        if self.closed or not self.read_lock.acquire(blocking=False):
-            return
-        try:
-            for node in self.nodes[1:]:
-                if node.cmd is not None and node.cmd.usable and node.cmd.readable_now():
-                    self.pump_cmd(node.index)
-        finally:
-            self.read_lock.release()
-
-    def interrupt(self, idxs: Sequence[int]) -> None:
-        """Ctrl-C at the client: asks these servers to interrupt their running command and
-        drop queued map jobs. A second Ctrl-C while one is unanswered closes the network."""
-        ks = [k for k in idxs if k != self.self_index and self.nodes[k].open]
-        if any(self.nodes[k].interrupt_pending for k in ks):
-            log.warning("second interrupt: closing the network")
-            self.shutdown()
-            return
-        for k in ks:
-            node = self.nodes[k]
-            if node.cmd is not None and node.cmd.usable:
-                try:
-                    node.cmd.send_frame(msg.INTERRUPT)
-                    node.interrupt_pending = True
-                except OSError:
-                    pass
-
-    def raise_errors(self, idxs: Sequence[int], check: bool = True) -> None:
-        """Raises ``RemoteError`` for the first pending remote failure among ``idxs``
-        (reading what has arrived on their command links first, unless ``check`` is False)."""
-        with self.read_lock:  # command links are read by one thread at a time
-            self._raise_errors(idxs, check)
-
-    def _raise_errors(self, idxs: Sequence[int], check: bool) -> None:
-        for k in idxs:
-            if k == self.self_index:
-                continue
-            node = self.nodes[k]
-            if check and node.cmd is not None and node.cmd.usable and node.cmd.readable_now():
-                self.pump_cmd(k)
-            if node.errors:
-                rep = node.errors.popleft()
-                more = len(node.errors)
-                node.errors.clear()
-                raise remote_error_from(rep, node.host, k, more)
-
-    def _lost(self, k: int, why: str) -> None:
+    def lost(self, k: int, why: str) -> None:
+        """Node ``k`` is gone (``why``): marks it closed and its links dead. The first
+        reason given is kept."""
         node = self.nodes[k]
         if node.open:
             node.open = False
             node.closed_reason = why
-            for link in (node.data, node.cmd):
-                if link is not None and link.error is None and not link.closed:
+            for link in node.links():
+                if link.error is None and not link.closed:
                     link.declare_dead(f"{self.name(k)}: {why}")
             log.info("lost %s: %s", self.name(k), why)
 
@@ -479,21 +287,7 @@ class Network:
         return node.data
 
     def shutdown(self) -> None:
-        """Closes the whole network (``sclose``): at the client, first tells every worker to
-        exit (CLOSE) after printing what the servers said. Idempotent."""
-        if self.closed:
-            return
-        if self.is_client:
-            with contextlib.suppress(Exception):
-                for node in self.nodes[1:]:
-                    self.pump_cmd(node.index)  # print what the servers said before closing
-            for node in self.nodes[1:]:
-                if node.cmd is not None and node.cmd.usable:
-                    try:
-                        node.cmd.send_frame(msg.CLOSE)
-                        node.cmd.flush(1.0)
-                    except OSError:
-                        pass
+        """Closes the whole network (``sclose``; the client first tells its workers)."""
         self.close()
 
     def close(self) -> None:
@@ -501,29 +295,12 @@ class Network:
         if self.closed:
             return
         self.closed = True
-        self.flush_output()
         for node in self.nodes:
             node.open = False
-            for link in (node.data, node.cmd):
-                if link is not None:
-                    link.close()
+            for link in node.links():
+                link.close()
         for cb in self.on_close:
             cb()
-
-
-def remote_error_from(rep: dict[str, Any], host: str, node: int, more: int = 0) -> RemoteError:
-    """Builds the ``RemoteError`` for an error report sent by a worker."""
-    original = None
-    if rep.get("pickled") is not None:
-        try:
-            original = serialize.loads(rep["pickled"])
-        except Exception:  # noqa: BLE001 - the text report stands alone
-            original = None
-    err = remote_error(host, node, rep.get("type", "Exception"), rep.get("message", ""),
-                       rep.get("traceback", ""), original, more)
-    if original is not None:
-        err.__cause__ = original
-    return err
 
 
 class Connections:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from parnet.auth import keyfile, srp
+from parnet.auth import keyfile, keygen, srp
 
 CB = b"\x11" * 32
 OPTIONS = b"parnet/1 test"
@@ -35,8 +35,8 @@ def srp_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def alice_auth(srp_dir: Path) -> keyfile.ServerAuth:
     """Server data with users alice (password 'correct horse battery') and bob."""
-    keyfile.parallel_generate_srp_data("alice", password="correct horse battery", directory=srp_dir)
-    keyfile.parallel_generate_srp_data("bob", password="bob's long password", directory=srp_dir)
+    keygen.parallel_generate_srp_data("alice", password="correct horse battery", directory=srp_dir)
+    keygen.parallel_generate_srp_data("bob", password="bob's long password", directory=srp_dir)
     return keyfile.load_server_auth(srp_dir / "server" / "passwd")
 
 

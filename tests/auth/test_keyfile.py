@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parnet.auth import keyfile, sb64, srp
+from parnet.auth import keyfile, keygen, sb64, srp
 from parnet.errors import ConfigError
+from parnet.transport import files
 
 Login = Callable[[srp.SrpClient, srp.SrpServer], tuple[bytes, bytes]]
 
@@ -40,7 +41,7 @@ def _login_ok(auth: keyfile.ServerAuth, user: str, password: str, login: Login) 
 
 
 def test_default_layout_and_modes(private_home: Path) -> None:
-    d = keyfile.parallel_generate_srp_data("alice", password="a fine long password")
+    d = keygen.parallel_generate_srp_data("alice", password="a fine long password")
     assert d == private_home / "srp"
     for directory in (d, d / "server", d / "client"):
         assert mode(directory) == 0o700
@@ -61,7 +62,7 @@ def test_default_layout_and_modes(private_home: Path) -> None:
 
 
 def test_load_and_login_with_defaults(private_home: Path, login: Login) -> None:
-    keyfile.parallel_generate_srp_data("alice", password="a fine long password")
+    keygen.parallel_generate_srp_data("alice", password="a fine long password")
     auth = keyfile.load_server_auth()
     user, password = keyfile.read_client_password()
     assert (user, password) == ("alice", "a fine long password")
@@ -70,10 +71,10 @@ def test_load_and_login_with_defaults(private_home: Path, login: Login) -> None:
 
 def test_replacing_a_user_keeps_the_others(srp_dir: Path, login: Login) -> None:
     for name in ("alice", "bob", "carol"):
-        keyfile.parallel_generate_srp_data(name, password=f"{name} old password", directory=srp_dir)
+        keygen.parallel_generate_srp_data(name, password=f"{name} old password", directory=srp_dir)
     passwd = srp_dir / "server" / "passwd"
     before = passwd.read_text().splitlines()
-    keyfile.parallel_generate_srp_data("bob", password="bob new password", directory=srp_dir)
+    keygen.parallel_generate_srp_data("bob", password="bob new password", directory=srp_dir)
     after = passwd.read_text().splitlines()
     assert [line.split(":")[0] for line in after] == ["alice", "bob", "carol"]
     assert after[0] == before[0] and after[2] == before[2]
@@ -86,7 +87,7 @@ def test_replacing_a_user_keeps_the_others(srp_dir: Path, login: Login) -> None:
 
 
 def test_random_password_when_empty(srp_dir: Path) -> None:
-    keyfile.parallel_generate_srp_data("alice", password="", directory=srp_dir)
+    keygen.parallel_generate_srp_data("alice", password="", directory=srp_dir)
     user, password = keyfile.read_client_password(srp_dir / "client" / "user_passwd")
     assert user == "alice"
     assert len(password) == 32  # secrets.token_urlsafe(24): 192 bits
@@ -94,32 +95,32 @@ def test_random_password_when_empty(srp_dir: Path) -> None:
 
 def test_short_password_warns(srp_dir: Path) -> None:
     with pytest.warns(UserWarning, match="shorter than 12"):
-        keyfile.parallel_generate_srp_data("alice", password="short", directory=srp_dir)
+        keygen.parallel_generate_srp_data("alice", password="short", directory=srp_dir)
 
 
 def test_no_client_file(srp_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    keyfile.parallel_generate_srp_data(
+    keygen.parallel_generate_srp_data(
         "alice", unattended=False, password="a fine long password", directory=srp_dir
     )
     assert not (srp_dir / "client" / "user_passwd").exists()
-    keyfile.parallel_generate_srp_data("bob", unattended=False, password="", directory=srp_dir)
+    keygen.parallel_generate_srp_data("bob", unattended=False, password="", directory=srp_dir)
     assert "generated password for bob" in capsys.readouterr().err  # else it would be lost
 
 
 @pytest.mark.parametrize("bad", ["", "a:b", "a\nb", "x" * 300])
 def test_bad_usernames(bad: str, srp_dir: Path) -> None:
     with pytest.raises(ValueError):
-        keyfile.parallel_generate_srp_data(bad, password="a fine long password", directory=srp_dir)
+        keygen.parallel_generate_srp_data(bad, password="a fine long password", directory=srp_dir)
 
 
 def test_password_with_newline_refused(srp_dir: Path) -> None:
     with pytest.raises(ValueError):
-        keyfile.parallel_generate_srp_data("a", password="two\nlines", directory=srp_dir)
+        keygen.parallel_generate_srp_data("a", password="two\nlines", directory=srp_dir)
 
 
 def test_stdin_one_line_in_process(srp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("from stdin, long enough\nnot this\n"))
-    keyfile.parallel_generate_srp_data("alice", directory=srp_dir)
+    keygen.parallel_generate_srp_data("alice", directory=srp_dir)
     assert keyfile.read_client_password(srp_dir / "client" / "user_passwd") == (
         "alice",
         "from stdin, long enough",
@@ -132,7 +133,7 @@ def test_stdin_one_line_in_process(srp_dir: Path, monkeypatch: pytest.MonkeyPatc
 def test_keygen_command_reads_stdin(srp_dir: Path, stdin: str, expected: str | None) -> None:
     """``echo | parnet keygen test`` works unattended (a real pipe, a real process)."""
     code = (
-        "import sys; from parnet.auth.keyfile import keygen_main; "
+        "import sys; from parnet.auth.keygen import keygen_main; "
         "sys.exit(keygen_main(sys.argv[1:]))"
     )
     result = subprocess.run(
@@ -154,20 +155,20 @@ def test_keygen_command_reads_stdin(srp_dir: Path, stdin: str, expected: str | N
 
 
 def test_keygen_main_usage_and_errors(srp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert keyfile.keygen_main([]) == 2
+    assert keygen.keygen_main([]) == 2
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
-    assert keyfile.keygen_main(["bad:name", "--dir", str(srp_dir)]) == 1
+    assert keygen.keygen_main(["bad:name", "--dir", str(srp_dir)]) == 1
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
-    assert keyfile.keygen_main(["ok", "--no-client-file", "--dir", str(srp_dir)]) == 0
+    assert keygen.keygen_main(["ok", "--no-client-file", "--dir", str(srp_dir)]) == 0
     assert not (srp_dir / "client" / "user_passwd").exists()
 
 
 def test_keygen_refuses_unsafe_existing_passwd(srp_dir: Path) -> None:
-    keyfile.parallel_generate_srp_data("alice", password="a fine long password", directory=srp_dir)
+    keygen.parallel_generate_srp_data("alice", password="a fine long password", directory=srp_dir)
     passwd = srp_dir / "server" / "passwd"
     os.chmod(passwd, 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
-        keyfile.parallel_generate_srp_data(
+        keygen.parallel_generate_srp_data(
             "bob", password="a fine long password", directory=srp_dir
         )
 
@@ -188,13 +189,13 @@ def test_fake_secret_stable_and_repr_hides_secrets(
 
 @pytest.fixture
 def server_files(srp_dir: Path) -> tuple[Path, Path]:
-    keyfile.parallel_generate_srp_data("alice", password="a fine long password", directory=srp_dir)
-    keyfile.parallel_generate_srp_data("bob", password="another long password", directory=srp_dir)
+    keygen.parallel_generate_srp_data("alice", password="a fine long password", directory=srp_dir)
+    keygen.parallel_generate_srp_data("bob", password="another long password", directory=srp_dir)
     return srp_dir / "server" / "passwd", srp_dir / "server" / "passwd.conf"
 
 
 def _rewrite(path: Path, text: str) -> None:
-    keyfile.write_secret_file(path, text.encode())
+    files.write_secret_file(path, text.encode())
 
 
 def _edit_line(passwd: Path, number: int, field: int, value: str) -> None:
@@ -289,7 +290,7 @@ def _case(name: str, passwd: Path, conf: Path) -> tuple[Path, str]:
         _rewrite(passwd, "\n")
         return passwd, "parnet keygen"
     if name == "not UTF-8":
-        keyfile.write_secret_file(passwd, passwd.read_bytes() + b"\xff\xfe:a:b:3\n")
+        files.write_secret_file(passwd, passwd.read_bytes() + b"\xff\xfe:a:b:3\n")
         return passwd, "UTF-8"
     raise AssertionError(name)
 
@@ -360,7 +361,7 @@ def test_blank_lines_and_crlf_tolerated(server_files: tuple[Path, Path], login: 
 
 @pytest.fixture
 def client_file(srp_dir: Path) -> Path:
-    keyfile.parallel_generate_srp_data("alice", password="pass:with:colons ok", directory=srp_dir)
+    keygen.parallel_generate_srp_data("alice", password="pass:with:colons ok", directory=srp_dir)
     return srp_dir / "client" / "user_passwd"
 
 
@@ -382,7 +383,7 @@ def test_read_client_password(client_file: Path) -> None:
 def test_read_client_password_refuses(
     client_file: Path, content: str, chmod: int, text: str
 ) -> None:
-    keyfile.write_secret_file(client_file, content.encode())
+    files.write_secret_file(client_file, content.encode())
     os.chmod(client_file, chmod)
     with pytest.raises(ConfigError) as info:
         keyfile.read_client_password(client_file)
@@ -398,7 +399,7 @@ def test_write_secret_file_is_atomic_and_private(tmp_path: Path) -> None:
     target = tmp_path / "secret"
     target.write_text("old")
     os.chmod(target, 0o644)
-    keyfile.write_secret_file(target, b"new")
+    files.write_secret_file(target, b"new")
     assert target.read_bytes() == b"new" and mode(target) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["secret"]
 
@@ -417,7 +418,7 @@ _LINE_CHARS = st.sampled_from(list(sb64.ALPHABET[:20] + ":3\r \u00e9"))
 def test_fuzz_passwd_parser(server_files: tuple[Path, Path], lines: list[str]) -> None:
     """Any passwd content either loads or raises ConfigError, nothing else."""
     passwd, _ = server_files
-    keyfile.write_secret_file(passwd, "\n".join(lines).encode())
+    files.write_secret_file(passwd, "\n".join(lines).encode())
     try:
         auth = keyfile.load_server_auth(passwd)
     except ConfigError:
@@ -428,7 +429,7 @@ def test_fuzz_passwd_parser(server_files: tuple[Path, Path], lines: list[str]) -
 def test_umask_untouched(srp_dir: Path) -> None:
     old = os.umask(0o022)
     try:
-        keyfile.parallel_generate_srp_data(
+        keygen.parallel_generate_srp_data(
             "alice", password="a fine long password", directory=srp_dir
         )
         assert os.umask(0o022) == 0o022

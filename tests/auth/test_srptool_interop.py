@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from parnet.auth import keyfile, srp
+from parnet.auth import keyfile, keygen, srp
 from parnet.errors import AuthenticationError
 
 SRPTOOL = shutil.which("srptool")
@@ -94,8 +94,8 @@ def test_srptool_files_work_with_parnet(tmp_path: Path, index: int, login: Login
 
 
 def test_parnet_files_pass_srptool_verify(srp_dir: Path) -> None:
-    keyfile.parallel_generate_srp_data("alice", password="written by parnet", directory=srp_dir)
-    keyfile.parallel_generate_srp_data(
+    keygen.parallel_generate_srp_data("alice", password="written by parnet", directory=srp_dir)
+    keygen.parallel_generate_srp_data(
         "dave", password="d\u00e9j\u00e0 vu password", directory=srp_dir
     )
     server = srp_dir / "server"
@@ -108,9 +108,9 @@ def test_mixed_file_both_tools_keep_each_others_lines(srp_dir: Path, login: Logi
     server = srp_dir / "server"
     server.mkdir(mode=0o700)
     _add_user(server, "bob", "bob via srptool")
-    keyfile.parallel_generate_srp_data("alice", password="alice via parnet", directory=srp_dir)
+    keygen.parallel_generate_srp_data("alice", password="alice via parnet", directory=srp_dir)
     _add_user(server, "erin", "erin via srptool")
-    keyfile.parallel_generate_srp_data("bob", password="bob again, parnet", directory=srp_dir)
+    keygen.parallel_generate_srp_data("bob", password="bob again, parnet", directory=srp_dir)
     assert _verify(server, "alice", "alice via parnet")
     assert _verify(server, "bob", "bob again, parnet")
     assert _verify(server, "erin", "erin via srptool")

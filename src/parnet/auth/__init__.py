@@ -2,7 +2,8 @@
 
 - ``sb64``: GnuTLS's SRP base64 codec.
 - ``srp``: the sans-IO login (``SrpClient``, ``SrpServer``) and its math.
-- ``keyfile``: ``tpasswd`` / ``tpasswd.conf`` / ``user_passwd`` files, ``parnet keygen``.
+- ``keyfile``: the ``tpasswd`` / ``tpasswd.conf`` / ``user_passwd`` formats.
+- ``keygen``: ``parnet keygen`` (``parallel_generate_srp_data``).
 - ``tls``: TLS 1.3 contexts, each server's certificate, the channel binding.
 - ``pairkeys``: pairwise keys and tags for data links.
 """

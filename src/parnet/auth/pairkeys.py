@@ -99,7 +99,7 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_SIZE)
 
 
-def pair_key(master: bytes, netid: bytes, i: int, j: int) -> bytes:
+def pair_key(master: bytes | bytearray, netid: bytes, i: int, j: int) -> bytes:
     """The key K_ij shared by nodes i and j of one network.
 
     Args:

@@ -78,11 +78,11 @@ def decode(text: str) -> bytes:
     """
     if not isinstance(text, str):
         raise ValueError("SRP base64 input must be str")
-    values = []
-    for c in text:
-        v = _VALUE.get(c)
+    values: list[int] = []
+    for ch in text:
+        v = _VALUE.get(ch)
         if v is None:
-            raise ValueError(f"invalid character {c!r} in SRP base64")
+            raise ValueError(f"invalid character {ch!r} in SRP base64")
         values.append(v)
     head = len(values) % 4
     out = bytearray()

@@ -52,14 +52,11 @@ import secrets
 import struct
 import unicodedata
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from parnet.auth.pairkeys import hkdf_sha256
 from parnet.constants import MAX_PREAUTH_FRAME
 from parnet.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
-
-if TYPE_CHECKING:
-    from parnet.auth.keyfile import VerifierEntry
 
 __all__ = [
     "DEFAULT_GROUP_INDEX",
@@ -68,6 +65,7 @@ __all__ = [
     "MAX_MESSAGE",
     "SrpClient",
     "SrpServer",
+    "VerifierEntry",
     "client_premaster",
     "compute_A",
     "compute_B",
@@ -198,6 +196,24 @@ GROUP_1024: tuple[int, int] = (_N1024, 2)
 MAX_MESSAGE = MAX_PREAUTH_FRAME
 
 _VERSION = 1
+
+@dataclass(frozen=True)
+class VerifierEntry:
+    """One user's line of a ``tpasswd`` file.
+
+    Attributes:
+        username: the user name.
+        verifier: v = g^x mod N.
+        salt: the salt s.
+        index: the group's index in ``tpasswd.conf`` (a key of ``srp.GROUPS``).
+    """
+
+    username: str
+    verifier: int = field(repr=False)
+    salt: bytes = field(repr=False)
+    index: int
+
+
 _HELLO, _CHALLENGE, _PROOF, _SERVER_PROOF, _FAILURE = 1, 2, 3, 4, 5
 _KIND_NAMES = {1: "hello", 2: "challenge", 3: "proof", 4: "server proof", 5: "failure"}
 _MAX_USERNAME = 256

@@ -31,14 +31,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from parnet.auth.keyfile import (
-    make_private_dir,
-    read_secret_file,
-    write_secret_file,
-    write_temp_file,
-)
 from parnet.constants import parnet_home
 from parnet.errors import ConfigError
+from parnet.transport.files import (
+    make_private_dir,
+    publish_file,
+    read_secret_file,
+    write_secret_file,
+)
 
 __all__ = [
     "CERT_NAME",
@@ -53,24 +53,6 @@ __all__ = [
 CERT_NAME = "server.crt"
 KEY_NAME = "server.key"
 _VALID_DAYS = 3650
-
-
-def _publish(path: Path, data: bytes, mode: int) -> bool:
-    """Create ``path`` with ``data`` unless it exists; True if this call created it.
-
-    The content goes to an ``O_EXCL`` temporary file, is fsynced, then hard-linked to ``path``
-    (atomic, and fails if ``path`` exists), so ``path`` never appears half-written.
-    """
-    tmp = write_temp_file(path, data, mode)
-    try:
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 def _new_key_pem() -> bytes:
@@ -148,7 +130,7 @@ def ensure_server_identity(
     key_path = base / KEY_NAME
     cert_path = base / CERT_NAME
     if not os.path.lexists(key_path):
-        _publish(key_path, _new_key_pem(), 0o600)  # a lost race keeps the winner's key
+        publish_file(key_path, _new_key_pem(), 0o600)  # a lost race keeps the winner's key
     key = _load_key(key_path)
     if not _cert_matches(cert_path, key):
         if os.path.lexists(cert_path) and not os.path.islink(cert_path):
@@ -156,7 +138,7 @@ def ensure_server_identity(
             write_secret_file(cert_path, _new_cert_pem(key), 0o644)
         elif os.path.islink(cert_path):
             raise ConfigError(f"{cert_path}: the certificate is a symbolic link; remove it")
-        elif not _publish(cert_path, _new_cert_pem(key), 0o644) and not _cert_matches(
+        elif not publish_file(cert_path, _new_cert_pem(key), 0o644) and not _cert_matches(
             cert_path, key
         ):
             raise ConfigError(f"{cert_path}: does not match {key_path}; remove both")
@@ -203,6 +185,18 @@ def client_context() -> ssl.SSLContext:
 def cert_binding(cert_der: bytes) -> bytes:
     """RFC 5929 ``tls-server-end-point`` channel binding: SHA-256 of the certificate DER."""
     return hashlib.sha256(bytes(cert_der)).digest()
+
+
+def peer_binding(sock: socket.socket) -> bytes:
+    """``cert_binding`` of the certificate the peer of the TLS socket ``sock`` presented.
+
+    Raises:
+        ConfigError: ``sock`` is not a TLS socket, or its peer presented no certificate.
+    """
+    der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+    if der is None:
+        raise ConfigError("the peer presented no TLS certificate")
+    return cert_binding(der)
 
 
 def load_cert_der(cert_path: str | os.PathLike[str]) -> bytes:

@@ -33,7 +33,7 @@ from ..checks import port as check_port
 from ..checks import seconds as check_seconds
 from ..constants import CMD_PORT, PROTOCOL_VERSION
 from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
-from ..network import Connections, Network, NodeInfo, single_index
+from ..network import Connections, NodeInfo, single_index
 from ..transport import handshake
 from ..transport.heartbeat import DEFAULT_TIMEOUT, monitor
 from ..transport.link import Link, wait_links
@@ -41,8 +41,9 @@ from ..wire import messages as msg
 from ..wire import serialize
 from ..wire.framing import encode_small
 from ..wire.messages import versions
+from .session import ClientSession
 
-_open_networks: weakref.WeakSet[Network] = weakref.WeakSet()
+_open_networks: weakref.WeakSet[ClientSession] = weakref.WeakSet()
 _req_ids = itertools.count(1)
 
 
@@ -72,7 +73,7 @@ def _is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
         return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
 
 
 def _check_hosts(hosts: Sequence[str]) -> list[tuple[str, int]]:
@@ -105,7 +106,7 @@ def _credentials(password_file: str | None, user: str | None) -> tuple[str, str]
     return read_client_password(password_file)
 
 
-def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str | None = None,
+def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str | None = None,  # noqa: C901
              user: str | None = None, timeout: float = 30.0, forward_output: bool = True,
              heartbeat: float | None = None) -> Connections:
     """Connects to the servers ``hosts`` and sets up the full mesh between all of them.
@@ -146,7 +147,7 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
         ctx = client_context()
         master = new_master_secret()
     netid = uuid.uuid4().bytes
-    net = Network(netid, names, 0)
+    net = ClientSession(netid, names)
     hb = DEFAULT_TIMEOUT if heartbeat is None else float(heartbeat)
     n = len(addrs)
     pool = ThreadPoolExecutor(max_workers=min(32, n))
@@ -158,9 +159,9 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
             link = Link(sock, name=f"{names[k - 1]} (node {k}, command)", authenticated=not use_tls)
             try:
                 if use_tls:
-                    from ..auth.tls import cert_binding
+                    from ..auth.tls import peer_binding
 
-                    cb = cert_binding(sock.getpeercert(binary_form=True))
+                    cb = peer_binding(sock)
                     handshake.srp_client(link, username, password, cb, True, deadline)
             except AuthenticationError as e:
                 link.close()
@@ -181,10 +182,9 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
                 from ..auth.pairkeys import pair_key
 
                 keys = {j: pair_key(master, netid, k, j) for j in range(n + 1) if j != k}
-            setup = {"node": k, "hosts": names, "data_addrs": data_addrs, "cwd": os.getcwd(),
-                     "keys": keys, "nlocaljobs": 0, "timeout": max(0.5, deadline - time.monotonic()),
-                     "forward_output": forward_output, "heartbeat": hb, "versions": versions()}
-            net.nodes[k].cmd.send_frame(msg.SETUP, serialize.dumps(setup)[0])  # type: ignore[union-attr]
+            setup = msg.Setup(k, names, data_addrs, os.getcwd(), keys, 0, max(0.5, deadline - time.monotonic()),
+                              forward_output, hb, versions())
+            net.nodes[k].cmd.send_frame(*msg.encode(setup))  # type: ignore[union-attr]
 
         def data_link(k: int) -> Link:
             host, dport = data_addrs[k - 1]
@@ -193,9 +193,9 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
             link = Link(sock, name=f"{names[k - 1]} (node {k})", authenticated=not use_tls)
             if use_tls:
                 from ..auth.pairkeys import pair_key
-                from ..auth.tls import cert_binding
+                from ..auth.tls import peer_binding
 
-                cb = cert_binding(sock.getpeercert(binary_form=True))
+                cb = peer_binding(sock)
                 handshake.tags_initiator(link, pair_key(master, netid, 0, k), netid, 0, k, cb, deadline)  # type: ignore[arg-type]
             return link
 
@@ -207,7 +207,7 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
         mon = monitor()
         for k in range(1, n + 1):
             for link in (net.nodes[k].cmd, net.nodes[k].data):
-                mon.watch(link, hb, lambda lk, why, k=k: net._lost(k, why))
+                mon.watch(link, hb, net.on_link_dead(k))
         _start_background_pump(mon)
     except BaseException:
         net.close()
@@ -239,7 +239,7 @@ def _gather(pool: ThreadPoolExecutor, fn: Callable[[int], Any], ks: range, names
     return out
 
 
-def _await_ready(net: Network, k: int, deadline: float) -> None:
+def _await_ready(net: ClientSession, k: int, deadline: float) -> None:
     node = net.nodes[k]
     assert node.cmd is not None
     try:
@@ -248,22 +248,25 @@ def _await_ready(net: Network, k: int, deadline: float) -> None:
         raise ConnectError(f"{node.host}: the server did not finish setting up the network in time") from None
     except (ConnectionClosed, ProtocolError) as e:
         raise ConnectError(f"{node.host}: {e}") from e
-    if f.code == msg.SETUP_FAILED:
-        raise ConnectError(f"{node.host}: {serialize.loads(f.body)}")
-    if f.code != msg.READY:
+    if f.code not in (msg.SETUP_FAILED, msg.READY):
         raise ConnectError(f"{node.host}: unexpected message {f.code} during set-up")
-    info = serialize.loads(f.body, f.buffers)
-    node.nproc = int(info.get("nproc", 1))
-    node.versions = info.get("versions", {})  # type: ignore[attr-defined]
+    try:
+        reply = msg.decode(f.code, f.body, f.buffers)
+    except Exception as e:  # noqa: BLE001 - a bad reply fails this server's set-up
+        raise ConnectError(f"{node.host}: bad reply during set-up: {e}") from e
+    if isinstance(reply, msg.SetupFailed):
+        raise ConnectError(f"{node.host}: {reply.reason}")
+    node.nproc = int(reply.nproc)
+    node.versions = reply.versions
 
 
-def _warn_versions(net: Network) -> None:
+def _warn_versions(net: ClientSession) -> None:
     """A different Python, parnet or library version on a node is worth a warning: pickles
     and code objects may not travel between them."""
     mine = versions()
     diffs = []
     for node in net.nodes[1:]:
-        theirs = getattr(node, "versions", {})
+        theirs = node.versions
         d = [f"{key} {theirs.get(key, '?')} (client {mine[key]})" for key in mine if theirs.get(key) != mine[key]]
         if d:
             diffs.append(f"{node.host} (node {node.index}): " + ", ".join(d))
@@ -294,24 +297,26 @@ def _start_background_pump(mon: Any) -> None:
 _reval_frames: dict[str, bytes] = {}  # encoded REVAL frames of recent command strings
 
 
-def servers_of(connections: Connections, what: str) -> tuple[Network, list[int]]:
+def servers_of(connections: Connections, what: str) -> tuple[ClientSession, list[int]]:
+    """The client's session of ``connections`` and its server indices (``what``: the
+    calling function, for errors)."""
     if not isinstance(connections, Connections):
         raise TypeError(f"{what}: expected a Connections object, got {type(connections).__name__}")
     net = connections.network
-    if not net.is_client:
+    if not isinstance(net, ClientSession):
         raise ParnetError(f"{what} can only be called at the client")
     if net.closed:
         raise ConnectionClosed("the network is closed")
     return net, [k for k in connections.indices if k != 0]
 
 
-def _send_cmd(net: Network, k: int, code: int, body: bytes, bufs: Sequence = (), flags: int = 0) -> None:
+def _send_cmd(net: ClientSession, k: int, code: int, body: bytes, bufs: Sequence = (), flags: int = 0) -> None:
     """Sends a command frame to server ``k`` after raising its pending errors (``code`` 0:
     ``body`` is a whole encoded frame)."""
     node = net.nodes[k]
     net.raise_errors([k])
     if node.open and node.data is not None and not node.data.usable and not node.data.has_frame():
-        net._lost(k, f"data link broken: {node.data.error or 'closed'}")
+        net.lost(k, f"data link broken: {node.data.error or 'closed'}")
     if node.cmd is None or not node.open:
         raise ConnectionClosed(f"{net.name(k)} is not open: {node.closed_reason or 'closed'}")
     try:
@@ -320,7 +325,7 @@ def _send_cmd(net: Network, k: int, code: int, body: bytes, bufs: Sequence = (),
         else:
             node.cmd.send_encoded(body)
     except ConnectionClosed:
-        net._lost(k, "command link closed")
+        net.lost(k, "command link closed")
         raise
 
 
@@ -345,8 +350,9 @@ def reval(commands: str, connections: Connections, *, wait: bool = False) -> Non
     """
     if not isinstance(commands, str):
         raise TypeError("reval: commands must be a str of Python source")
-    if type(connections) is Connections and not (net := connections._net).self_index and not net.closed:
-        ks = connections._idx  # the hot path (node 0 is skipped below)
+    net = connections.network if type(connections) is Connections else None
+    if type(net) is ClientSession and not net.closed:
+        ks: Sequence[int] = connections.indices  # the hot path (node 0 is skipped below)
     else:
         net, ks = servers_of(connections, "reval")
     frame = _reval_frames.get(commands)
@@ -369,29 +375,23 @@ def reval(commands: str, connections: Connections, *, wait: bool = False) -> Non
         if careful:
             _send_cmd(net, k, 0, frame)  # pending errors, closed links
         else:
+            assert cmd is not None
             try:
                 cmd.send_encoded(frame)
             except ConnectionClosed:
-                net._lost(k, "command link closed")
+                net.lost(k, "command link closed")
                 raise
     if wait:
         _barrier(net, [k for k in ks if k != 0])
 
 
-def _call_body(req: int, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any], nout: int | None,
-               isout: Sequence[bool] | None, on_cmd: bool) -> tuple[bytes, list, int]:
-    """The CALL command for ``func(*args, **kwargs)``; with ``on_cmd`` the result (or failure)
-    comes back on the command link under ``req``."""
-    return serialize.dumps((req, func, args, kwargs, nout, isout, on_cmd))
-
-
-def _barrier(net: Network, ks: Sequence[int]) -> None:
+def _barrier(net: ClientSession, ks: Sequence[int]) -> None:
     """Returns once every server in ``ks`` has run every command sent to it before, and
     raises the first failure among them (a no-op call each, answered in command order)."""
     reqs: dict[int, int] = {}
     for k in ks:
         reqs[k] = req = next(_req_ids)
-        _send_cmd(net, k, msg.CALL, *_call_body(req, int, (), {}, None, None, True))
+        _send_cmd(net, k, *msg.encode(msg.Call(req, int, (), {}, None, None, True)))
 
     def wait_all() -> None:
         left = dict(reqs)
@@ -409,7 +409,7 @@ def _barrier(net: Network, ks: Sequence[int]) -> None:
             if left:
                 wait_links([net.nodes[k].cmd for k in left], None)  # type: ignore[misc]
 
-    net._waiting_call(list(ks), wait_all)
+    net.waiting_call(list(ks), wait_all)
 
 
 def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: int | None = None,
@@ -447,7 +447,7 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
         if nout is None or len(isout) != nout:
             raise ValueError("rfeval: isout needs nout and must have nout elements")
     req = next(_req_ids)
-    _send_cmd(net, k, msg.CALL, *_call_body(req, func, args, kwargs, nout, isout, wait))
+    _send_cmd(net, k, *msg.encode(msg.Call(req, func, args, kwargs, nout, isout, wait)))
     if not wait:
         return None
     node = net.nodes[k]
@@ -464,7 +464,7 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
                 raise ConnectionClosed(f"{net.name(k)} is gone: {node.closed_reason}")
             wait_links([node.cmd], None)  # type: ignore[list-item]
 
-    return net._waiting_call([k], wait_result)
+    return net.waiting_call([k], wait_result)
 
 
 def sclose(connections: Connections) -> None:
@@ -500,9 +500,9 @@ def network_get_info(connections: Connections) -> list[NodeInfo]:
             out.append(NodeInfo(True, len(os.sched_getaffinity(0)), node.nlocaljobs, "", not net.closed,
                                 net.id_str, k))
             continue
-        if net.is_client and not net.closed:
+        if isinstance(net, ClientSession) and not net.closed:
             net.pump_cmd(k)
-        links_ok = all(lk.usable for lk in (node.data, node.cmd) if lk is not None)
+        links_ok = all(lk.usable for lk in node.links())
         is_open = node.open and links_ok and not net.closed
         out.append(NodeInfo(False, node.nproc, node.nlocaljobs, node.host, is_open, net.id_str, k))
     return out
@@ -524,9 +524,9 @@ def network_set(connections: Connections, key: str, val: int) -> None:
     if isinstance(val, bool) or not isinstance(val, int) or val < 0:
         raise ValueError("network_set: nlocaljobs needs an int >= 0")
     net, ks = servers_of(connections, "network_set")
-    body = serialize.dumps((key, val))[0]
+    frame = msg.encode(msg.SetOption(key, val))
     for k in ks:
-        _send_cmd(net, k, msg.SET, body)
+        _send_cmd(net, k, *frame)
         net.nodes[k].nlocaljobs = val
 
 
@@ -564,11 +564,9 @@ def install_vars(*names: str, connections: Connections, **values: Any) -> None:
     if not ks or not allv:
         return
     children = {p: [ks[c] for c in (2 * p + 1, 2 * p + 2) if c < len(ks)] for p in range(len(ks))}
-    body, bufs, flags = serialize.dumps({"values": allv, "children": children[0]})
-    _send_cmd(net, ks[0], msg.INSTALL, body, bufs, flags)
+    _send_cmd(net, ks[0], *msg.encode(msg.Install(allv, 0, children[0])))
     for p in range(1, len(ks)):
-        b = serialize.dumps({"parent": ks[(p - 1) // 2], "children": children[p]})[0]
-        _send_cmd(net, ks[p], msg.INSTALL, b)
+        _send_cmd(net, ks[p], *msg.encode(msg.Install(None, ks[(p - 1) // 2], children[p])))
 
 
 @atexit.register

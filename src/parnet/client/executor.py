@@ -39,9 +39,10 @@ from typing import Any
 
 import cloudpickle
 
-from ..errors import ConnectionClosed, RemoteError
+from ..errors import ConnectionClosed
 from ..maps.common import ChunkResult, Shared, call_chunk, call_packed
 from ..network import Connections
+from ..wire import messages as msg
 from ..wire.serialize import PLAIN
 from .api import servers_of
 from .netmap import MapSession
@@ -67,7 +68,7 @@ class _Call:
         self.sent = False
 
 
-class _ExecFuture(Future):  # type: ignore[type-arg]
+class _ExecFuture(Future):
     """A future whose ``result``/``exception`` turn a Ctrl-C while waiting into an
     interrupt of the executor's calls (then re-raise it)."""
 
@@ -77,8 +78,8 @@ class _ExecFuture(Future):  # type: ignore[type-arg]
         try:
             return super().result(timeout)
         except KeyboardInterrupt as e:
-            if e is not self._exception and self._executor is not None:  # type: ignore[attr-defined]
-                self._executor._interrupt()
+            if e is not self._exception and self._executor is not None:
+                self._executor.interrupt()
             raise
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -86,7 +87,7 @@ class _ExecFuture(Future):  # type: ignore[type-arg]
             return super().exception(timeout)
         except KeyboardInterrupt:
             if self._executor is not None:
-                self._executor._interrupt()
+                self._executor.interrupt()
             raise
 
 
@@ -113,12 +114,12 @@ class _CallStream(MapSession):
         self.stopping = False
         self.broken: BaseException | None = None
         self.interrupt_done = threading.Event()
-        self.interrupted: list[Future] = []  # type: ignore[type-arg]
+        self.interrupted: list[Future] = []
         self._rr = 0
         spec = {"fun": call_packed, "nout": 1, "vectorized": False, "chunk_size": 1, "n": 0,
                 "error_handler": None, "cum_func": None, "stream": True}
         self.register()
-        self.alive = [k for k in self.alive if self._send(k, ("start", self.map_id, spec))]
+        self.alive = [k for k in self.alive if self._send(k, msg.MapStart(self.map_id, spec))]
         self.out = {k: {} for k in self.alive}
         if not self.alive:
             self.unregister()
@@ -147,7 +148,8 @@ class _CallStream(MapSession):
     def run(self) -> None:
         """The dispatcher thread: until shut down with nothing left, or no server left."""
         try:
-            poller, fds = None, ()
+            poller = None
+            fds: tuple[int, ...] = ()
             while True:
                 if tuple(self.alive) != fds:
                     fds = tuple(self.alive)
@@ -173,7 +175,7 @@ class _CallStream(MapSession):
         finally:
             for k in self.alive:
                 if self.net.nodes[k].open:
-                    self._send(k, ("end", self.map_id))
+                    self._send(k, msg.MapEnd(self.map_id))
             self.unregister()
             with self.efd_lock:
                 os.close(self.efd)
@@ -275,7 +277,7 @@ class _CallStream(MapSession):
                 self.out[best][call.id] = call
                 total += 1
         for k, its in items.items():
-            if its and not self._send(k, ("jobs", self.map_id, its)):
+            if its and not self._send(k, msg.MapJobs(self.map_id, its)):
                 pass  # the server is lost: _check_lost reruns these calls
 
     def _check_lost(self) -> None:
@@ -290,9 +292,9 @@ class _CallStream(MapSession):
             for call in calls:
                 call.lost += 1
                 if call.lost >= 2:
-                    err = RemoteError(net.nodes[k].host, k, "ConnectionClosed",
-                                      f"Executor: a call of {_fn_name(call)} was lost with two servers "
-                                      "that died while running it; not retried again")
+                    err = msg.remote_error(net.nodes[k].host, k, "ConnectionClosed",
+                                           f"Executor: a call of {_fn_name(call)} was lost with two servers "
+                                           "that died while running it; not retried again")
                     _set_exception(call.fut, err)
                 else:
                     again.append(call)
@@ -318,9 +320,9 @@ class _CallStream(MapSession):
         ks = [k for k in self.alive if self.out[k]]
         self.interrupted = [c.fut for k in ks for c in self.out[k].values()]
         for k in ks:
-            self._send(k, ("cancel", self.map_id))  # after every call sent: all are answered
+            self._send(k, msg.MapCancel(self.map_id))  # after every call sent: all are answered
         # Not again where an interrupt is still unanswered (a with block's exit after a
-        # result() that was interrupted): Network.interrupt would take it for a second Ctrl-C.
+        # result() that was interrupted): ClientSession.interrupt would take it for a second Ctrl-C.
         self.net.interrupt([k for k in ks if not self.net.nodes[k].interrupt_pending])
         self.interrupt_done.set()
 
@@ -335,7 +337,7 @@ class _CallStream(MapSession):
             d.clear()
 
 
-def _set_exception(fut: Future, e: BaseException) -> None:  # type: ignore[type-arg]
+def _set_exception(fut: Future, e: BaseException) -> None:
     try:
         fut.set_exception(e)
     except concurrent.futures.InvalidStateError:
@@ -411,7 +413,7 @@ class Executor(concurrent.futures.Executor):
             return pickle.dumps((got[1], args, kwargs), 5)  # no code to pickle by value: C pickler
         return cloudpickle.dumps((got[1], args, kwargs), protocol=5)
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:  # type: ignore[type-arg]
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedules ``fn(*args, **kwargs)`` on a server; returns its future.
 
         A function or argument that cannot be pickled fails the future with that error.
@@ -474,17 +476,17 @@ class Executor(concurrent.futures.Executor):
                 while self._thread.is_alive():
                     self._thread.join(0.25)
             except KeyboardInterrupt:
-                self._interrupt()
+                self.interrupt()
                 raise
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            self._interrupt()
+            self.interrupt()
             self.shutdown(wait=True, cancel_futures=True)
             return False
         return super().__exit__(exc_type, exc, tb)
 
-    def _interrupt(self, wait: float = 10.0) -> None:
+    def interrupt(self, wait: float = 10.0) -> None:
         """Ctrl-C: cancels the queued calls, interrupts the running ones and waits (at most
         ``wait`` seconds) until each has its answer."""
         s = self._stream

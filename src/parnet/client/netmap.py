@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConnectionClosed, RemoteError, remote_error
+from ..errors import ConnectionClosed, RemoteError
 from ..maps.common import (
     Assembler,
     ChunkResult,
@@ -44,11 +44,11 @@ from ..maps.common import (
     array_columns,
     cell_columns,
 )
-from ..network import Connections, Network
+from ..network import Connections
 from ..transport.link import wait_links
 from ..wire import messages as msg
-from ..wire import serialize
 from .api import servers_of
+from .session import ClientSession
 
 log = logging.getLogger(__name__)
 
@@ -147,24 +147,13 @@ def netarrayfun(connections: Connections, fun: Callable[..., Any], *arrays: Any,
                   cum_func=cum_func, nout=nout, vectorized=vectorized, name="netarrayfun").run()
 
 
-def _on_map_frame(net: Network, k: int, f: Any) -> None:
-    """Command-link frames other than ERROR/RESULT: map results go to their map."""
-    if f.code != msg.MAP_RESULT:
-        log.warning("unexpected message %s from %s", msg.NAMES.get(f.code, f.code), net.name(k))
-        return
-    map_id, results = serialize.loads(f.body, f.buffers)
-    m = getattr(net, "active_maps", {}).get(map_id)
-    if m is not None:
-        m.deliver(k, results)
-
-
 class MapSession:
     """What every map on the network shares: its id, the routing of its ``MAP_RESULT``
     frames (read by whichever thread reads the command links) to ``deliver``, its ``MAP``
     frames, and the ``RemoteError`` of a failed job. ``NetMap`` runs a map of known length;
     ``parnet.client.executor`` a call stream."""
 
-    def __init__(self, net: Network) -> None:
+    def __init__(self, net: ClientSession) -> None:
         self.net = net
         self.map_id = next(_map_ids)
         self.inbox: deque[tuple[int, tuple[int, int], ChunkResult, float]] = deque()
@@ -175,42 +164,34 @@ class MapSession:
 
     def register(self) -> None:
         """Routes this map's results to ``deliver`` from now on."""
-        net = self.net
-        if not hasattr(net, "active_maps"):
-            net.active_maps = {}  # type: ignore[attr-defined]
-            net.cmd_handler = lambda k, f: _on_map_frame(net, k, f)
-        net.active_maps[self.map_id] = self  # type: ignore[attr-defined]
+        self.net.maps[self.map_id] = self
 
     def unregister(self) -> None:
         """Late results of this map are dropped from now on."""
-        getattr(self.net, "active_maps", {}).pop(self.map_id, None)
+        self.net.maps.pop(self.map_id, None)
 
-    def _send(self, k: int, payload: Any) -> bool:
+    def _send(self, k: int, cmd: msg.MapStart | msg.MapJobs | msg.MapCancel | msg.MapEnd) -> bool:
         node = self.net.nodes[k]
         try:
-            body, bufs, flags = serialize.dumps(payload)
-            node.cmd.send_frame(msg.MAP, body, bufs, flags)  # type: ignore[union-attr]
+            node.cmd.send_frame(*msg.encode(cmd))  # type: ignore[union-attr]
             return True
         except ConnectionClosed:
-            self.net._lost(k, "command link closed")
+            self.net.lost(k, "command link closed")
             return False
 
     def job_error(self, k: int, res: ChunkResult, what: str) -> RemoteError:
         """The ``RemoteError`` for the failed job ``res`` from server ``k``; ``what`` starts
         the message (e.g. "netcellfun: element 3")."""
-        index, identifier, message, tb = res.error  # type: ignore[misc]
-        err = remote_error(self.net.nodes[k].host, k, identifier, f"{what} raised {identifier}: {message}",
-                           tb, res.exception)
-        err.index = index  # type: ignore[attr-defined]
-        if res.exception is not None:
-            err.__cause__ = res.exception
-        return err
+        assert res.error is not None
+        index, identifier, message, tb = res.error
+        return msg.remote_error(self.net.nodes[k].host, k, identifier, f"{what} raised {identifier}: {message}",
+                                tb, res.exception, index=index)
 
 
 class NetMap(MapSession):
     """One network map in progress (see the module docstring)."""
 
-    def __init__(self, connections: Connections, fun: Callable[..., Any], cols: list[Sequence[Any]],
+    def __init__(self, connections: Connections, fun: Callable[..., Any], cols: Sequence[Any],
                  n: int, shape: tuple[int, ...] | None, kind: str, *, uniform_output: bool,
                  error_handler: Callable[..., Any] | None, verbose: int, chunk_size: int,
                  cum_func: Callable[..., Any] | None, nout: int, vectorized: bool, name: str) -> None:
@@ -260,14 +241,14 @@ class NetMap(MapSession):
             if bar is not None:
                 bar.close()
 
-    def _run(self, bar: Any) -> Any:
+    def _run(self, bar: Any) -> Any:  # noqa: C901
         net = self.net
         cs, njobs = self.cs, self.njobs
         spec = {"fun": Shared(self.fun), "nout": self.nout, "vectorized": self.vectorized,
                 "chunk_size": cs, "n": self.n,
                 "error_handler": Shared(self.error_handler) if self.error_handler else None,
                 "cum_func": Shared(self.cum_func) if self.cum_func else None}
-        alive = [k for k in self.servers if self._send(k, ("start", self.map_id, spec))]
+        alive = [k for k in self.servers if self._send(k, msg.MapStart(self.map_id, spec))]
         # Job j covers elements [j*cs, min(n, (j+1)*cs)). Bookkeeping is per job range, in
         # numpy arrays, so a map of many tiny jobs costs no per-job Python objects.
         self.pending: deque[tuple[int, int]] = deque([(0, njobs)])
@@ -313,11 +294,11 @@ class NetMap(MapSession):
             if isinstance(e, KeyboardInterrupt):
                 net.interrupt(alive)  # first: it must find the running jobs still counted
             for k in alive:
-                self._send(k, ("cancel", self.map_id))
+                self._send(k, msg.MapCancel(self.map_id))
             raise
         finally:
             for k in alive:
-                self._send(k, ("end", self.map_id))
+                self._send(k, msg.MapEnd(self.map_id))
         return self.asm.result()
 
     def _give(self, k: int) -> None:
@@ -348,7 +329,7 @@ class NetMap(MapSession):
             taken.append((j0, j1))
         njobs = sum(j1 - j0 for j0, j1 in taken)
         self.npending -= njobs
-        if self._send(k, ("jobs", self.map_id, items)):
+        if self._send(k, msg.MapJobs(self.map_id, items)):
             for j0, j1 in taken:
                 self.batch_of[j0:j1] = bid
                 self.owner[j0:j1] = k
@@ -371,7 +352,7 @@ class NetMap(MapSession):
             twice = lost[self.lost_with[lost] >= 2]
             if twice.size:
                 idx = int(twice[0]) * self.cs
-                raise RemoteError(self.net.nodes[k].host, k, "ConnectionClosed",
+                raise msg.remote_error(self.net.nodes[k].host, k, "ConnectionClosed",
                                   f"{self.name}: the job at element {idx} was lost with two servers "
                                   "that died while running it; not retried again")
             for j0, j1 in reversed(_runs(lost.tolist())):

@@ -61,8 +61,8 @@ import cloudpickle
 import numpy as np
 
 from parnet.errors import ParnetError
-from parnet.tracebacks import format_remote
 from parnet.wire import serialize
+from parnet.wire.messages import format_traceback
 
 __all__ = [
     "Assembler",
@@ -402,7 +402,7 @@ class ChunkTask:
     """
 
     fun: Any
-    args: list[Sequence[Any]]
+    args: Sequence[Any]
     start: int
     nout: int = 1
     vectorized: bool = False
@@ -470,16 +470,31 @@ def error_result(start: int, count: int, index: int, exc: BaseException, *,
         portable: keep ``exc`` only if it survives pickling.
         skip_frames: leading traceback entries to leave out (the machinery's own frames).
     """
-    text = ""
-    if want_traceback:
-        tb = exc.__traceback__
-        for _ in range(skip_frames):
-            if tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
-        text = format_remote(exc, tb)
+    text = format_traceback(exc, skip_frames) if want_traceback else ""
     kept = _portable_exception(exc) if portable else exc
     return ChunkResult(start, count, error=(index, type(exc).__name__, str(exc), text),
                        exception=kept)
+
+
+def _failed(task: ChunkTask, count: int, index: int, exc: BaseException) -> ChunkResult:
+    """``error_result`` of ``task``'s chunk, for an exception caught in a ``_run_*`` frame."""
+    return error_result(task.start, count, index, exc, want_traceback=task.want_traceback,
+                        portable=task.portable, skip_frames=1)
+
+
+def _stand_in(task: ChunkTask, eh: Callable[..., Any] | None, exc: Exception, index: int,
+              count: int, args: Sequence[Any],
+              check: Callable[[Any], Any] | None = None) -> tuple[Any, ChunkResult | None]:
+    """What replaces a call that raised ``exc`` at ``index``: ``(error_handler(MapErr, *args)
+    passed through check, None)``; or ``(None, the chunk's error result)`` when there is no
+    ``error_handler`` or it failed too."""
+    if eh is None:
+        return None, _failed(task, count, index, exc)
+    try:
+        r = eh(MapErr(str(exc), type(exc).__name__, index, exc), *args)
+        return (r if check is None else check(r)), None
+    except Exception as e2:
+        return None, _failed(task, count, index, e2)
 
 
 def _as_outputs(r: Any, nout: int, who: str) -> tuple[Any, ...]:
@@ -540,15 +555,10 @@ def _run_elements(task: ChunkTask, fun: Callable[..., Any], eh: Callable[..., An
                     append(fun(*a))
             break
         except Exception as e:
-            i = start + len(out)
-            if eh is None:
-                return error_result(start, count, i, e, want_traceback=task.want_traceback,
-                                    portable=task.portable, skip_frames=1)
-            try:
-                append(eh(MapErr(str(e), type(e).__name__, i, e), *((a,) if single else a)))
-            except Exception as e2:
-                return error_result(start, count, i, e2, want_traceback=task.want_traceback,
-                                    portable=task.portable, skip_frames=1)
+            r, failed = _stand_in(task, eh, e, start + len(out), count, (a,) if single else a)
+            if failed is not None:
+                return failed
+            append(r)
     if cf is None:
         return ChunkResult(start, count, outputs=[out])
     if not out:
@@ -560,8 +570,7 @@ def _run_elements(task: ChunkTask, fun: Callable[..., Any], eh: Callable[..., An
             k += 1
             acc = cf(acc, x)
     except Exception as e:
-        return error_result(start, count, k, e, want_traceback=task.want_traceback,
-                            portable=task.portable, skip_frames=1)
+        return _failed(task, count, k, e)
     return ChunkResult(start, count, cum=acc, has_cum=True)
 
 
@@ -580,15 +589,10 @@ def _run_elements_multi(task: ChunkTask, fun: Callable[..., Any],
         try:
             r = _as_outputs(fun(*a), nout, "fun")
         except Exception as e:
-            if eh is None:
-                return error_result(start, count, i, e, want_traceback=task.want_traceback,
-                                    portable=task.portable, skip_frames=1)
-            try:
-                r = _as_outputs(eh(MapErr(str(e), type(e).__name__, i, e), *a), nout,
-                                "error_handler")
-            except Exception as e2:
-                return error_result(start, count, i, e2, want_traceback=task.want_traceback,
-                                    portable=task.portable, skip_frames=1)
+            r, failed = _stand_in(task, eh, e, i, count, a,
+                                  lambda x: _as_outputs(x, nout, "error_handler"))
+            if failed is not None:
+                return failed
         if cf is None:
             out.append(r)
         elif acc is _NOTHING:
@@ -597,8 +601,7 @@ def _run_elements_multi(task: ChunkTask, fun: Callable[..., Any],
             try:
                 acc = _as_outputs(cf(*acc, *r), nout, "cum_func")
             except Exception as e:
-                return error_result(start, count, i, e, want_traceback=task.want_traceback,
-                                    portable=task.portable, skip_frames=1)
+                return _failed(task, count, i, e)
         i += 1
     if cf is not None:
         return ChunkResult(start, count, cum=None if acc is _NOTHING else acc,
@@ -633,15 +636,10 @@ def _run_vectorized(task: ChunkTask, fun: Callable[..., Any], eh: Callable[..., 
     try:
         r = _vector_outputs(fun(*args), task, count, cumulative, "fun")
     except Exception as e:
-        if eh is None:
-            return error_result(start, count, start, e, want_traceback=task.want_traceback,
-                                portable=task.portable, skip_frames=1)
-        try:
-            r = _vector_outputs(eh(MapErr(str(e), type(e).__name__, start, e), *args), task,
-                                count, cumulative, "error_handler")
-        except Exception as e2:
-            return error_result(start, count, start, e2, want_traceback=task.want_traceback,
-                                portable=task.portable, skip_frames=1)
+        r, failed = _stand_in(task, eh, e, start, count, args,
+                              lambda x: _vector_outputs(x, task, count, cumulative, "error_handler"))
+        if failed is not None:
+            return failed
     if cumulative:
         return ChunkResult(start, count, cum=r, has_cum=True)
     return ChunkResult(start, count, outputs=r)

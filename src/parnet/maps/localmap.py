@@ -161,7 +161,7 @@ def _plan(n: int, nproc: int, chunks_per_proc: int | None,
 
 
 def _run_map(name: str, kind: str, nproc: int, fun: Callable[..., Any],
-             cols: list[Sequence[Any]], n: int, shape: tuple[int, ...] | None,
+             cols: Sequence[Any], n: int, shape: tuple[int, ...] | None,
              uniform_output: bool, error_handler: Callable[..., Any] | None, verbose: int,
              chunks_per_proc: int | None, cum_func: Callable[..., Any] | None,
              vectorized: bool, nout: int) -> Any:
@@ -199,13 +199,13 @@ def _progress(name: str, n: int) -> Any:
     return tqdm(total=n, desc=name, file=sys.stderr, unit="call", dynamic_ncols=True)
 
 
-def _slices(cols: list[Sequence[Any]], r: range, n: int) -> list[Sequence[Any]]:
+def _slices(cols: Sequence[Any], r: range, n: int) -> Sequence[Any]:
     if r.start == 0 and r.stop == n:
         return cols
     return [c[r.start:r.stop] for c in cols]
 
 
-def _run_here(fun: Callable[..., Any], cols: list[Sequence[Any]], n: int, nout: int,
+def _run_here(fun: Callable[..., Any], cols: Sequence[Any], n: int, nout: int,
               vectorized: bool, error_handler: Callable[..., Any] | None,
               cum_func: Callable[..., Any] | None, asm: Assembler, bar: Any,
               chunks_per_proc: int | None) -> None:
@@ -223,7 +223,7 @@ def _run_here(fun: Callable[..., Any], cols: list[Sequence[Any]], n: int, nout: 
             bar.update(res.count)
 
 
-def _run_pool(fun: Callable[..., Any], cols: list[Sequence[Any]], nproc: int, nout: int,
+def _run_pool(fun: Callable[..., Any], cols: Sequence[Any], nproc: int, nout: int,
               vectorized: bool, error_handler: Callable[..., Any] | None,
               cum_func: Callable[..., Any] | None, asm: Assembler, bar: Any,
               chunks: _FixedChunks | GuidedChunker) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import io
 import logging
 import os
 import pickle
@@ -130,7 +131,8 @@ def _init_worker(parent_pid: int) -> None:
     # several pool processes share its pipe (PIPE_BUF-sized writes do not interleave).
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
-            stream.reconfigure(line_buffering=True)
+            if isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(line_buffering=True)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
                      name="parnet-parent-watch").start()
 
@@ -152,10 +154,10 @@ def _watch_parent(parent_pid: int) -> None:
 # parent side
 
 
-class _ChunkFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+class _ChunkFuture(concurrent.futures.Future):
     """The future ``Pool.submit`` returns; cancelling it cancels the queued loky task."""
 
-    _inner: concurrent.futures.Future | None = None  # type: ignore[type-arg]
+    _inner: concurrent.futures.Future | None = None
 
     def cancel(self) -> bool:
         inner = self._inner
@@ -273,7 +275,7 @@ class Pool:
         return fut
 
     def _finish(self, fut: _ChunkFuture, start: int, count: int,
-                inner: concurrent.futures.Future, executor: Any = None) -> None:  # type: ignore[type-arg]
+                inner: concurrent.futures.Future, executor: Any = None) -> None:
         if fut.done():
             return
         try:

@@ -69,24 +69,11 @@ from ..constants import (
 )
 from ..errors import ConfigError, ParnetError
 from ..transport import handshake
+from ..transport.files import pid_alive, read_pid_file, runtime_dir, write_pid_file
 from .logs import LogFile, RefusalLog
 from .worker import ServerConfig, run_worker
 
 log = logging.getLogger("parnet.daemon")
-
-
-def runtime_dir() -> str:
-    """A private directory for pid files: ``$XDG_RUNTIME_DIR/parnet`` or ``~/.local/state/parnet``."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base):
-        d = os.path.join(base, "parnet")
-    else:
-        d = os.path.join(os.path.expanduser("~"), ".local", "state", "parnet")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    st = os.stat(d)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise ConfigError(f"{d}: runtime directory must be owned by you and private (chmod 700 {d})")
-    return d
 
 
 def effective_bind(bind: str | None, use_tls: bool) -> str:
@@ -106,20 +93,6 @@ def pid_file_path(bind: str | None, cmd_port: int) -> str:
 def default_log_file(bind: str | None, cmd_port: int) -> str:
     """Default log file of a server: in the runtime directory."""
     return os.path.join(runtime_dir(), f"server-{_bind_label(bind)}-{cmd_port}.log")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def find_pid_files(cmd_port: int, bind: str | None) -> list[str]:
@@ -144,18 +117,18 @@ def kill_server(cmd_port: int = CMD_PORT, bind: str | None = None, timeout: floa
         raise ParnetError(f"several servers use port {cmd_port} ({names}); give bind= to choose")
     path = files[0]
     try:
-        pid = int(open(path).read().strip())
+        pid = read_pid_file(path)
     except (OSError, ValueError) as e:
         raise ParnetError(f"{path}: unreadable pid file: {e}") from e
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise ParnetError(f"the server of {path} (pid {pid}) is not running; removed its pid file")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.unlink(path)
@@ -207,7 +180,6 @@ class Daemon:
         self.sel = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}
         self.workers: dict[bytes, _WorkerRec] = {}
-        self.by_ctl: dict[int, _WorkerRec] = {}
         self.failures: dict[str, tuple[int, float]] = {}
         self._stop = False
         self._listeners: list[socket.socket] = []
@@ -293,28 +265,10 @@ class Daemon:
     def _write_pid_file(self) -> None:
         """Writes the pid file atomically: a complete file appears under its name or none
         (a temporary file linked into place; the link fails if the name exists)."""
-        path = self.pid_file
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        try:
-            for _ in range(2):
-                try:
-                    os.link(tmp, path)
-                    return
-                except FileExistsError:
-                    try:
-                        old = int(open(path).read().strip() or 0)
-                    except (OSError, ValueError):
-                        old = 0
-                    if old and _pid_alive(old):
-                        raise ParnetError(f"a server is already running for {self.bind}:{self.cmd_port} "
-                                          f"(pid {old}, {path})") from None
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-        finally:
-            os.unlink(tmp)
+        old = write_pid_file(self.pid_file, os.getpid())
+        if old:
+            raise ParnetError(f"a server is already running for {self.bind}:{self.cmd_port} "
+                              f"(pid {old}, {self.pid_file})")
 
     # -- loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -475,7 +429,7 @@ class Daemon:
             return None
         return data
 
-    def _route(self, p: _Pending) -> None:
+    def _route(self, p: _Pending) -> None:  # noqa: C901
         try:
             pre = handshake.parse_preamble(bytes(p.buf))
         except ParnetError as e:
@@ -606,7 +560,6 @@ class Daemon:
         parent_ctl.setblocking(False)
         rec = _WorkerRec(pid, parent_ctl, pre.netid, p.ip, authenticated=not self.use_tls, started=started)
         self.workers[pre.netid] = rec
-        self.by_ctl[parent_ctl.fileno()] = rec
         self.sel.register(parent_ctl, selectors.EVENT_READ, ("ctl", rec))
         log.debug("connection from %s: worker %d for network %s", p.ip, pid, pre.netid.hex()[:8])
 
@@ -628,7 +581,7 @@ class Daemon:
         keep_out.close()
 
     def _drain_ctl(self, rec: _WorkerRec) -> None:
-        if not _pid_alive(rec.pid):  # exited: its EOF may not have shown yet
+        if not pid_alive(rec.pid):  # exited: its EOF may not have shown yet
             self._forget(rec)
             return
         for _ in range(16):
@@ -663,7 +616,6 @@ class Daemon:
         """The worker has exited: drop its record and control socket."""
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(rec.ctl)
-        self.by_ctl.pop(rec.ctl.fileno(), None)
         rec.ctl.close()
         if self.workers.get(rec.netid) is rec:
             del self.workers[rec.netid]
@@ -727,7 +679,7 @@ class Daemon:
         for s in self._listeners:
             s.close()
         with contextlib.suppress(OSError):
-            if int(open(self.pid_file).read().strip()) == os.getpid():
+            if read_pid_file(self.pid_file) == os.getpid():
                 os.unlink(self.pid_file)
         log.info("stopped")
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 from ..errors import ParnetError
+from ..transport import files
 from .daemon import default_log_file, effective_bind, kill_server
 from .logs import open_log_fd
 
@@ -45,7 +46,7 @@ def start_background(timeout: float = 30.0, **opts: object) -> int:
         raise ValueError(f"parnet server: cmd_port and data_port must differ (both are {cmd_port})")
     r, w = os.pipe()
     bind = effective_bind(opts.get("bind"), bool(opts.get("use_tls", True)))  # type: ignore[arg-type]
-    log_file = opts.get("log_file") or default_log_file(bind, opts.get("cmd_port", 12502))  # type: ignore[arg-type]
+    log_file = str(opts.get("log_file") or default_log_file(bind, cmd_port))
     argv = [sys.executable, "-m", "parnet", "server", "--foreground", "--ready-fd", str(w),
             *server_argv(**opts)]  # type: ignore[arg-type]
     try:
@@ -85,17 +86,7 @@ def start_background(timeout: float = 30.0, **opts: object) -> int:
 
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie child is reaped and counts as gone)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return files.pid_alive(pid, reap=True)
 
 
 def stop_pid(pid: int, timeout: float = 10.0) -> None:

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from ..maps.common import (
@@ -30,7 +31,6 @@ from ..maps.common import (
     run_chunk,
 )
 from ..wire import messages as msg
-from ..wire import serialize
 
 log = logging.getLogger(__name__)
 
@@ -101,35 +101,44 @@ class WorkerMapRunner:
         """Local processes for map jobs: ``nlocaljobs``, or the processor count when 0."""
         return self.w.nlocaljobs or len(os.sched_getaffinity(0))
 
-    def run(self, payload: tuple[Any, ...]) -> None:
-        """Handles one MAP command."""
-        kind, map_id = payload[0], payload[1]
-        if kind == "start":
-            self.maps[map_id] = _WMap(map_id, payload[2])
-            if self.nlocal() > 1 and self._pool is None:
-                from ..maps.pool import preload
+    def run(self, cmd: msg.MapStart | msg.MapJobs | msg.MapCancel | msg.MapEnd) -> None:
+        """Handles one MAP command (a table from the command's class to its handler)."""
+        if type(cmd) is msg.MapStart:
+            self._start(cmd)
+            return
+        m = self.maps.get(cmd.map_id)
+        if m is not None:
+            self._handlers[type(cmd)](self, m, cmd)
 
-                preload()  # here, not in the thread below: user code may be importing meanwhile
-                threading.Thread(target=self._warm_pool, daemon=True, name="parnet-pool-start").start()
+    def _start(self, cmd: msg.MapStart) -> None:
+        self.maps[cmd.map_id] = _WMap(cmd.map_id, cmd.spec)
+        if self.nlocal() > 1 and self._pool is None:
+            from ..maps.pool import preload
+
+            preload()  # here, not in the thread below: user code may be importing meanwhile
+            threading.Thread(target=self._warm_pool, daemon=True, name="parnet-pool-start").start()
+
+    def _jobs(self, m: _WMap, cmd: msg.MapJobs) -> None:
+        m.queue.extend(list(item) for item in cmd.items)
+        self._pump(m)
+
+    def _cancel(self, m: _WMap, cmd: msg.MapCancel) -> None:
+        if m.stream:
+            self._drop(m)
             return
-        m = self.maps.get(map_id)
-        if m is None:
-            return
-        if kind == "jobs":
-            m.queue.extend(list(item) for item in payload[2])
-            self._pump(m)
-        elif kind == "cancel":
-            if m.stream:
-                self._drop(m)
-                return
-            with m.lock:
-                m.cancelled = True
-                m.queue.clear()
-        elif kind == "end":
-            with m.lock:
-                m.cancelled = True
-                m.queue.clear()
-            self.maps.pop(map_id, None)
+        with m.lock:
+            m.cancelled = True
+            m.queue.clear()
+
+    def _end(self, m: _WMap, cmd: msg.MapEnd) -> None:
+        with m.lock:
+            m.cancelled = True
+            m.queue.clear()
+        self.maps.pop(cmd.map_id, None)
+
+    _handlers: dict[type, Callable[[WorkerMapRunner, _WMap, Any], None]] = {
+        msg.MapJobs: _jobs, msg.MapCancel: _cancel, msg.MapEnd: _end,
+    }
 
     def _start_speculator(self) -> None:
         if self._speculator is None:
@@ -181,14 +190,14 @@ class WorkerMapRunner:
         if not results:
             return
         try:
-            body, bufs, flags = serialize.dumps((m.map_id, results))
+            frame = msg.encode(msg.MapResult(m.map_id, results))
         except Exception:  # noqa: BLE001 - an output that cannot travel fails its element
             import pickle
 
             fixed = [(j, pickle.loads(dumps_result(r)), dt) for j, r, dt in results]
-            body, bufs, flags = serialize.dumps((m.map_id, fixed))
+            frame = msg.encode(msg.MapResult(m.map_id, fixed))
         with contextlib.suppress(OSError):
-            self.w.cmd.send_frame(msg.MAP_RESULT, body, bufs, flags)
+            self.w.cmd.send_frame(*frame)
 
     def _run_here(self, m: _WMap, first_only: bool = False) -> float:
         """Runs queued jobs in this process; returns the duration of the last one."""
@@ -222,7 +231,7 @@ class WorkerMapRunner:
         self._send(m, [((j0, j1), error_result(start, j1 - j0, start, err, want_traceback=False), 0.0)
                        for j0, j1, start, _ in runs])
 
-    def _pump_stream(self, m: _WMap) -> None:
+    def _pump_stream(self, m: _WMap) -> None:  # noqa: C901
         """Runs a call stream's queued calls: here while they are fast, else in the pool."""
         nloc = self.nlocal()
         if m.mode == "pool" and m.fast_streak >= 4:

@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,6 @@ import numpy as np
 from ..constants import AUTH_DEADLINE, PROTOCOL_VERSION
 from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
 from ..network import Connections, Network, precv, psend, select_sockets
-from ..tracebacks import format_remote
 from ..transport import handshake
 from ..transport.heartbeat import DEFAULT_TIMEOUT, monitor
 from ..transport.link import Link
@@ -56,7 +56,6 @@ log = logging.getLogger("parnet.worker")
 #: Forwarded output is announced on the data link at most this often (seconds).
 NOTICE_EVERY = 0.05
 
-MAX_REPORT = 64 * 1024
 #: Seconds an incoming data link has for TLS and its tags during the mesh set-up.
 INCOMING_LINK_DEADLINE = float(os.environ.get("PARNET_LINK_DEADLINE", "3"))
 #: Incoming data links authenticated at once during the set-up (beyond: the oldest is aborted).
@@ -75,26 +74,6 @@ class ServerConfig:
     cb: bytes = b""  # own certificate binding
     auth: Any = None  # keyfile.ServerAuth
     source: str | None = None  # address for outgoing data links (the bind address, if one)
-
-
-def error_report(e: BaseException, skip: int = 0) -> dict[str, Any]:
-    """The ERROR payload for exception ``e``: text always, the pickled exception if it travels."""
-    tb = e.__traceback__
-    for _ in range(skip):
-        if tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-    text = format_remote(e, tb, MAX_REPORT)
-    pickled = None
-    try:
-        body, bufs, _ = serialize.dumps(e)
-        if not bufs and len(body) <= MAX_REPORT:
-            serialize.loads(body)
-            pickled = body
-    except Exception:  # noqa: BLE001 - the text is enough
-        pickled = None
-    t = type(e)
-    name = t.__qualname__ if t.__module__ in ("builtins", "__main__") else f"{t.__module__}.{t.__qualname__}"
-    return {"type": name, "message": str(e)[:MAX_REPORT], "traceback": text, "pickled": pickled}
 
 
 class Worker:
@@ -119,6 +98,10 @@ class Worker:
         self._notice_at = 0.0  # when the last NOTICE went out
         self.nlocaljobs = 0
         self.map_runner: Any = None
+        #: Command code -> handler of its payload (REVAL, the hot path, is ``_reval``).
+        self.commands_by_code: dict[int, Callable[[Any], None]] = {
+            msg.CALL: self._call, msg.INSTALL: self._install, msg.SET: self._set, msg.MAP: self._map,
+        }
         # The main thread owns the command link except while a command runs: then the
         # monitor thread may read it (for INTERRUPT), deferring other frames.
         self.reader_lock = threading.Lock()
@@ -158,22 +141,22 @@ class Worker:
             raise ConnectError(f"expected SETUP, got message {f.code}")
         if not self.cfg.use_tls:
             self._tell_daemon()
-        s = serialize.loads(f.body, f.buffers)
-        node = s["node"]
-        net = self.net = Network(self.netid, s["hosts"], node)
-        self.data_addrs: list[tuple[str, int]] = [tuple(a) for a in s["data_addrs"]]  # type: ignore[misc]
-        self.keys: dict[int, bytes] = s.get("keys") or {}
-        self.nlocaljobs = s.get("nlocaljobs", 0)
-        self.heartbeat = float(s.get("heartbeat", DEFAULT_TIMEOUT))
-        cwd = s.get("cwd")
+        s: msg.Setup = msg.decode(f.code, f.body, f.buffers)
+        node = s.node
+        net = self.net = Network(self.netid, s.hosts, node)
+        self.data_addrs = [(str(h), int(p)) for h, p in s.data_addrs]
+        self.keys = dict(s.keys)
+        self.nlocaljobs = s.nlocaljobs
+        self.heartbeat = float(s.heartbeat)
+        cwd = s.cwd
         os.chdir(cwd if cwd and os.path.isdir(cwd) else tempfile.gettempdir())
-        deadline = time.monotonic() + s.get("timeout", 30.0)
+        deadline = time.monotonic() + s.timeout
         try:
             self._build_mesh(net, node, deadline)
         except Exception as e:  # noqa: BLE001 - reported to the client, which fails pconnect
             log.warning("network %s: mesh set-up failed: %s", net.id_str[:8], e)
             with contextlib.suppress(OSError):
-                self.cmd.send_frame(msg.SETUP_FAILED, serialize.dumps(str(e))[0])
+                self.cmd.send_frame(*msg.encode(msg.SetupFailed(str(e))))
                 self.cmd.flush(2)
             raise
         self.ns.update(
@@ -181,14 +164,13 @@ class Worker:
             psend=psend, precv=precv, select_sockets=select_sockets, np=np,
         )
         nproc = len(os.sched_getaffinity(0))
-        if s.get("forward_output", True):
+        if s.forward_output:
             self._redirect_output()
         mon = monitor()
         for k, nd in enumerate(net.nodes):
             if nd.data is not None:
-                mon.watch(nd.data, self.heartbeat, lambda link, why, k=k: net._lost(k, why))
-        ready = {"nproc": nproc, "pid": os.getpid(), "versions": versions()}
-        self.cmd.send_frame(msg.READY, serialize.dumps(ready)[0])
+                mon.watch(nd.data, self.heartbeat, net.on_link_dead(k))
+        self.cmd.send_frame(*msg.encode(msg.Ready(nproc, os.getpid(), versions())))
         log.info("network %s: node %d ready (%d links)", net.id_str[:8], node, len(net.nodes) - 1)
 
     def _build_mesh(self, net: Network, node: int, deadline: float) -> None:
@@ -202,9 +184,9 @@ class Worker:
                                                  source=self.cfg.source)
                 link = Link(sock, name=f"node {j} ({host})", authenticated=not self.cfg.use_tls)
                 if self.cfg.use_tls:
-                    from ..auth.tls import cert_binding
+                    from ..auth.tls import peer_binding
 
-                    cb = cert_binding(sock.getpeercert(binary_form=True))
+                    cb = peer_binding(sock)
                     handshake.tags_initiator(link, self.keys[j], self.netid, node, j, cb, deadline)
                 return link
             except (OSError, ParnetError, TimeoutError) as e:
@@ -223,7 +205,7 @@ class Worker:
             if pool:
                 pool.shutdown(wait=False, cancel_futures=True)
 
-    def _accept_links(self, net: Network, node: int, deadline: float) -> None:
+    def _accept_links(self, net: Network, node: int, deadline: float) -> None:  # noqa: C901
         """Takes the data links of the earlier nodes (and the client) from the daemon.
 
         Each incoming connection is authenticated in a thread of its own within
@@ -377,7 +359,7 @@ class Worker:
         if self.running and self._interrupt_requested:
             raise KeyboardInterrupt("interrupted by the client")
 
-    def _monitor_loop(self) -> None:
+    def _monitor_loop(self) -> None:  # noqa: C901
         """While a command runs, reads the command link for INTERRUPT (and CLOSE); takes what
         the daemon sends on the control socket (exits when the daemon is gone)."""
         assert self.cmd is not None
@@ -400,8 +382,7 @@ class Worker:
             try:
                 if not self.busy:
                     continue
-                while self.cmd.poll():
-                    f = self.cmd.recv_frame()
+                while (f := self.cmd.recv_frame(block=False)) is not None:
                     if f.code == msg.INTERRUPT:
                         log.info("interrupt requested by the client")
                         self._interrupt_maps()
@@ -468,7 +449,7 @@ class Worker:
     def notify_shutdown(self, reason: str) -> None:
         """Tells the client the server is stopping, then exits (SIGTERM from the daemon)."""
         with contextlib.suppress(Exception):
-            self.tell_client(msg.SHUTDOWN, serialize.dumps(reason)[0])
+            self.tell_client(*msg.encode(msg.Shutdown(reason))[:2])
             self.cmd.flush(2.0)  # type: ignore[union-attr]
         self._exit_now(reason)
 
@@ -481,39 +462,43 @@ class Worker:
 
     def dispatch(self, f: Any) -> None:
         """Runs one command frame; a failure is reported on the command link."""
-        if f.code == msg.REVAL and type(f.body) is bytes:
-            co = self._reval_code.get(f.body)  # a repeated command: no unpickling, no compile
-            if co is not None:
-                try:
-                    exec(co, self.ns)
-                except BaseException as e:  # noqa: BLE001 - user code may raise anything
-                    self.report(e, skip=1, interrupted=isinstance(e, KeyboardInterrupt))
-                return
+        if f.code == msg.REVAL:
+            self._reval(f)
+            return
+        handler = self.commands_by_code.get(f.code)
+        if handler is None:
+            log.warning("unknown command %d", f.code)
+            return
         try:
-            payload = serialize.loads(f.body, f.buffers)
+            payload = msg.decode(f.code, f.body, f.buffers)
         except Exception as e:  # noqa: BLE001
             self.report(e)
             return
         try:
-            if f.code == msg.REVAL:
-                co = self._compile(payload)
-                if type(f.body) is bytes and len(self._reval_code) < 4096:
-                    self._reval_code[f.body] = co
-                exec(co, self.ns)
-            elif f.code == msg.CALL:
-                self._call(*payload)
-            elif f.code == msg.INSTALL:
-                self._install(payload)
-            elif f.code == msg.SET:
-                key, val = payload
-                if key == "nlocaljobs":
-                    self.nlocaljobs = int(val)
-            elif f.code == msg.MAP:
-                self._map(payload)
-            else:
-                log.warning("unknown command %d", f.code)
+            handler(payload)
         except BaseException as e:  # noqa: BLE001 - user code may raise anything
-            self.report(e, skip=1, interrupted=isinstance(e, KeyboardInterrupt))
+            self.report(e, skip=1)
+
+    def _reval(self, f: Any) -> None:
+        """REVAL: runs the code; a repeated command (same frame body) is neither unpickled
+        nor compiled again."""
+        co = self._reval_code.get(f.body) if type(f.body) is bytes else None
+        if co is None:
+            try:
+                co = self._compile(msg.decode(f.code, f.body, f.buffers))
+            except BaseException as e:  # noqa: BLE001 - a syntax error is the user's
+                self.report(e, skip=1)
+                return
+            if type(f.body) is bytes and len(self._reval_code) < 4096:
+                self._reval_code[f.body] = co
+        try:
+            exec(co, self.ns)
+        except BaseException as e:  # noqa: BLE001 - user code may raise anything
+            self.report(e, skip=1)
+
+    def _set(self, s: msg.SetOption) -> None:
+        if s.key == "nlocaljobs":
+            self.nlocaljobs = int(s.value)
 
     def _compile(self, code: str) -> Any:
         co = self._code_cache.get(code)
@@ -526,10 +511,10 @@ class Worker:
                 self._code_cache[code] = co
         return co
 
-    def _call(self, req: int, func: Any, args: tuple, kwargs: dict, nout: int | None,
-              isout: list[bool] | None, reply_on_cmd: bool) -> None:
+    def _call(self, c: msg.Call) -> None:
+        req, nout, isout = c.req, c.nout, c.isout
         try:
-            out = func(*args, **kwargs)
+            out = c.func(*c.args, **c.kwargs)
             if nout is not None:
                 if not isinstance(out, tuple) or len(out) != nout:
                     got = f"a {len(out)}-tuple" if isinstance(out, tuple) else type(out).__name__
@@ -537,30 +522,29 @@ class Worker:
                 sel = isout if isout is not None else [True] * nout
                 out = [o for o, keep in zip(out, sel, strict=True) if keep]
         except BaseException as e:  # noqa: BLE001
-            if reply_on_cmd:
-                self.report(e, skip=1, req=req, interrupted=isinstance(e, KeyboardInterrupt))
+            if c.reply_on_cmd:
+                self.report(e, skip=1, req=req)
                 return
             raise
-        body, bufs, flags = serialize.dumps((req, out))
-        if reply_on_cmd:
+        if c.reply_on_cmd:
             assert self.cmd is not None
-            self.cmd.send_frame(msg.RESULT, body, bufs, flags)
+            self.cmd.send_frame(*msg.encode(msg.Result(req, out)))
         else:
             assert self.net is not None
             self.net.psend(out, [0])
 
-    def _install(self, payload: dict[str, Any]) -> None:
+    def _install(self, inst: msg.Install) -> None:
         """install_vars: take the values (from the client, or from the parent node in the
         spreading tree over data links), install them, and pass them on to the children."""
         assert self.net is not None
-        if "values" in payload:
-            values = payload["values"]
-            frame_body, frame_bufs, flags = serialize.dumps(values) if payload.get("children") else (b"", [], 0)
+        if inst.values is not None:
+            values = inst.values
+            frame_body, frame_bufs, flags = serialize.dumps(values) if inst.children else (b"", [], 0)
         else:
-            f = self.net.recv_special(payload["parent"], msg.INSTALL)
+            f = self.net.recv_special(inst.parent, msg.INSTALL)
             frame_body, frame_bufs, flags = f.body, f.buffers, f.flags
             values = serialize.loads(f.body, f.buffers)
-        for child in payload.get("children", []):
+        for child in inst.children:
             self.net.nodes[child].data.send_frame(msg.INSTALL, frame_body, frame_bufs, flags)  # type: ignore[union-attr]
         self.ns.update(values)
 
@@ -571,20 +555,18 @@ class Worker:
             self.map_runner = WorkerMapRunner(self)
         self.map_runner.run(payload)
 
-    def report(self, e: BaseException, skip: int = 0, req: int | None = None,
-               interrupted: bool = False) -> None:
-        """Sends an ERROR report for ``e`` to the client."""
-        rep = error_report(e, skip)
-        rep["req"] = req
-        rep["interrupted"] = interrupted
-        log.info("command failed: %s: %s", rep["type"], rep["message"][:200])
-        with contextlib.suppress(OSError):
-            self.tell_client(msg.ERROR, serialize.dumps(rep)[0])
+    def report(self, e: BaseException, skip: int = 0, req: int | None = None) -> None:
+        """Sends an ERROR report for ``e`` to the client (``skip``: leading traceback
+        entries to leave out, the machinery's own)."""
+        rep = msg.ErrorReport.from_exception(e, skip, req)
+        log.info("command failed: %s: %s", rep.type, rep.message[:200])
+        with contextlib.suppress(OSError, TypeError, ValueError):
+            self.tell_client(msg.ERROR, msg.encode(rep)[1])
 
     def tell_client(self, code: int, body: bytes) -> None:
         """Sends an ERROR, OUTPUT or SHUTDOWN frame on the command link, then a NOTICE with
         the count of such frames on the data link to the client, which may be waiting on
-        that link alone (``Network._next_value_frame``).
+        that link alone (``ClientSession._next_value_frame``).
 
         ERROR and SHUTDOWN are announced at once. OUTPUT at most every ``NOTICE_EVERY``
         seconds, and only while the data link has nothing queued (a client that does not

@@ -111,8 +111,3 @@ def alloc(size: int) -> bytearray | np.ndarray:
 def trim() -> None:
     """Releases this process's idle pooled memory (called periodically)."""
     _pool.trim()
-
-
-def pool() -> BufferPool:
-    """This process's pool."""
-    return _pool

@@ -25,12 +25,17 @@ import ssl
 import struct
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..constants import MAGIC, PROTOCOL_VERSION
 from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ProtocolError
 from ..wire import messages as msg
 from .link import Link
+
+if TYPE_CHECKING:
+    from ..auth.srp import VerifierEntry
 
 PREAMBLE = struct.Struct("!6sHBB16sHH2x")
 REPLY = struct.Struct("!6sHBHH")  # magic, version, status, data port, reason length
@@ -205,8 +210,8 @@ def srp_client(link: Link, username: str, password: str, cb: bytes, use_tls: boo
     return key
 
 
-def srp_server(link: Link, lookup, fake_secret: bytes, cb: bytes, use_tls: bool, deadline: float,
-               on_success=None) -> str:
+def srp_server(link: Link, lookup: Callable[[str], VerifierEntry | None], fake_secret: bytes, cb: bytes,
+               use_tls: bool, deadline: float, on_success: Callable[[], None] | None = None) -> str:
     """Runs the server side of the SRP login; returns the authenticated user name.
 
     ``on_success()`` runs after the client's proof checked out and before the server's proof

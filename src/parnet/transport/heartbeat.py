@@ -14,14 +14,9 @@ machine powered off, a cable pulled, a process frozen by SIGSTOP (whose kernel s
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
-import socket
-import struct
-import termios
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,23 +27,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds of silence after which a peer is declared dead (PARNET_HEARTBEAT_TIMEOUT).
 DEFAULT_TIMEOUT = float(os.environ.get("PARNET_HEARTBEAT_TIMEOUT", "10"))
-_TCP_INFO_LAST_DATA_RECV = 52  # offset of tcpi_last_data_recv (u32, ms) in struct tcp_info
-
-
-def silent_for(sock: socket.socket) -> float | None:
-    """Seconds since data last arrived from the peer, or None when it cannot be told
-    (not TCP) or when unread data waits in our receive queue (then the silence is ours)."""
-    try:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return None
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-        unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-    except (OSError, ValueError):
-        return None
-    if unread:
-        return None
-    (ms,) = struct.unpack_from("I", raw, _TCP_INFO_LAST_DATA_RECV)
-    return ms / 1000.0
 
 
 class _Entry:
@@ -110,7 +88,7 @@ class Monitor:
                     with contextlib.suppress(OSError):
                         link.send_frame(msg.PING)
                 e.sends = link.sends
-                quiet = silent_for(link._sock)
+                quiet = link.silent_for()
                 if quiet is not None and quiet > e.timeout:
                     reason = f"no sign of life from {link.name} for {quiet:.0f} s"
                     log.warning("%s: declared dead", reason)
@@ -131,7 +109,6 @@ class Monitor:
 
 _monitor: Monitor | None = None
 _monitor_pid = 0
-_weak_tasks: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def monitor() -> Monitor:

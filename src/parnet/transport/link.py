@@ -35,14 +35,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import select
 import socket
 import ssl
+import struct
+import termios
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
+from typing import Any, Literal, overload
 
 from ..constants import MAX_FRAME, MAX_PREAUTH_FRAME
 from ..errors import ConnectionClosed, RemoteProtocolError
@@ -65,8 +70,28 @@ _DEBUG = bool(os.environ.get("PARNET_DEBUG"))
 _DROPPED = frozenset((msg.PING, msg.NOTICE))  # handled on arrival, never returned
 
 
-def _remaining(deadline: float | None) -> int:
-    """Milliseconds for poll(): -1 for no deadline."""
+_TCP_INFO_LAST_DATA_RECV = 52  # offset of tcpi_last_data_recv (u32, ms) in struct tcp_info
+
+
+def silent_for(sock: socket.socket) -> float | None:
+    """Seconds since data last arrived from the peer, or None when it cannot be told
+    (not TCP) or when unread data waits in our receive queue (then the silence is ours)."""
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return None
+    if unread:
+        return None
+    (ms,) = struct.unpack_from("I", raw, _TCP_INFO_LAST_DATA_RECV)
+    return float(ms) / 1000.0
+
+
+def poll_ms(deadline: float | None) -> int:
+    """Milliseconds left until ``deadline`` (a ``time.monotonic()`` value), rounded up, for
+    ``poll()``: -1 for no deadline."""
     if deadline is None:
         return -1
     return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
@@ -96,7 +121,7 @@ class Link:
         self._io_lock = threading.Lock() if self.tls else contextlib.nullcontext()
         self._send_lock = threading.Lock()
         self._cv = threading.Condition(self._send_lock)
-        self._backlog: deque[list[bytes | memoryview]] = deque()
+        self._backlog: deque[list[bytes]] = deque()
         self._writer: threading.Thread | None = None
         self._poller = select.poll()
         self._poller.register(self._fd, _POLLIN)
@@ -134,7 +159,8 @@ class Link:
                 frames.append(f)
 
     # -- sending ---------------------------------------------------------------------
-    def send_frame(self, code: int, body: bytes = b"", buffers: list | tuple = (), flags: int = 0) -> None:
+    def send_frame(self, code: int, body: bytes | bytearray | memoryview = b"", buffers: Sequence[Any] = (),
+                   flags: int = 0) -> None:
         """Sends one frame without waiting for the peer to read it.
 
         Raises:
@@ -161,29 +187,30 @@ class Link:
                     raise self._broken(e) from e
                 if n == len(frame):
                     return
-                frame = memoryview(frame)[n:]  # type: ignore[assignment]
+                self._send_locked([memoryview(frame)[n:]])
+                return
             self._send_locked([frame])
 
-    def _send_locked(self, pieces: list) -> None:
+    def _send_locked(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
         """Writes or queues ``pieces`` (``_send_lock`` held)."""
         self._check_open()
         self.sends += 1
         if not self._backlog:
             try:
-                pieces = self._send_now(pieces)
+                rest = self._send_now(pieces)
             except OSError as e:
                 raise self._broken(e) from e
-            if not pieces:
+            if not rest:
                 return
         else:
-            pieces = [bytes(p) for p in pieces]
-        self._backlog.append(pieces)
+            rest = [bytes(p) for p in pieces]
+        self._backlog.append(rest)
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name=f"parnet-writer {self.name}", daemon=True)
             self._writer.start()
         self._cv.notify_all()
 
-    def _send_now(self, pieces: list) -> list[bytes]:
+    def _send_now(self, pieces: Sequence[bytes | bytearray | memoryview]) -> list[bytes]:  # noqa: C901
         """Writes while the peer drains the socket; returns a copy of the unsent rest.
 
         A full socket is waited on for up to ``STALL_GRACE`` seconds at a time: a peer that
@@ -312,9 +339,9 @@ class Link:
         return f
 
     def pull_frame(self, block: bool = False) -> Frame | None:
-        """``pull`` then ``take_frame``: one read, for a caller that knows the socket is
-        readable (or, with ``block`` on a plain link, that waits in ``recv``); the next whole
-        frame, or None if none is complete yet.
+        """One read, then ``take_frame``: for a caller that knows the socket is readable (or,
+        with ``block`` on a plain link, that waits in ``recv`` until some bytes come, a
+        NOTICE included); the next whole frame, or None if none is complete yet.
 
         Raises:
             ConnectionClosed: the peer closed the link and no whole frame is left.
@@ -326,16 +353,26 @@ class Link:
                 raise
         return self.take_frame()
 
+    def tls_pending(self) -> bool:
+        """Whether TLS data already read from the socket waits inside OpenSSL (a read will
+        find it though the socket shows nothing)."""
+        return self.tls and bool(self._sock.pending())  # type: ignore[attr-defined]
+
+    def silent_for(self) -> float | None:
+        """Seconds since data last arrived from the peer (``silent_for`` of the socket)."""
+        return silent_for(self._sock)
+
     def readable_now(self) -> bool:
         """Whether a read would find data (or EOF) now; one ``poll`` call, no exception."""
         if self.closed or self.eof:
             return True
-        if self.tls and self._sock.pending():
+        if self.tls_pending():
             return True
         return bool(self._poller.poll(0))
 
-    def poll(self) -> bool:
-        """Reads whatever has arrived without waiting; True if a whole frame is ready.
+    def ready(self) -> bool:
+        """Reads whatever has arrived without waiting; True if a whole frame is ready (for
+        ``take_frame``/``recv_frame``).
 
         Raises:
             ConnectionClosed: the peer closed the link (and no whole frame is left).
@@ -348,24 +385,28 @@ class Link:
                 return False
         return self._dec.has_frame()
 
-    def pull(self) -> bool:
-        """Reads once, for a caller that already knows the socket is readable; True if a
-        whole frame is ready. (Saves the readiness check ``poll`` would make.)"""
-        try:
-            self._read_some()
-        except ConnectionClosed:
-            if not self._dec.has_frame():
-                raise
-        return self._dec.has_frame()
+    @overload
+    def recv_frame(self, deadline: float | None = None) -> Frame: ...
 
-    def recv_frame(self, deadline: float | None = None) -> Frame:
-        """Returns the next frame, waiting until ``deadline`` (a ``time.monotonic()`` value).
+    @overload
+    def recv_frame(self, deadline: float | None = None, *, block: Literal[False]) -> Frame | None: ...
+
+    def recv_frame(self, deadline: float | None = None, *, block: bool = True) -> Frame | None:
+        """The receive: the next frame, waiting until ``deadline`` (a ``time.monotonic()``
+        value; None: no limit). With ``block=False`` it reads what has arrived without
+        waiting and returns None if no whole frame is there.
+
+        The other receive-side calls are for the hot paths and for waiting on several links:
+        ``take_frame`` (a frame already decoded, no I/O), ``pull_frame`` (one read),
+        ``ready``/``has_frame``/``readable_now`` (is there something to take or read).
 
         Raises:
             TimeoutError: the deadline passed first (a partial frame is kept for later).
             ConnectionClosed: the peer closed or reset the link.
             RemoteProtocolError: malformed data; the link is closed.
         """
+        if not block:
+            return self.take_frame() if self.ready() else None
         while True:
             f = self._dec.next_frame()
             if f is not None:
@@ -374,14 +415,10 @@ class Link:
                 self._read_some()  # raises ConnectionClosed
             if deadline is None and not self.tls:
                 self._read_some(block=True)  # no deadline: wait in recv itself
-            elif (self.tls and self._sock.pending()) or self._poller.poll(_remaining(deadline)):
+            elif self.tls_pending() or self._poller.poll(poll_ms(deadline)):
                 self._read_some()
             elif deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no message from {self.name} in time")
-
-    def recv_frame_timeout(self, timeout: float | None) -> Frame:
-        """``recv_frame`` with a timeout in seconds (None: wait without limit)."""
-        return self.recv_frame(None if timeout is None else time.monotonic() + timeout)
 
     def _check(self, f: Frame) -> Frame:
         if not self.authenticated and f.code >= msg.FIRST_PICKLED:
@@ -520,14 +557,12 @@ def wait_links(links: list[Link], deadline: float | None, extra_fds: tuple[int, 
     A link that already holds a whole frame, or TLS data inside OpenSSL, counts as ready
     without touching the socket.
     """
-    ready = [k for k, lk in enumerate(links) if lk.has_frame() or (lk.tls and lk._sock.pending())]
+    ready = [k for k, lk in enumerate(links) if lk.has_frame() or lk.tls_pending()]
     if ready:
         return ready
     if len(links) == 1 and not extra_fds:
         lk = links[0]
-        if lk.closed or lk.eof or lk._poller.poll(_remaining(deadline)):
-            return [0]
-        return []
+        return [0] if lk.closed or lk.eof or lk._poller.poll(poll_ms(deadline)) else []
     p = select.poll()
     fds = {}
     for k, lk in enumerate(links):
@@ -540,5 +575,5 @@ def wait_links(links: list[Link], deadline: float | None, extra_fds: tuple[int, 
         return ready
     for fd in extra_fds:
         p.register(fd, _POLLIN)
-    events = p.poll(_remaining(deadline))
+    events = p.poll(poll_ms(deadline))
     return sorted({fds[fd] for fd, _ in events if fd in fds})

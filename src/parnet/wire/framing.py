@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -52,8 +53,8 @@ class Frame:
 
 
 def encode_frame(
-    code: int, body: bytes | bytearray | memoryview, buffers: list[memoryview] | tuple = (), flags: int = 0
-) -> list[bytes | memoryview]:
+    code: int, body: bytes | bytearray | memoryview, buffers: Sequence[Any] = (), flags: int = 0
+) -> list[bytes | bytearray | memoryview]:
     """Returns the pieces of one frame, ready for a gathering write.
 
     Raises:
@@ -72,7 +73,7 @@ def encode_frame(
     if nbuf:
         head += b"".join(LENGTH.pack(memoryview(b).nbytes) for b in buffers)
     if len(body) <= _JOIN_MAX:
-        pieces: list[bytes | memoryview] = [head + bytes(body)]
+        pieces: list[bytes | bytearray | memoryview] = [head + bytes(body)]
     else:
         pieces = [head, body]
     for b in buffers:
@@ -98,7 +99,7 @@ def alloc_buffer(size: int) -> bytearray | np.ndarray:
     return bytearray(size)
 
 
-def frame_bytes(code: int, body: bytes = b"", buffers: list[memoryview] | tuple = (), flags: int = 0) -> bytes:
+def frame_bytes(code: int, body: bytes = b"", buffers: Sequence[Any] = (), flags: int = 0) -> bytes:
     """The whole frame as one ``bytes`` (tests and small control messages)."""
     return b"".join(bytes(p) for p in encode_frame(code, body, buffers, flags))
 
@@ -126,7 +127,7 @@ class FrameDecoder:
         # state of the frame being decoded
         self._hdr: tuple[int, int, int, int] | None = None
         self._sizes: list[int] | None = None
-        self._parts: list[bytearray | bytes] = []
+        self._parts: list[bytearray | bytes | np.ndarray] = []
         self._target: bytearray | np.ndarray | None = None
         self._filled = 0
         self._direct = False
@@ -148,7 +149,7 @@ class FrameDecoder:
             rest = len(self._target) - self._filled
             if rest >= DIRECT_MIN:
                 self._direct = True
-                return memoryview(self._target)[self._filled :]
+                return memoryview(self._target)[self._filled :]  # type: ignore[arg-type]  # ndarray: a buffer
         self._direct = False
         if self._start == self._end:
             self._start = self._end = 0
@@ -210,7 +211,7 @@ class FrameDecoder:
         self.broken = RemoteProtocolError(why)
         raise self.broken
 
-    def _process(self) -> None:
+    def _process(self) -> None:  # noqa: C901
         if self.broken is not None:
             raise self.broken
         sc = self._scratch
@@ -282,7 +283,7 @@ class FrameDecoder:
                 self._filled = 0
             take = min(avail, size - self._filled)
             if take:
-                memoryview(self._target)[self._filled : self._filled + take] = sc[self._start : self._start + take]
+                memoryview(self._target)[self._filled : self._filled + take] = sc[self._start : self._start + take]  # type: ignore[arg-type]
                 self._start += take
                 self._filled += take
             if self._filled < size:

@@ -19,6 +19,7 @@ import pickle
 import types
 import weakref
 from collections import ChainMap
+from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
@@ -78,7 +79,7 @@ def _code_reduce(co: types.CodeType) -> tuple[Any, ...]:
     return _make_code, (tuple(fields),)
 
 
-def _make_code(args: tuple) -> types.CodeType:
+def _make_code(args: tuple[Any, ...]) -> types.CodeType:
     co = types.CodeType(*args)
     _client_code[id(co)] = co
     return co
@@ -89,7 +90,7 @@ def is_client_code(co: types.CodeType) -> bool:
     return _client_code.get(id(co)) is co
 
 
-class _Pickler(cloudpickle.Pickler):
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no types
     dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
 
 
@@ -101,6 +102,6 @@ def cloud_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
         return f.getvalue()
 
 
-def loads(body: bytes | bytearray | memoryview, buffers: list[bytearray] | tuple = ()) -> Any:
+def loads(body: bytes | bytearray | memoryview, buffers: Sequence[Any] = ()) -> Any:
     """Reconstructs a value from ``dumps`` output (only ever for authenticated peers)."""
     return pickle.loads(body, buffers=buffers)
