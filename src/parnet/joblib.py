@@ -16,15 +16,39 @@ the queued batches and interrupts the running ones. Needs the optional ``joblib`
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
 from joblib.parallel import register_parallel_backend
 
+from .client.api import rfeval
 from .client.executor import Executor
-from .network import Connections
+from .network import Connections, Network
 
 __all__ = ["ParnetBackend"]
+
+def _nothing() -> None:
+    """Called at a server: loading it there imports ``parnet.joblib``, and so joblib."""
+
+
+_ready: weakref.WeakKeyDictionary[Network, set[int]] = weakref.WeakKeyDictionary()
+
+
+def _import_joblib_on(conns: Connections) -> None:
+    """Imports joblib on each server once per network, before any batch arrives there.
+
+    A batch is a ``joblib.parallel.BatchedCalls``: unpickling it imports joblib, whose
+    modules import each other in a cycle. That is fine in one thread, but a server runs its
+    first call in its worker process while other threads there may import too; done first
+    and alone (a call that waits), the import cannot meet another one halfway.
+    """
+    net = conns.network
+    done = _ready.setdefault(net, set())
+    for k in conns.indices:
+        if k != 0 and k not in done and net.nodes[k].open:
+            rfeval(_nothing, connection=net.single(k))  # unpickling it imports this module
+            done.add(k)
 
 
 class ParnetBackend(AutoBatchingMixin, ParallelBackendBase):
@@ -76,6 +100,7 @@ class ParnetBackend(AutoBatchingMixin, ParallelBackendBase):
         self.parallel = parallel
         n = self.effective_n_jobs(n_jobs)
         if self._executor is None:
+            _import_joblib_on(self._conns())
             self._executor = Executor(self._conns(), max_workers=n)
         else:
             self._executor._stream.max_workers = n
