@@ -46,10 +46,12 @@ def test_encode_decode_round_trip(payload: object) -> None:
 
 def test_decode_refuses_a_frame_that_does_not_carry_its_class() -> None:
     _, body, _, _ = msg.encode(msg.Shutdown("x"))
-    with pytest.raises(ProtocolError, match="SETUP carries a Shutdown"):
-        msg.decode(msg.SETUP, body)
-    with pytest.raises(ProtocolError, match="CALL carries a tuple"):
-        msg.decode(msg.CALL, msg.serialize.dumps((1, len, (), {}, None, None, True))[0])
+    with pytest.raises(ProtocolError, match="SETUP: malformed Setup"):
+        msg.decode(msg.SETUP, body)  # a Shutdown's fields are not a Setup's
+    with pytest.raises(ProtocolError, match="CALL carries no payload of its kind"):
+        msg.decode(msg.CALL, msg.serialize.dumps((1, len, (), {}, None, None, True))[0])  # the old tuple
+    with pytest.raises(ProtocolError, match="ERROR carries no payload of its kind"):
+        msg.decode(msg.ERROR, msg.serialize.dumps({"type": "KeyError"})[0])
 
 
 def test_error_report_to_remote_error_keeps_the_original_as_cause() -> None:

@@ -5,7 +5,7 @@ accepts before authentication; all others carry a pickled payload (``serialize``
 
 Command link (client <-> worker), after authentication; the payload classes below are
 pickled as they are (``encode``/``decode``, which checks that a frame carries its code's
-class)::
+class; on the wire each is a plain tuple)::
 
     client -> worker  SETUP        Setup
     worker -> client  READY        Ready                or SETUP_FAILED  SetupFailed
@@ -33,7 +33,7 @@ Data link (any node <-> any node)::
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import ProtocolError, RemoteError
@@ -289,23 +289,40 @@ CODES: dict[type, int] = {cls: code for code, classes in PAYLOADS.items() for cl
 
 
 
+#: Payload class -> its field names, in order (the order they travel in).
+_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in CODES}
+#: Payload class -> its position in ``PAYLOADS[code]`` (the first item on the wire).
+_KIND: dict[type, int] = {cls: PAYLOADS[code].index(cls) for cls, code in CODES.items()}
+
+
 def encode(payload: Any) -> tuple[int, bytes, list[memoryview], int]:
-    """``(code, body, buffers, flags)`` of the frame that carries ``payload``."""
-    body, buffers, flags = serialize.dumps(payload)
-    return CODES[type(payload)], body, buffers, flags
+    """``(code, body, buffers, flags)`` of the frame that carries ``payload``.
+
+    On the wire a payload is a plain tuple, its kind (position in ``PAYLOADS[code]``) then its
+    fields: a pickled class costs several times a tuple, which the map messages would feel."""
+    cls = type(payload)
+    body, buffers, flags = serialize.dumps((_KIND[cls], *[getattr(payload, n) for n in _FIELDS[cls]]))
+    return CODES[cls], body, buffers, flags
 
 
 def decode(code: int, body: Any, buffers: Any = ()) -> Any:
-    """The payload of a frame of kind ``code``.
+    """The payload of a frame of kind ``code`` (for codes without a payload class, what
+    the body holds).
 
     Raises:
-        ProtocolError: the frame does not carry its code's payload class.
+        ProtocolError: the frame does not carry one of its code's payload classes.
     """
-    payload = serialize.loads(body, buffers)
+    wire = serialize.loads(body, buffers)
     classes = PAYLOADS.get(code)
-    if classes is not None and type(payload) not in classes:
-        raise ProtocolError(f"message {NAMES.get(code, code)} carries a {type(payload).__name__}")
-    return payload
+    if classes is None:
+        return wire
+    if type(wire) is not tuple or not wire or type(wire[0]) is not int or not 0 <= wire[0] < len(classes):
+        raise ProtocolError(f"message {NAMES.get(code, code)} carries no payload of its kind")
+    cls = classes[wire[0]]
+    try:
+        return cls(*wire[1:])
+    except TypeError as e:
+        raise ProtocolError(f"message {NAMES.get(code, code)}: malformed {cls.__name__}: {e}") from None
 
 
 def versions() -> dict[str, str]:
