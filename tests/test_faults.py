@@ -75,7 +75,6 @@ from parnet.transport import handshake as hs
 
 MODES = [True, False]
 MODE_IDS = ["tls" if t else "plain" for t in MODES]
-TLS = True  # rows run in one mode use TLS
 HB = 2.0  # heartbeat timeout for these networks, seconds
 PROMPT = 5.0  # seconds for a waiting call to notice a dead peer
 # A process using more than this share of a CPU is busy. Low: on a loaded machine a process
@@ -246,8 +245,6 @@ PRECV_FAULTS = [
     pytest.param("SIGTERM", "server", "data", ConnectionClosed, SHUTTING, PROMPT, id="sigterm-server-data-first"),
     pytest.param("--kill", "server", "cmd", ConnectionClosed, SHUTTING, PROMPT, id="cli-kill-cmd-first"),
 ]
-# the rows that need no particular order, in both modes
-PRECV_FAULTS_BOTH_MODES = [r for r in PRECV_FAULTS if r.values[2] is None]
 
 
 def check_peer_fault_while_precv_waits(tls: bool, how: str, where: str, first: str | None, exc: type,
@@ -312,19 +309,12 @@ def check_peer_fault_while_precv_waits(tls: bool, how: str, where: str, first: s
 
 
 @pytest.mark.kills_workers
+@pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("how, where, first, exc, pattern, within", PRECV_FAULTS)
-def test_peer_fault_while_precv_waits(how: str, where: str, first: str | None, exc: type, pattern: str,
-                                      within: float, shared: Callable[[bool], Cluster],
+def test_peer_fault_while_precv_waits(tls: bool, how: str, where: str, first: str | None, exc: type,
+                                      pattern: str, within: float, shared: Callable[[bool], Cluster],
                                       reaper: list[int]) -> None:
-    check_peer_fault_while_precv_waits(TLS, how, where, first, exc, pattern, within, shared, reaper)
-
-
-@pytest.mark.kills_workers
-@pytest.mark.parametrize("how, where, first, exc, pattern, within", PRECV_FAULTS_BOTH_MODES)
-def test_peer_fault_while_precv_waits_plain(how: str, where: str, first: str | None, exc: type,
-                                            pattern: str, within: float,
-                                            shared: Callable[[bool], Cluster], reaper: list[int]) -> None:
-    check_peer_fault_while_precv_waits(False, how, where, first, exc, pattern, within, shared, reaper)
+    check_peer_fault_while_precv_waits(tls, how, where, first, exc, pattern, within, shared, reaper)
 
 
 # == 4: a pool process killed during a map ===================================================
@@ -357,9 +347,10 @@ def _kill_a_pool_process_mid_map(cl: Cluster, c: Connections, mk: Path,
     return ei.value, [w1, w2, *before]
 
 
-def test_pool_process_killed_mid_map(shared: Callable[[bool], Cluster], tmp_path: Path,
+@pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
+def test_pool_process_killed_mid_map(tls: bool, shared: Callable[[bool], Cluster], tmp_path: Path,
                                      reaper: list[int]) -> None:
-    cl = shared(TLS)
+    cl = shared(tls)
     base = Baseline(cl)
     c = cl.connect(heartbeat=HB)
     try:
@@ -462,10 +453,11 @@ CLIENT_FAULTS = [
 ]
 
 
+@pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("sig, within", CLIENT_FAULTS, ids=[r[0] for r in CLIENT_FAULTS])
-def test_client_fault_ends_its_workers(sig: str, within: float, shared: Callable[[bool], Cluster],
+def test_client_fault_ends_its_workers(tls: bool, sig: str, within: float, shared: Callable[[bool], Cluster],
                                        tmp_path: Path, reaper: list[int]) -> None:
-    cl = shared(TLS)
+    cl = shared(tls)
     base = Baseline(cl)
     proc = ClientProc(CLIENT_MAPPING, "1" if cl.tls else "0", str(tmp_path), str(HB), *cl.hosts)
     reaper.append(proc.pid)
@@ -507,9 +499,8 @@ NEXT_CALLS: dict[str, Callable[[Connections], Any]] = {
     "rfeval": lambda c: rfeval(lambda: 1, connection=c[1]),
 }
 # mode, the client's next call involving server 1
-MID_FRAME_ROWS = [pytest.param(True, "precv", id="tls-precv"), pytest.param(False, "precv", id="plain-precv")]
-MID_FRAME_ROWS = [r for r in MID_FRAME_ROWS if r.values[0] in MODES]
-MID_FRAME_ROWS += [pytest.param(TLS, name, id=name) for name in ("psend", "reval", "rfeval")]
+MID_FRAME_ROWS = [pytest.param(tls, name, id=f"{mid}-{name}") for tls, mid in zip(MODES, MODE_IDS, strict=True)
+                  for name in ("precv", "psend", "reval", "rfeval")]
 
 
 @pytest.mark.parametrize("tls, next_call", MID_FRAME_ROWS)
@@ -590,6 +581,11 @@ started = os.path.join(mk, "started")
 if mode == "precv":
     reval(f"import time; open({started!r}, 'w').close(); time.sleep(60)", c[1])
     block = lambda: precv(c[1])
+elif mode == "peer-precv":
+    # server 1's command waits for server 2, which sends nothing: without TLS the worker
+    # waits in a blocking recv on its data link (no poll), where Ctrl-C must reach it too
+    reval(f"open({started!r}, 'w').close(); x = precv(sockets[2])", c[1])
+    block = lambda: precv(c[1])
 elif mode == "rfeval":
     def slow(started=started):
         import time
@@ -628,7 +624,8 @@ def cpu(pid):
 
 main = threading.main_thread().ident
 waits = ("_precv", "_wait_value")  # precv waits in one of these (the latter watches both links)
-inside = {"precv": waits, "stubborn": waits, "rfeval": ("wait_links",), "netcellfun": ("wait_links",)}[mode]
+inside = {"precv": waits, "peer-precv": waits, "stubborn": waits, "rfeval": ("wait_links",),
+          "netcellfun": ("wait_links",)}[mode]
 
 def announce(tag):
     # "waiting" once the main thread is inside the blocking call (its own Ctrl-C handling)
@@ -661,6 +658,10 @@ if mode == "stubborn":
         out["after"] = "ConnectionClosed: " + str(e)
 else:
     out["rfeval"] = [rfeval(lambda: 5, connection=c[k]) for k in (1, 2)]
+    if mode == "peer-precv":  # the interrupted wait left server 1's link to server 2 intact
+        reval("psend(('late', np.arange(100000)), sockets[1])", c[2])
+        reval("v = precv(sockets[2]); psend((v[0], int(v[1].sum())), sockets[0])", c[1])
+        out["late"] = list(precv(c[1], timeout=60))
     # no CPU burning at the servers: the workers and everything below them, over 0.5 s
     pids = list(workers)
     for w in workers:
@@ -690,6 +691,7 @@ print("closed", flush=True)
 # blocked in, what the server runs, when Ctrl-C comes, SIGINTs sent
 CTRL_C_ROWS = [
     pytest.param("precv", "reval sleeping 60 s", "started", 1, id="precv"),
+    pytest.param("peer-precv", "reval waiting in precv from server 2", "started", 1, id="peer-precv"),
     pytest.param("rfeval", "a function sleeping 60 s", "started", 1, id="rfeval"),
     pytest.param("netcellfun", "40 jobs of 3 s CPU, 2 local jobs", "first job in the worker", 1,
                  id="netcellfun-first-job"),
@@ -699,10 +701,11 @@ CTRL_C_ROWS = [
 ]
 
 
+@pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("mode, what, when, sigints", CTRL_C_ROWS)
-def test_ctrl_c_at_client(mode: str, what: str, when: str, sigints: int,
+def test_ctrl_c_at_client(tls: bool, mode: str, what: str, when: str, sigints: int,
                           shared: Callable[[bool], Cluster], tmp_path: Path, reaper: list[int]) -> None:
-    cl = shared(TLS)
+    cl = shared(tls)
     base = Baseline(cl)
     proc = ClientProc(CTRL_C_CLIENT, "1" if cl.tls else "0", mode, str(tmp_path), str(HB), *cl.hosts)
     reaper.append(proc.pid)
@@ -749,6 +752,8 @@ def test_ctrl_c_at_client(mode: str, what: str, when: str, sigints: int,
         else:
             out = proc.json(30)
             assert out["rfeval"] == [5, 5]  # usable at once
+            if mode == "peer-precv":
+                assert out["late"] == ["late", sum(range(100000))]
             hot = {p: v for p, v in out["cpu"].items() if v[0] > BUSY * 0.5}
             assert not hot, f"server processes still burn CPU after the interrupt: {hot}"
             if pools:
@@ -824,10 +829,11 @@ print("closed", flush=True)
 """
 
 
+@pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("forward", [True, False], ids=["forward", "no-forward"])
-def test_output_forwarding(forward: bool, shared: Callable[[bool], Cluster],
+def test_output_forwarding(tls: bool, forward: bool, shared: Callable[[bool], Cluster],
                            reaper: list[int]) -> None:
-    cl = shared(TLS)
+    cl = shared(tls)
     base = Baseline(cl)
     log1 = server_log(cl, 0)
     proc = ClientProc(OUTPUT_CLIENT, "1" if cl.tls else "0", "1" if forward else "0", log1, *cl.hosts)
@@ -870,8 +876,9 @@ def test_output_forwarding(forward: bool, shared: Callable[[bool], Cluster],
 
 
 # == 9: version differences ======================================================================
-def test_version_difference_warns(shared: Callable[[bool], Cluster], monkeypatch: pytest.MonkeyPatch) -> None:
-    cl = shared(TLS)
+@pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
+def test_version_difference_warns(tls: bool, shared: Callable[[bool], Cluster], monkeypatch: pytest.MonkeyPatch) -> None:
+    cl = shared(tls)
     base = Baseline(cl)
     real = parnet.client.api.versions
     monkeypatch.setattr(parnet.client.api, "versions", lambda: {**real(), "python": "2.7.18"})
@@ -897,9 +904,10 @@ def test_version_difference_warns(shared: Callable[[bool], Cluster], monkeypatch
 VERSION_ROWS = [(hs.KIND_CMD, 99), (hs.KIND_DATA, 99), (hs.KIND_CMD, 0)]
 
 
+@pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("kind, version", VERSION_ROWS, ids=["cmd-99", "data-99", "cmd-0"])
-def test_protocol_version_mismatch_refused(kind: int, version: int, shared: Callable[[bool], Cluster]) -> None:
-    cl = shared(TLS)
+def test_protocol_version_mismatch_refused(tls: bool, kind: int, version: int, shared: Callable[[bool], Cluster]) -> None:
+    cl = shared(tls)
     base = Baseline(cl)
     ip = cl.ips[0]
     port = cl.port if kind == hs.KIND_CMD else cl.port + 1

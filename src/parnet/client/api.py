@@ -56,8 +56,8 @@ def parse_host(spec: str) -> tuple[str, int]:
     spec = spec.strip()
     what = f"pconnect: host {spec!r}"
     if spec.startswith("["):
-        host, _, rest = spec[1:].partition("]")
-        if not host or (rest and not rest.startswith(":")):
+        host, bracket, rest = spec[1:].partition("]")
+        if not host or not bracket or (rest and not rest.startswith(":")):
             raise ValueError(f"{what}: expected '[address]' or '[address]:port'")
         return host, check_port(rest[1:], what) if rest else CMD_PORT
     if spec.count(":") == 1:

@@ -71,7 +71,7 @@ from ..errors import ConfigError, ParnetError
 from ..transport import handshake
 from ..transport.files import pid_alive, read_pid_file, runtime_dir, write_pid_file
 from .logs import LogFile, RefusalLog
-from .worker import ServerConfig, run_worker
+from .worker import ServerConfig, exit_worker, run_worker
 
 log = logging.getLogger("parnet.daemon")
 
@@ -554,7 +554,7 @@ class Daemon:
                 log.exception("worker crashed")
             finally:
                 logging.shutdown()
-                os._exit(status)
+                exit_worker(status)
         child_ctl.close()
         p.sock.close()
         parent_ctl.setblocking(False)

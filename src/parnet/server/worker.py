@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -53,6 +53,16 @@ from ..wire import serialize
 from ..wire.messages import versions
 
 log = logging.getLogger("parnet.worker")
+
+_exiting = threading.Lock()
+
+
+def exit_worker(status: int) -> NoReturn:
+    """Ends this worker process with ``status``. Several threads may decide to end it at once
+    (the client hung up, the main loop returned, SIGTERM); only the first runs the exit, the
+    others wait for it, so code hooked to ``os._exit`` (coverage's data save) runs once."""
+    _exiting.acquire()
+    os._exit(status)
 #: Forwarded output is announced on the data link at most this often (seconds).
 NOTICE_EVERY = 0.05
 
@@ -411,7 +421,7 @@ class Worker:
         with contextlib.suppress(Exception):
             if self.map_runner is not None:
                 self.map_runner.close(kill=True)
-        os._exit(0)
+        exit_worker(0)
 
     def _redirect_output(self) -> None:
         """Sends what this process and its pool print to the client (OUTPUT frames)."""
@@ -647,7 +657,7 @@ def run_worker(cfg: ServerConfig, sock: socket.socket, ctl: socket.socket, peer:
         with contextlib.suppress(Exception):
             if w.map_runner is not None:
                 w.map_runner.close(kill=True)
-        os._exit(0)
+        exit_worker(0)
 
     threading.Thread(target=_watch_client, args=(fd, gone), name="parnet-watchdog", daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *a: threading.Thread(
