@@ -66,7 +66,17 @@ from attack_tools import (
     tls_channel,
     wait_closed,
 )
-from helpers import PASSWORD, USER, Cluster, children, fd_count, pid_alive, stop_pid, wait_until
+from helpers import (
+    PASSWORD,
+    USER,
+    Cluster,
+    children,
+    fd_count,
+    free_port_pair,
+    pid_alive,
+    stop_pid,
+    wait_until,
+)
 from parnet import (
     AuthenticationError,
     ConnectError,
@@ -1352,7 +1362,8 @@ def free_port() -> int:
 
 # -- row 21: malformed password files at start-up -------------------------------------------------
 def test_bad_auth_files_refuse_to_start(parnet_home: str, tmp_path: Path) -> None:
-    """Row 21: a server given a malformed or unsafe passwd/passwd.conf refuses to start,
+    """Rows 21 and 31: a server given a malformed or unsafe passwd/passwd.conf (also a salt
+    over 64 bytes, or a NUL in a user name, which could never log in) refuses to start,
     naming the file (and line), and leaves nothing running."""
     from parnet.auth import sb64
 
@@ -1374,6 +1385,9 @@ def test_bad_auth_files_refuse_to_start(parnet_home: str, tmp_path: Path) -> Non
                            f"1:{enc(n1024.to_bytes(128, 'big'))}:{enc(bytes([g1024]))}\n" + conf, 0o600,
                            "1024-bit group, too weak"),
         "no fields": ("tester\n", conf, 0o600, "line 1: expected username:verifier:salt:index"),
+        "65-byte salt": (good + f"long:{v}:{enc(bytes(range(1, 66)))}:{index}\n", conf, 0o600,
+                         "line 2: salt of 65 bytes, more than 64"),
+        "NUL in a name": (f"te\x00ster:{v}:{salt}:{index}\n", conf, 0o600, "line 1: NUL in the user name"),
         "empty": ("", conf, 0o600, "no users"),
     }
 
@@ -1403,3 +1417,37 @@ def test_bad_auth_files_refuse_to_start(parnet_home: str, tmp_path: Path) -> Non
         assert err != "STARTED", f"{name}: the server started"
         assert path in err, (name, err)
         assert why in err, (name, err)
+
+
+# -- row 28: the unknown-user salt -----------------------------------------------------------------
+def test_unknown_user_salt_survives_passwd_changes(tmp_path: Path) -> None:
+    """Row 28: an unknown user's fake salt comes from a random secret in its own 0600 file
+    (made once), not from the passwd file: after a user is added and the server restarted,
+    it is unchanged, as a real user's salt is, so the two cannot be told apart."""
+    from parnet.auth.keyfile import parallel_generate_srp_data
+
+    d = tmp_path / "srp"
+    d.mkdir(mode=0o700)
+    parallel_generate_srp_data(USER, password=PASSWORD, directory=d)
+    passwd = d / "server" / "passwd"
+    port, bind = free_port_pair(), "127.0.0.31"
+
+    def salts() -> tuple[bytes, bytes]:
+        pid = start_background(use_tls=True, auth_file=str(passwd), cmd_port=port, data_port=port + 1,
+                               bind=bind, allow_root=True)
+        try:
+            out = []
+            for user in ("nobody-of-ours", USER):
+                lg = start_login(bind, port, user, src=attacker_ip())
+                out.append(challenge_fields(lg.challenge)[1])
+                lg.close()
+            return out[0], out[1]
+        finally:
+            stop_pid(pid)
+
+    before = salts()
+    parallel_generate_srp_data("another-user", password=PASSWORD, directory=d)
+    after = salts()
+    assert before == after
+    secret = Path(str(passwd) + ".fakesalt")
+    assert secret.stat().st_mode & 0o777 == 0o600 and secret.stat().st_size == 32

@@ -19,9 +19,8 @@ writing new users' data is ``auth.keygen`` (``parnet keygen``).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
+import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from parnet.auth.srp import (
 )
 from parnet.constants import default_srp_dir
 from parnet.errors import ConfigError
-from parnet.transport.files import read_public_file, read_secret_file
+from parnet.transport.files import publish_file, read_public_file, read_secret_file
 
 __all__ = [
     "ServerAuth",
@@ -52,6 +51,8 @@ __all__ = [
 MAX_LINE = 2048
 #: Salt size of new verifiers (as srptool; ``16 % 3 == 1`` avoids the sb64 quirk).
 SALT_SIZE = 16
+#: Longest salt accepted in a passwd line (srptool writes 16 bytes).
+MAX_SALT = 64
 
 
 class ServerAuth:
@@ -214,14 +215,15 @@ def load_server_auth(auth_file: str | os.PathLike[str] | None = None) -> ServerA
             file is the same path with ``.conf`` appended.
 
     Returns:
-        The loaded ``ServerAuth``. Its ``fake_secret`` is derived from the passwd file's
-        contents, so unknown users' fake salts stay the same across restarts until the file
-        changes.
+        The loaded ``ServerAuth``. Its ``fake_secret`` is a random secret kept in its own
+        0600 file beside the passwd file (``<passwd>.fakesalt``, made on first load), so
+        unknown users' fake salts stay the same across restarts and changes of the passwd
+        file, like real users' salts (no user enumeration).
 
     Raises:
         ConfigError: a missing, unsafe or malformed file (bad base64, bad or missing group
-            index, a 1024-bit or unknown group, a duplicate user, an over-long line, no users
-            at all). The
+            index, a 1024-bit or unknown group, a duplicate user, an over-long line, a salt
+            over 64 bytes, a NUL in a user name, no users at all). The
             message names the file, the line and the fix; the server must not start.
     """
     path = Path(auth_file) if auth_file is not None else _default_passwd()
@@ -236,9 +238,13 @@ def load_server_auth(auth_file: str | os.PathLike[str] | None = None) -> ServerA
         if len(parts) != 4 or not parts[0]:
             raise ConfigError(f"{where}: expected username:verifier:salt:index")
         username, v_text, s_text, i_text = parts
+        if "\x00" in username:
+            raise ConfigError(f"{where}: NUL in the user name")
         index = _parse_index(i_text, path, number)
         verifier = int.from_bytes(_decode_field(v_text, path, number, "verifier"), "big")
         salt = _decode_field(s_text, path, number, "salt")
+        if len(salt) > MAX_SALT:
+            raise ConfigError(f"{where}: salt of {len(salt)} bytes, more than {MAX_SALT}")
         _conf_group(index, conf, conf_path, where)
         N = GROUPS[index][0]
         if not 1 < verifier < N:
@@ -252,10 +258,18 @@ def load_server_auth(auth_file: str | os.PathLike[str] | None = None) -> ServerA
         lines[username] = number
     if not entries:
         raise ConfigError(f"{path}: no users; create one with `parnet keygen USERNAME`")
-    fake_secret = hmac.new(
-        hashlib.sha256(data).digest(), b"parnet fake-user secret", hashlib.sha256
-    ).digest()
-    return ServerAuth(entries, fake_secret, path)
+    return ServerAuth(entries, _fake_user_secret(path), path)
+
+
+def _fake_user_secret(passwd: Path) -> bytes:
+    """The random secret of ``<passwd>.fakesalt`` (0600), made once if missing."""
+    path = passwd.with_name(passwd.name + ".fakesalt")
+    if not os.path.lexists(path):
+        publish_file(path, secrets.token_bytes(32), 0o600)  # a lost race keeps the winner's
+    data = read_secret_file(path, "fake-user secret")
+    if len(data) != 32:
+        raise ConfigError(f"{path}: not a parnet fake-user secret (32 bytes); remove it to make a new one")
+    return data
 
 
 # --- the client side ----------------------------------------------------------------------------
