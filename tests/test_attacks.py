@@ -1451,3 +1451,34 @@ def test_unknown_user_salt_survives_passwd_changes(tmp_path: Path) -> None:
     assert before == after
     secret = Path(str(passwd) + ".fakesalt")
     assert secret.stat().st_mode & 0o777 == 0o600 and secret.stat().st_size == 32
+
+
+# -- row 26: a stale pid file ------------------------------------------------------------------------
+def test_kill_never_trusts_a_stale_pid_file() -> None:
+    """Row 26: a pid file left by a crashed server whose pid now belongs to an unrelated
+    process: ``kill_server`` (``parnet server --kill``) sees that no daemon holds the file's
+    lock, removes the file and signals nothing; a running server is still stopped."""
+    import subprocess
+    import sys
+
+    from parnet.server.daemon import kill_server
+
+    port, bind = free_port_pair(), "127.0.0.32"
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path = pid_file_path(bind, port)
+        with open(path, "w") as f:
+            f.write(f"{victim.pid}\n")
+        with pytest.raises(ParnetError, match="is not running; removed its pid file"):
+            kill_server(port, bind)
+        assert victim.poll() is None, "the unrelated process was signalled"
+        assert not os.path.exists(path)
+    finally:
+        victim.kill()
+        victim.wait()
+    pid = start_background(use_tls=False, cmd_port=port, data_port=port + 1, bind=bind, allow_root=True)
+    try:
+        assert kill_server(port, bind) == pid
+        wait_until(lambda: not pid_alive(pid), 10, "the server to stop")
+    finally:
+        stop_pid(pid)

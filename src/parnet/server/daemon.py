@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import logging
 import os
@@ -69,7 +70,7 @@ from ..constants import (
 )
 from ..errors import ConfigError, ParnetError
 from ..transport import handshake
-from ..transport.files import pid_alive, read_pid_file, runtime_dir, write_pid_file
+from ..transport.files import pid_alive, read_pid_file, runtime_dir
 from .logs import LogFile, RefusalLog
 from .worker import ServerConfig, exit_worker, run_worker
 
@@ -120,19 +121,52 @@ def kill_server(cmd_port: int = CMD_PORT, bind: str | None = None, timeout: floa
         pid = read_pid_file(path)
     except (OSError, ValueError) as e:
         raise ParnetError(f"{path}: unreadable pid file: {e}") from e
-    if not pid_alive(pid):
+    if not _pid_file_locked(path) or not pid_alive(pid):
+        # The daemon holds a lock on its pid file for its whole life: without it, the pid
+        # may belong to an unrelated process by now (a crash, then pid reuse).
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise ParnetError(f"the server of {path} (pid {pid}) is not running; removed its pid file")
+    started = _start_time(pid)  # the same process, not a later one with its pid
+
+    def running() -> bool:
+        return pid_alive(pid) and _start_time(pid) == started
+
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
+    while running() and time.monotonic() < deadline:
         time.sleep(0.02)
-    if pid_alive(pid):
+    if running():
         os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.unlink(path)
     return pid
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_file_locked(path: str) -> bool:
+    """Whether a running daemon holds the lock of pid file ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 @dataclass
@@ -188,6 +222,7 @@ class Daemon:
         self._accepts: dict[int, deque[float]] = {handshake.KIND_CMD: deque(), handshake.KIND_DATA: deque()}
         self._tokens = float(FORKS_PER_SECOND)
         self._tokens_at = time.monotonic()
+        self._pid_fd = -1  # the pid file, locked while the daemon runs
         self._stopped: set[int] = set()  # waiting workers stopped to make room (not reaped yet)
 
     # -- start -----------------------------------------------------------------------
@@ -263,12 +298,34 @@ class Daemon:
         return s
 
     def _write_pid_file(self) -> None:
-        """Writes the pid file atomically: a complete file appears under its name or none
-        (a temporary file linked into place; the link fails if the name exists)."""
-        old = write_pid_file(self.pid_file, os.getpid())
-        if old:
-            raise ParnetError(f"a server is already running for {self.bind}:{self.cmd_port} "
-                              f"(pid {old}, {self.pid_file})")
+        """Writes the pid file atomically (a temporary file linked into place; the link fails
+        if the name exists) and keeps an ``flock`` on it for the daemon's life, so that
+        ``kill_server`` never trusts a pid file left by a crash (SECURITY.md row 26)."""
+        path = self.pid_file
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            for _ in range(2):
+                try:
+                    os.link(tmp, path)
+                    self._pid_fd, fd = fd, -1
+                    return
+                except FileExistsError:
+                    if _pid_file_locked(path):
+                        try:
+                            old = int(open(path).read().strip() or 0)
+                        except (OSError, ValueError):
+                            old = 0
+                        raise ParnetError(f"a server is already running for {self.bind}:{self.cmd_port} "
+                                          f"(pid {old}, {path})") from None
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        finally:
+            os.unlink(tmp)
+            if fd >= 0:
+                os.close(fd)
 
     # -- loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -574,6 +631,8 @@ class Daemon:
                 os.close(fd)
         for s in self._listeners:
             s.close()
+        if self._pid_fd >= 0:  # the lock stays the daemon's (closing a copy keeps it)
+            os.close(self._pid_fd)
         for q in list(self.pending.values()):
             q.sock.close()
         for w in self.workers.values():
