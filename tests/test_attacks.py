@@ -1482,3 +1482,42 @@ def test_kill_never_trusts_a_stale_pid_file() -> None:
         wait_until(lambda: not pid_alive(pid), 10, "the server to stop")
     finally:
         stop_pid(pid)
+
+
+# -- row 29: guessing from rotating addresses ------------------------------------------------------------
+def test_global_failure_budget_and_client_told() -> None:
+    """Row 29: failed logins from ever new addresses (no back-off per address) run into a
+    budget for the whole server (here 4 a minute): past it, every login, the honest
+    client's too, waits a growing delay, and the client is told why."""
+    srv = start_cluster(True, 33, PARNET_GLOBAL_FAILURES="4")
+    try:
+        with Guard(srv) as g:
+            waits = []
+            for _ in range(8):
+                with connect(*addr(srv), src=attacker_ip()) as s:
+                    t = time.monotonic()
+                    s.sendall(preamble())
+                    rep = read_reply(s, timeout=10)
+                    assert rep.ok
+                    waits.append((time.monotonic() - t, rep.reason))
+                    s.sendall(GARBAGE["http"])  # fail the TLS handshake: a failed login
+                    assert wait_closed(s, 3)[0] is not None
+                wait_until(lambda: len(g.workers()) == 1, 5, "the failed worker to exit")
+            assert all(w < 0.2 and not why for w, why in waits[:5]), waits
+            assert all(w > 0.2 and "failed attempts on this server" in why for w, why in waits[6:]), waits
+            with pytest.warns(UserWarning, match=r"login delayed after \d+ failed attempts on this server"):
+                assert_still_serves(srv)
+    finally:
+        srv.stop()
+
+
+def test_ipv6_sources_grouped_by_64() -> None:
+    """Row 29: budgets and back-off count an IPv6 source by its /64 (one host usually owns
+    a whole /64), an IPv4-mapped address as IPv4, IPv4 as itself."""
+    from parnet.server.daemon import source_key
+
+    assert source_key("2001:db8:1:2::1") == source_key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
+    assert source_key("::ffff:198.51.100.7") == "198.51.100.7"
+    assert source_key("198.51.100.7") == "198.51.100.7"
+    assert source_key("fe80::1%eth0") == "fe80::/64"

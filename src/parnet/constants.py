@@ -29,6 +29,9 @@ PREAMBLE_DEADLINE = float(os.environ.get("PARNET_PREAMBLE_DEADLINE", "1.5"))
 #: newcomer beyond either budget evicts an older connection instead of being refused.
 MAX_PENDING = 32
 MAX_PENDING_PER_IP = 8
+#: Failed logins per minute on a server (all sources together) before every login is
+#: delayed (as one source's are after its first failure): rotating addresses does not help.
+GLOBAL_FAILURES = int(os.environ.get("PARNET_GLOBAL_FAILURES", "64"))
 #: Workers whose client has not authenticated yet (beyond: the oldest is stopped, or "busy").
 MAX_UNAUTH_WORKERS = 32
 #: Workers forked per second before authentication (a token bucket of this size).

@@ -41,6 +41,7 @@ import contextlib
 import errno
 import fcntl
 import glob
+import ipaddress
 import logging
 import os
 import random
@@ -61,6 +62,7 @@ from ..constants import (
     DROP_MAX_PROBABILITY,
     DROP_START_RATE,
     FORKS_PER_SECOND,
+    GLOBAL_FAILURES,
     LISTEN_BACKLOG,
     MAX_PENDING,
     MAX_PENDING_PER_IP,
@@ -143,6 +145,25 @@ def kill_server(cmd_port: int = CMD_PORT, bind: str | None = None, timeout: floa
     return pid
 
 
+def source_key(ip: str) -> str:
+    """The source an address counts as for budgets and back-off: an IPv6 address by its /64
+    (one host usually has a whole /64), an IPv4-mapped one as IPv4."""
+    try:
+        a = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(a, ipaddress.IPv6Address):
+        if a.ipv4_mapped is not None:
+            return str(a.ipv4_mapped)
+        return str(ipaddress.IPv6Network((a, 64), strict=False))
+    return ip
+
+
+def _delay(fails: int) -> float:
+    """Back-off before the next login after ``fails`` failures: 0.25 s doubling, at most 8 s."""
+    return min(8.0, 0.25 * 2 ** min(fails - 1, 6))
+
+
 def _start_time(pid: int) -> str | None:
     """When process ``pid`` started (clock ticks since boot, from /proc), None if gone."""
     try:
@@ -179,7 +200,11 @@ class _Pending:
     not_before: float = 0.0  # routed (or forked) no earlier than this: back-off, fork budget
     ok_at: float = 0.0  # when the OK went out (command port with TLS: waiting for TLS bytes)
     pre: handshake.Preamble | None = None
-    fails: int = 0  # failed logins from this source that delayed it
+    note: str = ""  # why it was delayed, for the client
+    key: str = ""  # the source for budgets and back-off (IPv6: its /64)
+
+    def __post_init__(self) -> None:
+        self.key = source_key(self.ip)
     watched: bool = True
 
 
@@ -222,6 +247,7 @@ class Daemon:
         self._accepts: dict[int, deque[float]] = {handshake.KIND_CMD: deque(), handshake.KIND_DATA: deque()}
         self._tokens = float(FORKS_PER_SECOND)
         self._tokens_at = time.monotonic()
+        self.recent_failures: deque[float] = deque(maxlen=4096)  # failed logins, all sources
         self._pid_fd = -1  # the pid file, locked while the daemon runs
         self._stopped: set[int] = set()  # waiting workers stopped to make room (not reaped yet)
 
@@ -410,7 +436,7 @@ class Daemon:
         """Evicts a pending connection if a newcomer from ``ip`` on this port would exceed
         the port's or the source's budget."""
         port = [p for p in self.pending.values() if p.port_kind == kind]
-        mine = [p for p in port if p.ip == ip]
+        mine = [p for p in port if p.key == source_key(ip)]
         if len(mine) >= MAX_PENDING_PER_IP:
             self._evict(mine, "too many pending connections from that address")
         elif len(port) >= MAX_PENDING:
@@ -420,9 +446,9 @@ class Daemon:
         """Closes the oldest of ``cands`` that has sent nothing, else the oldest one; of the
         most represented source among those, in both cases."""
         pool = [p for p in cands if not p.buf] or cands
-        counts = Counter(p.ip for p in pool)
+        counts = Counter(p.key for p in pool)
         top = max(counts.values())
-        victim = min((p for p in pool if counts[p.ip] == top), key=lambda p: p.accepted_at)
+        victim = min((p for p in pool if counts[p.key] == top), key=lambda p: p.accepted_at)
         self.rlog.note(victim.ip, f"closed a pending connection from {victim.ip} to make room: {why}")
         if len(victim.buf) == handshake.PREAMBLE.size and not victim.ok_at:
             _say_busy(victim.sock)  # it waits for an answer: tell it why
@@ -459,14 +485,24 @@ class Daemon:
         p.buf += data
         if len(p.buf) < handshake.PREAMBLE.size:
             return
-        fails, last = self.failures.get(p.ip, (0, 0.0))
-        if fails and time.monotonic() - last < 60:
-            p.fails = fails
-            p.not_before = last + min(8.0, 0.25 * 2 ** min(fails - 1, 6))
+        now = time.monotonic()
+        fails, last = self.failures.get(p.key, (0, 0.0))
+        if now - last >= 60:
+            fails = 0
+        while self.recent_failures and self.recent_failures[0] < now - 60:
+            self.recent_failures.popleft()
+        excess = len(self.recent_failures) - GLOBAL_FAILURES
+        # back-off per source (IPv6: per /64), and past a budget for the whole server
+        mine = last + _delay(fails) if fails else 0.0
+        everyone = self.recent_failures[-1] + _delay(excess) if excess > 0 else 0.0
+        if max(mine, everyone) > now:
+            p.not_before = max(mine, everyone)
+            p.note = (f"login delayed after {fails} failed attempt{'s' if fails > 1 else ''} from this address"
+                      if mine >= everyone else
+                      f"login delayed after {len(self.recent_failures)} failed attempts on this server "
+                      "in the last minute")
             self._watch(p, False)
-            if time.monotonic() < p.not_before:
-                return  # handled by _expire when the delay has passed
-            p.not_before = 0.0
+            return  # routed by _expire when the delay has passed
         self._route(p)
 
     def _recv_or_drop(self, p: _Pending, n: int, flags: int, before: str) -> bytes | None:
@@ -514,9 +550,8 @@ class Daemon:
             if not self.use_tls:
                 self._start_worker(p, pre)
                 return
-            note = f"login delayed after {p.fails} failed attempt{'s' if p.fails > 1 else ''}" if p.fails else ""
             try:
-                p.sock.send(handshake.pack_reply(True, self.data_port, note))
+                p.sock.send(handshake.pack_reply(True, self.data_port, p.note))
             except OSError as e:
                 self.rlog.note(p.ip, f"connection from {p.ip} failed: {e}", logging.INFO)
                 self._drop_pending(p)
@@ -571,11 +606,11 @@ class Daemon:
         if len(waiting) < MAX_UNAUTH_WORKERS:
             return True
         now = time.monotonic()
-        counts = Counter(w.ip for w in waiting)
+        counts = Counter(source_key(w.ip) for w in waiting)
         old = [w for w in waiting if now - w.started >= min_age]
         if not old:
             return False
-        victim = min(old, key=lambda w: (-counts[w.ip], w.started))
+        victim = min(old, key=lambda w: (-counts[source_key(w.ip)], w.started))
         victim.evicted = True
         self._stopped.add(victim.pid)
         with contextlib.suppress(OSError):
@@ -660,12 +695,13 @@ class Daemon:
             data = b""
         if data == b"A":
             rec.authenticated = rec.logged_in = True
-            self.failures.pop(rec.ip, None)
+            self.failures.pop(source_key(rec.ip), None)
             log.info("connection from %s: worker %d for network %s authenticated", rec.ip, rec.pid,
                      rec.netid.hex()[:8])
         elif data[:1] == b"F":
-            fails, _ = self.failures.get(rec.ip, (0, 0.0))
-            self.failures[rec.ip] = (fails + 1, time.monotonic())
+            fails, _ = self.failures.get(source_key(rec.ip), (0, 0.0))
+            self.failures[source_key(rec.ip)] = (fails + 1, time.monotonic())
+            self.recent_failures.append(time.monotonic())
             why = data[1:].decode(errors="replace")
             self.rlog.note(rec.ip, f"client {rec.ip}: authentication failed{': ' if why else ''}{why}")
         elif not data:
