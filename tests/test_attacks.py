@@ -1524,3 +1524,63 @@ def test_ipv6_sources_grouped_by_64() -> None:
     assert source_key("::ffff:198.51.100.7") == "198.51.100.7"
     assert source_key("198.51.100.7") == "198.51.100.7"
     assert source_key("fe80::1%eth0") == "fe80::/64"
+
+
+# -- row 27: another local user against a --no-tls server ------------------------------------------------
+def as_other_user(host: str, port: int, data: bytes, uid: int = 65534) -> bytes:
+    """Connects to ``host:port`` from a forked child running as ``uid``, sends ``data`` and
+    returns what the server answered before closing (the child reports it through a pipe)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no exec, so it needs no access to this Python's files
+        code = 1
+        try:
+            os.close(r)
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.create_connection((host, port), timeout=5)
+            s.sendall(data)
+            got = b""
+            with contextlib.suppress(OSError):
+                while chunk := s.recv(4096):
+                    got += chunk
+            os.write(w, got)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 4096):
+        out += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the other user's process failed"
+    return out
+
+
+def test_no_tls_loopback_only_own_user(tmp_path: Path) -> None:
+    """Row 27: a ``--no-tls`` server on loopback refuses a process of another user (its peer's
+    socket owner, from /proc/net/tcp) with a clear reason, serves its own user, and says so
+    at start on the terminal of ``parnet server``, not only in its log."""
+    import subprocess
+    import sys
+
+    port, bind = free_port_pair(), "127.0.0.34"
+    out = subprocess.run([sys.executable, "-m", "parnet", "server", "--no-tls", "--bind", bind, "--cmd-port", str(port),
+                          "--data-port", str(port + 1), "--allow-root", "--log-file", str(tmp_path / "log")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pid = int(re.search(r"started \(pid (\d+)\)", out.stdout).group(1))
+    try:
+        assert "without TLS" in out.stderr and f"only connections from processes of its own user (uid {os.geteuid()})" in (
+            out.stderr), out.stderr
+        srv = Cluster.__new__(Cluster)
+        srv.tls, srv.port, srv.ips, srv.pids, srv.hosts = False, port, [bind], [pid], [f"{bind}:{port}"]
+        for kind in (hs.KIND_CMD, hs.KIND_DATA):
+            got = as_other_user(*addr(srv, kind), preamble(kind, tls=False))
+            magic, _, status, _, n = hs.REPLY.unpack(got[: hs.REPLY.size])
+            assert status == hs.STATUS_ERROR and b"accepts only its own user's connections" in got[hs.REPLY.size:], got
+        assert "peer of uid 65534" in (tmp_path / "log").read_text()
+        assert_still_serves(srv)
+    finally:
+        stop_pid(pid)

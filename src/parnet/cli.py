@@ -91,8 +91,8 @@ def _server(argv: list[str]) -> int:
             os.close(a.ready_fd)
         print(f"parnet server: {msg}", file=sys.stderr)
         return 1
-    if a.ready_fd is not None:
-        os.write(a.ready_fd, f"ok {os.getpid()}\n".encode())
+    if a.ready_fd is not None:  # warnings first: the starting terminal shows them
+        os.write(a.ready_fd, "".join(f"warn: {w}\n" for w in d.warnings).encode() + f"ok {os.getpid()}\n".encode())
         os.close(a.ready_fd)
     d.run()
     return 0

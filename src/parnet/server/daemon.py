@@ -145,6 +145,33 @@ def kill_server(cmd_port: int = CMD_PORT, bind: str | None = None, timeout: floa
     return pid
 
 
+def peer_uid(sock: socket.socket) -> int | None:
+    """The user owning the other end of a loopback TCP connection ``sock`` (Linux: the
+    peer's own socket in ``/proc/net/tcp`` or ``tcp6``, found by the 4-tuple); None if not
+    found."""
+    try:
+        here, there = sock.getsockname(), sock.getpeername()
+    except OSError:
+        return None
+    six = sock.family == socket.AF_INET6
+
+    def hexaddr(a: tuple) -> str:
+        raw = socket.inet_pton(sock.family, a[0])
+        words = [raw[k:k + 4] for k in range(0, len(raw), 4)]
+        return "".join(f"{int.from_bytes(w, sys.byteorder):08X}" for w in words) + f":{a[1]:04X}"
+
+    local, remote = hexaddr(there), hexaddr(here)  # as the peer's socket sees them
+    try:
+        with open("/proc/net/tcp6" if six else "/proc/net/tcp") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 7 and fields[1] == local and fields[2] == remote:
+                    return int(fields[7])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def source_key(ip: str) -> str:
     """The source an address counts as for budgets and back-off: an IPv6 address by its /64
     (one host usually has a whole /64), an IPv4-mapped one as IPv4."""
@@ -201,6 +228,7 @@ class _Pending:
     ok_at: float = 0.0  # when the OK went out (command port with TLS: waiting for TLS bytes)
     pre: handshake.Preamble | None = None
     note: str = ""  # why it was delayed, for the client
+    uid: int | None = None  # the peer process's user (no-TLS servers on loopback)
     key: str = ""  # the source for budgets and back-off (IPv6: its /64)
 
     def __post_init__(self) -> None:
@@ -248,7 +276,10 @@ class Daemon:
         self._tokens = float(FORKS_PER_SECOND)
         self._tokens_at = time.monotonic()
         self.recent_failures: deque[float] = deque(maxlen=4096)  # failed logins, all sources
-        self._pid_fd = -1  # the pid file, locked while the daemon runs
+        self._pid_fd = -1
+        self.warnings: list[str] = []  # for the terminal that starts the server
+        #: without TLS on loopback, only the server's own user may connect (SECURITY.md row 27)
+        self.own_uid_only = not use_tls and ipaddress.ip_address(self.bind.split("%", 1)[0]).is_loopback  # the pid file, locked while the daemon runs
         self._stopped: set[int] = set()  # waiting workers stopped to make room (not reaped yet)
 
     # -- start -----------------------------------------------------------------------
@@ -285,8 +316,12 @@ class Daemon:
         else:
             msg = (f"WARNING: parnet server on {self.bind} without TLS: anyone who can connect to "
                    f"ports {self.cmd_port}/{self.data_port} can run code as this user")
+            if self.own_uid_only:
+                msg += (f"; on this loopback address it accepts only connections from processes of "
+                        f"its own user (uid {os.geteuid()})")
             log.warning(msg)
             print(msg, file=sys.stderr)
+            self.warnings.append(msg)
             self.cfg = ServerConfig(False, self.data_port)
         if self.bind_arg and self.bind_arg not in ("0.0.0.0", "::", ""):
             self.cfg.source = self.bind_arg  # outgoing data links leave from the bound address
@@ -419,6 +454,8 @@ class Daemon:
             self._make_room(kind, ip)
             sock.setblocking(False)
             p = _Pending(sock, ip, kind, time.monotonic())
+            if self.own_uid_only:
+                p.uid = peer_uid(sock)
             self.pending[sock.fileno()] = p
             self.sel.register(sock, selectors.EVENT_READ, ("pending", p))
             self._read_preamble(p)  # a real client's preamble is usually there already
@@ -523,6 +560,10 @@ class Daemon:
         return data
 
     def _route(self, p: _Pending) -> None:  # noqa: C901
+        if self.own_uid_only and p.uid != os.geteuid():
+            self._refuse(p, f"this server runs without TLS and accepts only its own user's connections "
+                            f"(uid {os.geteuid()})", f"peer of uid {p.uid} (not this server's user)")
+            return
         try:
             pre = handshake.parse_preamble(bytes(p.buf))
         except ParnetError as e:

@@ -73,7 +73,11 @@ def start_background(timeout: float = 30.0, **opts: object) -> int:
             out += chunk
     finally:
         os.close(r)
-    text = out.decode(errors="replace").strip()
+    lines = out.decode(errors="replace").strip().splitlines()
+    for line in lines:
+        if line.startswith("warn: "):  # e.g. no TLS: the terminal that starts it shows them
+            print(f"parnet server: {line.removeprefix('warn: ')}", file=sys.stderr)
+    text = "\n".join(line for line in lines if not line.startswith("warn: "))
     if text.startswith("ok"):
         return proc.pid
     if proc.poll() is None and not text:
