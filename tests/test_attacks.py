@@ -1584,3 +1584,43 @@ def test_no_tls_loopback_only_own_user(tmp_path: Path) -> None:
         assert_still_serves(srv)
     finally:
         stop_pid(pid)
+
+
+# -- row 30: a connection redirected to another server --------------------------------------------------
+def test_certificate_pinned_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 30: the client pins a server's certificate at its first login (``known_servers``,
+    like ssh's ``known_hosts``). Another server answering at that address, even one holding
+    the same passwd (a shared home), is refused before any login with a clear message; after
+    ``parnet forget-server HOST:PORT`` the new certificate is accepted and pinned."""
+    import shutil
+    import subprocess
+    import sys
+
+    from parnet.auth.known_servers import known_servers_path
+
+    ip = "127.0.0.35"
+    srv = Cluster(1, True, first_ip=35)
+    where = srv.hosts[0]
+    try:
+        sclose(srv.connect())
+        assert f"{where} SHA256:" in known_servers_path().read_text()
+    finally:
+        srv.stop()
+    other = tmp_path / "other_home"
+    other.mkdir(mode=0o700)
+    shutil.copytree(Path(os.environ["PARNET_HOME"]) / "srp", other / "srp")
+    with monkeypatch.context() as mp:  # same passwd, its own TLS identity
+        mp.setenv("PARNET_HOME", str(other))
+        pid = start_background(use_tls=True, cmd_port=srv.port, data_port=srv.port + 1, bind=ip, allow_root=True)
+    try:
+        with pytest.raises(ConnectError, match=r"certificate has changed.*parnet forget-server " + re.escape(where)):
+            srv.connect()
+        assert "authenticated" not in Path(default_log_file(ip, srv.port)).read_text().split("listening on")[-1]
+        r = subprocess.run([sys.executable, "-m", "parnet", "forget-server", where], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0 and "forgot" in r.stdout, r
+        sclose(srv.connect())
+        assert known_servers_path().read_text().count(f"{where} SHA256:") == 1
+    finally:
+        stop_pid(pid)
+        subprocess.run([sys.executable, "-m", "parnet", "forget-server", where], capture_output=True, timeout=60)

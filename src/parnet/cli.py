@@ -101,7 +101,8 @@ def _server(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``parnet`` console script."""
     argv = sys.argv[1:] if argv is None else argv
-    usage = ("usage: parnet {server,keygen,demo,up,down,status} [options]   (parnet CMD --help for each)\n"
+    usage = ("usage: parnet {server,keygen,demo,up,down,status,forget-server} [options]   "
+             "(parnet CMD --help for each)\n"
              "       parnet --version")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         from .deploy import main as deploy_main
 
         return deploy_main(cmd, rest)
+    if cmd == "forget-server":
+        from .auth.known_servers import forget_main
+
+        return forget_main(rest)
     if cmd == "demo":
         from .demo import main as demo_main
 

@@ -75,8 +75,20 @@ def test_identity_is_reused(identity: tuple[Path, Path]) -> None:
 
 def test_default_directory(private_home: Path) -> None:
     cert_path, key_path = tls.ensure_server_identity()
-    assert cert_path.parent == private_home / "tls"
+    assert cert_path.parent == private_home / "tls" / tls.host_dir_name()
     assert key_path.name == tls.KEY_NAME
+
+
+def test_identity_per_host_name(private_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SECURITY.md row 30: servers sharing one PARNET_HOME (an NFS home) on machines of
+    different names get one identity each."""
+    monkeypatch.setattr("socket.gethostname", lambda: "node-a.example")
+    a, _ = tls.ensure_server_identity()
+    monkeypatch.setattr("socket.gethostname", lambda: "node-b/../x")
+    b, _ = tls.ensure_server_identity()
+    assert a.parent == private_home / "tls" / "node-a.example"
+    assert b.parent == private_home / "tls" / "node-b_.._x"
+    assert a.read_bytes() != b.read_bytes()
 
 
 def test_racing_first_start_ends_with_one_pair(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ the certificate from ``getpeercert(binary_form=True)`` (available even with ``CE
 server hashes its own certificate file.
 
 Each server makes its own EC P-256 key and a 10-year self-signed certificate on first start
-(``ensure_server_identity``) under ``$PARNET_HOME/tls`` (0700). The key is written to an
+(``ensure_server_identity``) under ``$PARNET_HOME/tls/<host name>`` (0700): servers sharing
+one home over NFS still have one identity each, and the client pins each server's certificate
+on first use (``known_servers``). The key is written to an
 ``O_EXCL`` temporary file and published with ``os.link``, which fails if the key already exists,
 so two processes racing on first start end with the same key and a certificate that matches it.
 TLS 1.2 and older are refused, session tickets are off and sessions are never resumed.
@@ -22,6 +24,7 @@ import contextlib
 import datetime
 import hashlib
 import os
+import re
 import socket
 import ssl
 from pathlib import Path
@@ -109,13 +112,19 @@ def _cert_matches(cert_path: Path, key: ec.EllipticCurvePrivateKey) -> bool:
     return cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
 
 
+def host_dir_name() -> str:
+    """This machine's host name, safe as a directory name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "localhost").lstrip(".") or "localhost"
+
+
 def ensure_server_identity(
     directory: str | os.PathLike[str] | None = None,
 ) -> tuple[Path, Path]:
     """Return this server's certificate and key, creating them on first use.
 
     Args:
-        directory: where they live; default ``<parnet_home()>/tls`` (made 0700).
+        directory: where they live; default ``<parnet_home()>/tls/<host name>`` (made 0700):
+            servers that share ``$PARNET_HOME`` (an NFS home) still have one identity each.
 
     Returns:
         ``(cert_path, key_path)``: a self-signed EC P-256 certificate (CN = host name, valid
@@ -125,7 +134,7 @@ def ensure_server_identity(
         ConfigError: the key file is unsafe (symlink, not ours, readable by others, ...) or
             unreadable; the message says how to fix it.
     """
-    base = Path(directory) if directory is not None else Path(parnet_home()) / "tls"
+    base = Path(directory) if directory is not None else Path(parnet_home()) / "tls" / host_dir_name()
     make_private_dir(base)
     key_path = base / KEY_NAME
     cert_path = base / CERT_NAME

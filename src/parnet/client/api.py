@@ -151,6 +151,7 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
     hb = DEFAULT_TIMEOUT if heartbeat is None else float(heartbeat)
     n = len(addrs)
     pool = ThreadPoolExecutor(max_workers=min(32, n))
+    certs: dict[int, bytes] = {}  # node -> its command link's certificate hash
     try:
         def login(k: int) -> tuple[Link, int]:
             host, port = addrs[k - 1]
@@ -159,10 +160,15 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
             link = Link(sock, name=f"{names[k - 1]} (node {k}, command)", authenticated=not use_tls)
             try:
                 if use_tls:
+                    from ..auth import known_servers
                     from ..auth.tls import peer_binding
 
-                    cb = peer_binding(sock)
+                    cb = certs[k] = peer_binding(sock)
+                    where = known_servers.server_key(host, port)
+                    new = known_servers.check(where, cb)  # pinned on first use, like ssh
                     handshake.srp_client(link, username, password, cb, True, deadline)
+                    if new:
+                        known_servers.pin(where, cb)
             except AuthenticationError as e:
                 link.close()
                 raise AuthenticationError(f"{names[k - 1]}: {e}") from e
@@ -196,6 +202,10 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
                 from ..auth.tls import peer_binding
 
                 cb = peer_binding(sock)
+                if cb != certs[k]:
+                    link.close()
+                    raise ConnectError(f"{names[k - 1]}: its data port presented another certificate than its "
+                                       "command port (a redirect to another server?)")
                 handshake.tags_initiator(link, pair_key(master, netid, 0, k), netid, 0, k, cb, deadline)  # type: ignore[arg-type]
             return link
 
