@@ -724,7 +724,7 @@ def test_hanging_preambles_forks_capped_and_busy(flood_server: Cluster) -> None:
     from parnet.constants import MAX_UNAUTH_WORKERS
 
     srv = flood_server
-    hello = client_hello() if srv.tls else b""
+    hello = client_hello() if srv.tls else b"x"  # the start of a TLS handshake, or of a SETUP
     socks = []
     with Guard(srv) as g:
         try:

@@ -4,8 +4,8 @@ Theory of operation. One thread, one ``selectors`` loop, no user code and no sec
 session. It accepts on the command and the data port, reads each connection's fixed-size
 plaintext preamble, and then:
 
-* command preamble (a new client network): answers OK, waits for the first bytes of the
-  client's TLS handshake, and forks a worker process that inherits the socket and does TLS +
+* command preamble (a new client network): answers OK, waits for the client's first bytes
+  (its TLS handshake, or its SETUP without TLS), and forks a worker process that inherits the socket and does TLS +
   SRP itself (``worker.run_worker``). The daemon is single-threaded and has numpy and
   cloudpickle imported already, so the fork is cheap and the worker starts warm: the daemon
   is its own fork server.
@@ -21,7 +21,8 @@ Before authentication (SECURITY.md rows 22-25), so that idle or hanging connecti
 lock clients out and junk cannot fill the log:
 
 * a connection has ``PREAMBLE_DEADLINE`` (1.5 s) for its preamble and, with TLS, as long again
-  after the OK for its first TLS bytes; only then is a worker forked (at most
+  after the OK for its first TLS bytes (without TLS, ``AUTH_DEADLINE`` for its SETUP); only
+  then is a worker forked (at most
   ``FORKS_PER_SECOND``, a token bucket; later ones wait their turn);
 * each port has its own table of pending connections, ``MAX_PENDING`` in all and
   ``MAX_PENDING_PER_IP`` per source. A newcomer beyond either evicts the oldest connection
@@ -56,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..constants import (
+    AUTH_DEADLINE,
     CMD_PORT,
     DATA_PORT,
     DROP_FULL_RATE,
@@ -160,16 +162,16 @@ def peer_uid(sock: socket.socket) -> int | None:
         words = [raw[k:k + 4] for k in range(0, len(raw), 4)]
         return "".join(f"{int.from_bytes(w, sys.byteorder):08X}" for w in words) + f":{a[1]:04X}"
 
-    local, remote = hexaddr(there), hexaddr(here)  # as the peer's socket sees them
+    key = f" {hexaddr(there)} {hexaddr(here)} "  # local and remote, as the peer's socket sees them
     try:
         with open("/proc/net/tcp6" if six else "/proc/net/tcp") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 7 and fields[1] == local and fields[2] == remote:
-                    return int(fields[7])
-    except (OSError, ValueError):
+            text = f.read()
+        at = text.find(key)
+        if at < 0:
+            return None
+        return int(text[at:text.find("\n", at)].split()[6])  # after local, remote: st, queues, tr, retr, uid
+    except (OSError, ValueError, IndexError):
         return None
-    return None
 
 
 def source_key(ip: str) -> str:
@@ -228,7 +230,6 @@ class _Pending:
     ok_at: float = 0.0  # when the OK went out (command port with TLS: waiting for TLS bytes)
     pre: handshake.Preamble | None = None
     note: str = ""  # why it was delayed, for the client
-    uid: int | None = None  # the peer process's user (no-TLS servers on loopback)
     key: str = ""  # the source for budgets and back-off (IPv6: its /64)
 
     def __post_init__(self) -> None:
@@ -278,6 +279,9 @@ class Daemon:
         self.recent_failures: deque[float] = deque(maxlen=4096)  # failed logins, all sources
         self._pid_fd = -1
         self.warnings: list[str] = []  # for the terminal that starts the server
+        #: from the OK to a command preamble to the client's first bytes (its TLS handshake;
+        #: without TLS its SETUP, which waits for the client's other logins: longer)
+        self.first_bytes_deadline = PREAMBLE_DEADLINE if use_tls else AUTH_DEADLINE
         #: without TLS on loopback, only the server's own user may connect (SECURITY.md row 27)
         self.own_uid_only = not use_tls and ipaddress.ip_address(self.bind.split("%", 1)[0]).is_loopback  # the pid file, locked while the daemon runs
         self._stopped: set[int] = set()  # waiting workers stopped to make room (not reaped yet)
@@ -429,7 +433,7 @@ class Daemon:
             if p.not_before:
                 t = min(t, max(0.0, p.not_before - now))
             elif p.ok_at:
-                t = min(t, max(0.0, p.ok_at + PREAMBLE_DEADLINE - now))
+                t = min(t, max(0.0, p.ok_at + self.first_bytes_deadline - now))
             elif len(p.buf) < handshake.PREAMBLE.size:
                 t = min(t, max(0.0, p.accepted_at + PREAMBLE_DEADLINE - now))
         return t
@@ -454,8 +458,6 @@ class Daemon:
             self._make_room(kind, ip)
             sock.setblocking(False)
             p = _Pending(sock, ip, kind, time.monotonic())
-            if self.own_uid_only:
-                p.uid = peer_uid(sock)
             self.pending[sock.fileno()] = p
             self.sel.register(sock, selectors.EVENT_READ, ("pending", p))
             self._read_preamble(p)  # a real client's preamble is usually there already
@@ -514,7 +516,7 @@ class Daemon:
 
     def _read_preamble(self, p: _Pending) -> None:
         if p.ok_at:
-            self._on_tls_start(p)
+            self._on_first_bytes(p)
             return
         data = self._recv_or_drop(p, handshake.PREAMBLE.size - len(p.buf), 0, "its preamble")
         if data is None:
@@ -522,6 +524,7 @@ class Daemon:
         p.buf += data
         if len(p.buf) < handshake.PREAMBLE.size:
             return
+        self._read_all_ctl()  # failures that workers reported but this loop has not read yet
         now = time.monotonic()
         fails, last = self.failures.get(p.key, (0, 0.0))
         if now - last >= 60:
@@ -560,9 +563,10 @@ class Daemon:
         return data
 
     def _route(self, p: _Pending) -> None:  # noqa: C901
-        if self.own_uid_only and p.uid != os.geteuid():
+        # looked up only for a whole preamble: idle junk costs no read of /proc/net/tcp
+        if self.own_uid_only and (uid := peer_uid(p.sock)) != os.geteuid():
             self._refuse(p, f"this server runs without TLS and accepts only its own user's connections "
-                            f"(uid {os.geteuid()})", f"peer of uid {p.uid} (not this server's user)")
+                            f"(uid {os.geteuid()})", f"peer of uid {uid} (not this server's user)")
             return
         try:
             pre = handshake.parse_preamble(bytes(p.buf))
@@ -588,9 +592,6 @@ class Daemon:
                 self._refuse(p, handshake.BUSY, "server busy: too many workers waiting for a login")
                 return
             p.pre = pre
-            if not self.use_tls:
-                self._start_worker(p, pre)
-                return
             try:
                 p.sock.send(handshake.pack_reply(True, self.data_port, p.note))
             except OSError as e:
@@ -601,6 +602,16 @@ class Daemon:
             self._watch(p, True)
             return
         rec = self.workers.get(pre.netid)
+        if rec is None:  # its command connection may still wait for its first bytes
+            cmd = next((q for q in self.pending.values() if q.pre is not None and q.ok_at
+                        and q.pre.netid == pre.netid), None)
+            if cmd is not None and not cmd.not_before:
+                self._on_first_bytes(cmd)
+            rec = self.workers.get(pre.netid)
+            if rec is None and cmd is not None and self.pending.get(cmd.sock.fileno()) is cmd:
+                p.not_before = time.monotonic() + 0.02  # try again soon (bounded by cmd's deadline)
+                self._watch(p, False)
+                return
         if rec is not None:
             # Read what the worker said so far: its "authenticated" note is written before the
             # client can know it may connect, and its EOF (exited) before anyone could know.
@@ -616,9 +627,9 @@ class Daemon:
             log.warning("could not pass a data connection to worker %d: %s", rec.pid, e)
         self._drop_pending(p)
 
-    def _on_tls_start(self, p: _Pending) -> None:
-        """A command connection after its OK: fork its worker once TLS bytes arrive."""
-        if self._recv_or_drop(p, 1, socket.MSG_PEEK, "TLS") is None:
+    def _on_first_bytes(self, p: _Pending) -> None:
+        """A command connection after its OK: fork its worker once its first bytes arrive."""
+        if self._recv_or_drop(p, 1, socket.MSG_PEEK, "its first message") is None:
             if self.pending.get(p.sock.fileno()) is p:
                 self._watch(p, True)  # nothing yet
             return
@@ -727,6 +738,18 @@ class Daemon:
                 return
             self._on_ctl(rec)
 
+    def _read_all_ctl(self) -> None:
+        """Takes what every worker has said so far (without waiting)."""
+        if not self.workers:
+            return
+        poll = select.poll()
+        for rec in self.workers.values():
+            poll.register(rec.ctl, select.POLLIN)
+        for fd, _ in poll.poll(0):
+            rec = self.by_ctl.get(fd)
+            if rec is not None:
+                self._on_ctl(rec)
+
     def _on_ctl(self, rec: _WorkerRec) -> None:
         try:
             data = rec.ctl.recv(512)
@@ -764,15 +787,15 @@ class Daemon:
         for p in list(self.pending.values()):
             if p.sock.fileno() < 0 or self.pending.get(p.sock.fileno()) is not p:
                 continue  # dropped meanwhile (evicted by a worker's room-making)
-            if p.ok_at and now - p.ok_at > PREAMBLE_DEADLINE:
-                self.rlog.note(p.ip, f"closed connection from {p.ip}: no TLS handshake within "
-                                     f"{PREAMBLE_DEADLINE:g} s of its preamble")
+            if p.ok_at and now - p.ok_at > self.first_bytes_deadline:
+                self.rlog.note(p.ip, f"closed connection from {p.ip}: nothing within "
+                                     f"{self.first_bytes_deadline:g} s of its preamble's answer")
                 self._drop_pending(p)
             elif p.not_before:
                 if now >= p.not_before:
                     p.not_before = 0.0
                     if p.ok_at:
-                        self._on_tls_start(p)
+                        self._on_first_bytes(p)
                     else:
                         self._route(p)
             elif len(p.buf) < handshake.PREAMBLE.size and now - p.accepted_at > PREAMBLE_DEADLINE:
