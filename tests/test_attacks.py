@@ -1624,3 +1624,64 @@ def test_certificate_pinned_on_first_use(tmp_path: Path, monkeypatch: pytest.Mon
     finally:
         stop_pid(pid)
         subprocess.run([sys.executable, "-m", "parnet", "forget-server", where], capture_output=True, timeout=60)
+
+
+# -- row 31: smaller items ---------------------------------------------------------------------------
+def test_live_and_unknown_network_ids_answered_alike(server: Cluster) -> None:
+    """Row 31: on the data port, the id of a running network (``str(conns)`` shows it, and
+    it travels in clear text) gets byte for byte the answer an unknown id gets: a worker
+    takes data links only for the links it still waits for, while it sets up its mesh."""
+    with Guard(server) as g:
+        live = g.session.network.netid
+        answers = []
+        for netid in (live, uuid.uuid4().bytes, live):
+            for src, dst in ((0, 1), (1, 2), (2, 1)):
+                with connect(*addr(server, hs.KIND_DATA), src=attacker_ip()) as s:
+                    s.sendall(preamble(hs.KIND_DATA, tls=server.tls, netid=netid, src=src, dst=dst))
+                    answers.append(read_reply(s).raw)
+        assert len(set(answers)) == 1 and not read_reply_ok(answers[0]), answers
+
+
+def read_reply_ok(raw: bytes) -> bool:
+    return hs.REPLY.unpack(raw[: hs.REPLY.size])[2] == hs.STATUS_OK
+
+
+def test_hostile_reply_text_escaped(tmp_path: Path) -> None:
+    """Row 31: a fake server's refusal text with escape sequences and newlines reaches the
+    ``ConnectError`` escaped, on one line."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.38", 0))
+    ls.listen(1)
+    port = ls.getsockname()[1]
+    evil = "\x1b[2J\x1b[31mowned\nsecond line\r\x07\u202e"
+
+    def serve() -> None:
+        c, _ = ls.accept()
+        with c:
+            c.recv(hs.PREAMBLE.size)
+            c.sendall(hs.pack_reply(False, 0, evil))
+
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(serve)
+        with pytest.raises(ConnectError) as ei:
+            pconnect([f"127.0.0.38:{port}"], use_tls=False, timeout=5)
+        fut.result(5)
+    ls.close()
+    text = str(ei.value)
+    assert "owned" in text and "second line" in text
+    assert not any(c in text for c in "\x1b\n\r\x07\u202e"), repr(text)
+
+
+def test_log_file_symlink_refused(tmp_path: Path) -> None:
+    """Row 31: a server whose log path is a symbolic link (planted to make it write
+    elsewhere) refuses to start, saying so; the link's target is untouched."""
+    target = tmp_path / "target"
+    target.write_text("untouched\n")
+    link = tmp_path / "server.log"
+    link.symlink_to(target)
+    port = free_port_pair()
+    with pytest.raises(ParnetError, match="cannot open the log file"):
+        start_background(use_tls=False, cmd_port=port, data_port=port + 1, bind="127.0.0.39", allow_root=True,
+                         log_file=str(link))
+    assert target.read_text() == "untouched\n"
+    assert not os.path.exists(pid_file_path("127.0.0.39", port))

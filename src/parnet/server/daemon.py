@@ -50,6 +50,7 @@ import select
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from collections import Counter, deque
@@ -247,6 +248,8 @@ class _WorkerRec:
     logged_in: bool = False  # said "A": logged in, or without TLS sent its SETUP
     started: float = 0.0
     evicted: bool = False
+    #: (its node, the nodes whose data links it still takes), once its set-up has begun
+    expect: tuple[int, frozenset[int]] | None = None
 
 
 class Daemon:
@@ -620,6 +623,14 @@ class Daemon:
         if rec is None or not rec.authenticated:
             self._refuse(p, handshake.GENERIC_REFUSAL, "unknown network id")
             return
+        if rec.expect is None and time.monotonic() - p.accepted_at < AUTH_DEADLINE:
+            p.not_before = time.monotonic() + 0.02  # its set-up has not begun: try again soon
+            self._watch(p, False)
+            return
+        if rec.expect is None or pre.dst != rec.expect[0] or pre.src not in rec.expect[1]:
+            # a running network answers like an unknown one: its id is no secret
+            self._refuse(p, handshake.GENERIC_REFUSAL, "not a data link that network waits for")
+            return
         try:
             p.sock.send(handshake.pack_reply(True, self.data_port))
             socket.send_fds(rec.ctl, [bytes(p.buf)], [p.sock.fileno()])
@@ -743,12 +754,11 @@ class Daemon:
         if not self.workers:
             return
         poll = select.poll()
-        for rec in self.workers.values():
-            poll.register(rec.ctl, select.POLLIN)
+        by_fd = {rec.ctl.fileno(): rec for rec in self.workers.values()}
+        for fd in by_fd:
+            poll.register(fd, select.POLLIN)
         for fd, _ in poll.poll(0):
-            rec = self.by_ctl.get(fd)
-            if rec is not None:
-                self._on_ctl(rec)
+            self._on_ctl(by_fd[fd])
 
     def _on_ctl(self, rec: _WorkerRec) -> None:
         try:
@@ -762,6 +772,9 @@ class Daemon:
             self.failures.pop(source_key(rec.ip), None)
             log.info("connection from %s: worker %d for network %s authenticated", rec.ip, rec.pid,
                      rec.netid.hex()[:8])
+        elif data[:1] == b"W" and len(data) >= 3 and len(data) % 2 == 1:
+            node, *srcs = struct.unpack(f"!{(len(data) - 1) // 2}H", data[1:])
+            rec.expect = (node, frozenset(srcs))
         elif data[:1] == b"F":
             fails, _ = self.failures.get(source_key(rec.ip), (0, 0.0))
             self.failures[source_key(rec.ip)] = (fails + 1, time.monotonic())

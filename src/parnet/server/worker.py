@@ -30,6 +30,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -226,6 +227,7 @@ class Worker:
         """
         waiting = set(range(node))
         lock = threading.Lock()
+        self._expect(node, waiting)
         # attempt number -> (when it started, a duplicate of its socket to abort it with)
         inflight: dict[int, tuple[float, socket.socket]] = {}
         failed = [0]
@@ -247,6 +249,7 @@ class Worker:
                 if link is not None and pre.src in waiting:
                     net.nodes[pre.src].data = link
                     waiting.discard(pre.src)
+                    self._expect(node, waiting)
                 elif link is not None:
                     link.close()  # a second one for that node
             with contextlib.suppress(OSError):
@@ -282,12 +285,20 @@ class Worker:
                 threading.Thread(target=attempt, args=(pre, sock, key), daemon=True,
                                  name="parnet-link-accept").start()
         finally:
+            self._expect(node, set())  # from now on, any data preamble is refused at once
             with lock:
                 waiting.clear()  # late successes are closed
                 for _, dup in inflight.values():
                     _abort(dup)
             if failed[0] > LINK_FAILURES_LOGGED:
                 log.warning("%d more data connections refused during set-up", failed[0] - LINK_FAILURES_LOGGED)
+
+    def _expect(self, node: int, waiting: set[int]) -> None:
+        """Tells the daemon which data links this worker still takes (node ``node``, from
+        the nodes ``waiting``): it refuses any other at the preamble, as it refuses an
+        unknown network id (SECURITY.md row 31)."""
+        with contextlib.suppress(OSError):
+            self.ctl.send(b"W" + struct.pack(f"!{1 + len(waiting)}H", node, *sorted(waiting)))
 
     def _take_fd(self) -> tuple[handshake.Preamble, socket.socket] | None:
         data, fds, _, _ = socket.recv_fds(self.ctl, 64, 1)
