@@ -1,4 +1,4 @@
-"""Hostile input against real servers: the attack table of SECURITY.md (rows 1-21).
+"""Hostile input against real servers: the attack table of SECURITY.md (rows 1-31).
 
 Every attack runs inside a ``Guard`` that checks what SECURITY.md asks of every row: the
 daemon keeps running and serves a new honest client; a session opened before the attack
