@@ -1427,7 +1427,7 @@ def test_unknown_user_salt_survives_passwd_changes(tmp_path: Path) -> None:
     """Row 28: an unknown user's fake salt comes from a random secret in its own 0600 file
     (made once), not from the passwd file: after a user is added and the server restarted,
     it is unchanged, as a real user's salt is, so the two cannot be told apart."""
-    from parnet.auth.keyfile import parallel_generate_srp_data
+    from parnet.auth.keygen import parallel_generate_srp_data
 
     d = tmp_path / "srp"
     d.mkdir(mode=0o700)

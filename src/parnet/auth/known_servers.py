@@ -89,7 +89,7 @@ def pin(where: str, cb: bytes) -> None:
 
 def forget(where: str) -> bool:
     """Removes the pin of ``where`` (``HOST:PORT``, or ``HOST`` for every port); True if any."""
-    from .keyfile import write_secret_file
+    from ..transport.files import write_secret_file
 
     path = known_servers_path()
     with _lock:
