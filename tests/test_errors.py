@@ -10,7 +10,7 @@ import pickle
 import cloudpickle
 import pytest
 
-from parnet import ConnectionClosed, Connections, RemoteError, netcellfun, precv, reval, rfeval
+from parnet import ConnectionClosed, Connections, RemoteError, netcellfun, precv, reval, rfeval, sclose
 from parnet.errors import remote_error
 from parnet.tracebacks import fill_source
 
@@ -195,3 +195,39 @@ def test_code_by_value_keeps_its_file_and_is_marked(tmp_path) -> None:
         text = format_remote(e)
     assert f'File "{path}", line 3, in boom\nZeroDivisionError' in text.replace("\n  ", "\n")
     assert "server_line" not in text and "test_errors.py" in text  # this test's frame is no parnet's
+
+
+def test_concurrent_rfeval_each_gets_its_own_outcome(cluster) -> None:
+    """rfeval from several threads on one server: a failing call raises in its own thread
+    only; the others get their results (none hangs, none gets another's failure)."""
+    import threading
+    import time as _time
+
+    def work(i: int) -> int:
+        _time.sleep(0.05 * (i % 3))
+        if i % 4 == 1:
+            raise KeyError(i)
+        return i * 10
+
+    conns = cluster.connect()
+    outcome: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            outcome[i] = rfeval(work, i, connection=conns[1])
+        except KeyError as e:
+            outcome[i] = ("KeyError", e.args)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(8)]
+    for t in threads:
+        t.start()
+    deadline = _time.monotonic() + 30
+    for t in threads:
+        t.join(max(0.0, deadline - _time.monotonic()))
+    hung = sorted(i for i, t in enumerate(threads) if t.is_alive())
+    if hung:
+        conns.network.close()  # not sclose: a hung thread holds the read lock
+    else:
+        sclose(conns)
+    assert not hung, f"hung: {hung}; outcomes {outcome}"
+    assert outcome == {i: ("KeyError", (i,)) if i % 4 == 1 else i * 10 for i in range(8)}

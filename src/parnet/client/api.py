@@ -14,6 +14,7 @@ Any failure closes everything opened so far and raises ``ConnectError`` naming t
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import getpass
 import ipaddress
 import itertools
@@ -398,28 +399,7 @@ def reval(commands: str, connections: Connections, *, wait: bool = False) -> Non
 def _barrier(net: ClientSession, ks: Sequence[int]) -> None:
     """Returns once every server in ``ks`` has run every command sent to it before, and
     raises the first failure among them (a no-op call each, answered in command order)."""
-    reqs: dict[int, int] = {}
-    for k in ks:
-        reqs[k] = req = next(_req_ids)
-        _send_cmd(net, k, *msg.encode(msg.Call(req, int, (), {}, None, None, True)))
-
-    def wait_all() -> None:
-        left = dict(reqs)
-        while left:
-            for k in list(left):
-                net.pump_cmd(k)
-                node = net.nodes[k]
-                if node.errors:
-                    node.results.pop(left[k], None)
-                    net.raise_errors([k])
-                if node.results.pop(left[k], None) is not None:
-                    del left[k]
-                elif not node.open:
-                    raise ConnectionClosed(f"{net.name(k)} is gone: {node.closed_reason}")
-            if left:
-                wait_links([net.nodes[k].cmd for k in left], None)  # type: ignore[misc]
-
-    net.waiting_call(list(ks), wait_all)
+    _call_and_wait(net, {k: next(_req_ids) for k in ks}, msg.Call(0, int, (), {}, None, None, True))
 
 
 def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: int | None = None,
@@ -457,24 +437,47 @@ def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: 
         if nout is None or len(isout) != nout:
             raise ValueError("rfeval: isout needs nout and must have nout elements")
     req = next(_req_ids)
-    _send_cmd(net, k, *msg.encode(msg.Call(req, func, args, kwargs, nout, isout, wait)))
     if not wait:
+        _send_cmd(net, k, *msg.encode(msg.Call(req, func, args, kwargs, nout, isout, wait)))
         return None
-    node = net.nodes[k]
+    return _call_and_wait(net, {k: req}, msg.Call(req, func, args, kwargs, nout, isout, True))[k]
 
-    def wait_result() -> Any:
-        while True:
-            net.pump_cmd(k)
-            if node.errors:  # a failure reported before this call's result (commands run in order)
-                node.results.pop(req, None)
-                net.raise_errors([k])
-            if req in node.results:
-                return node.results.pop(req)
-            if not node.open:
-                raise ConnectionClosed(f"{net.name(k)} is gone: {node.closed_reason}")
-            wait_links([node.cmd], None)  # type: ignore[list-item]
 
-    return net.waiting_call([k], wait_result)
+def _call_and_wait(net: ClientSession, reqs: dict[int, int], call: Any) -> dict[int, Any]:
+    """Sends ``call`` (its ``req`` replaced by ``reqs[k]``) to every server ``k`` and waits for
+    every answer. Raises the first failure among them: its own, else that of a command that
+    no call waits for (a ``reval``), which ran before it; other threads' calls are theirs."""
+    nodes = {k: net.nodes[k] for k in reqs}
+    for k, req in reqs.items():
+        nodes[k].calls.add(req)  # before sending: its failure may come back at once
+    try:
+        for k, req in reqs.items():
+            _send_cmd(net, k, *msg.encode(dataclasses.replace(call, req=req)))
+
+        def wait_all() -> dict[int, Any]:
+            out: dict[int, Any] = {}
+            while len(out) < len(reqs):
+                for k, req in reqs.items():
+                    if k in out:
+                        continue
+                    node = nodes[k]
+                    net.pump_cmd(k)
+                    net.raise_call_error(k, req)
+                    net.raise_errors([k], check=False)
+                    if req in node.results:
+                        out[k] = node.results.pop(req)
+                    elif not node.open:
+                        raise ConnectionClosed(f"{net.name(k)} is gone: {node.closed_reason}")
+                left = [nodes[k].cmd for k in reqs if k not in out]
+                if left:
+                    wait_links(left, None)  # type: ignore[arg-type]
+            return out
+
+        return net.waiting_call(list(reqs), wait_all)
+    finally:
+        for k, req in reqs.items():
+            nodes[k].calls.discard(req)
+            nodes[k].results.pop(req, None)
 
 
 def sclose(connections: Connections) -> None:

@@ -51,6 +51,7 @@ class ServerNode(Node):
         self.cmd: Link | None = None
         self.errors: deque[msg.ErrorReport] = deque()
         self.results: dict[int, Any] = {}  # rfeval results that came on the command link
+        self.calls: set[int] = set()  # requests whose caller waits for the answer (its own error too)
         self.interrupt_pending = False  # Ctrl-C sent, not yet acknowledged
         self.told = 0  # ERROR/OUTPUT/SHUTDOWN frames read from the command link
         self.out_partial = b""  # forwarded output: the unfinished last line
@@ -309,10 +310,22 @@ class ClientSession(Network):
             if check and node.cmd is not None and node.cmd.usable and node.cmd.readable_now():
                 self.pump_cmd(k)
             if node.errors:
-                rep = node.errors.popleft()
-                more = len(node.errors)
-                node.errors.clear()
+                # A failure of a call another thread waits for is that thread's to raise.
+                owned = [r for r in node.errors if r.req is not None and r.req in node.calls]
+                if len(owned) == len(node.errors):
+                    continue
+                rep = next(r for r in node.errors if r.req is None or r.req not in node.calls)
+                more = len(node.errors) - len(owned) - 1
+                node.errors = deque(owned)
                 raise rep.to_remote_error(node.host, k, more)
+
+    def raise_call_error(self, k: int, req: int) -> None:
+        """Raises the failure reported for the call ``req`` at server ``k``, if one came."""
+        node = self.nodes[k]
+        for r in node.errors:
+            if r.req == req:
+                node.errors.remove(r)
+                raise r.to_remote_error(node.host, k)
 
     def shutdown(self) -> None:
         """Closes the whole network (``sclose``): first prints what the servers said and
