@@ -10,7 +10,16 @@ import pickle
 import cloudpickle
 import pytest
 
-from parnet import ConnectionClosed, Connections, RemoteError, netcellfun, precv, reval, rfeval, sclose
+from parnet import (
+    ConnectionClosed,
+    Connections,
+    RemoteError,
+    netcellfun,
+    precv,
+    reval,
+    rfeval,
+    sclose,
+)
 from parnet.errors import remote_error
 from parnet.tracebacks import fill_source
 
