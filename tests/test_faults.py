@@ -13,7 +13,7 @@ Rows that exposed parnet bugs keep them covered as regressions.
 
 Servers here listen on 127.0.0.50 .. 127.0.0.63 on random ports and are stopped by pid.
 Heartbeats are short (``HB`` s) so that silent peers are noticed in seconds. Client scripts
-that get signals (kill -9, SIGSTOP, Ctrl-C) run as subprocesses. Waits are on conditions with
+that get signals (kill -9, Ctrl-C) run as subprocesses. Waits are on conditions with
 deadlines; the only fixed waits are CPU-measurement windows.
 """
 
@@ -239,8 +239,6 @@ PRECV_FAULTS = [
     pytest.param("SIGKILL", "worker", None, ConnectionClosed, GONE, PROMPT, id="kill-worker"),
     pytest.param("SIGKILL", "worker", "data", ConnectionClosed, NAMED, PROMPT, id="kill-worker-data-first"),
     pytest.param("SIGKILL", "worker", "cmd", ConnectionClosed, NAMED, PROMPT, id="kill-worker-cmd-first"),
-    pytest.param("SIGSTOP", "worker", None, ConnectionClosed, r"no sign of life from " + NAMED, HB + 2,
-                 id="stop-worker"),
     pytest.param("SIGTERM", "server", "cmd", ConnectionClosed, SHUTTING, PROMPT, id="sigterm-server-cmd-first"),
     pytest.param("SIGTERM", "server", "data", ConnectionClosed, SHUTTING, PROMPT, id="sigterm-server-data-first"),
     pytest.param("--kill", "server", "cmd", ConnectionClosed, SHUTTING, PROMPT, id="cli-kill-cmd-first"),
@@ -257,7 +255,6 @@ def check_peer_fault_while_precv_waits(tls: bool, how: str, where: str, first: s
         base = Baseline(cl)
         daemon, host, ip = cl.pids[0], cl.hosts[0], cl.ips[0]
         c = cl.connect(heartbeat=HB)
-        stopped: list[int] = []
         try:
             w, w2 = server_pids(c)
             reaper += [w, w2]
@@ -266,9 +263,6 @@ def check_peer_fault_while_precv_waits(tls: bool, how: str, where: str, first: s
             def fault() -> None:
                 if how == "SIGKILL":
                     kill_quietly([daemon, w] if where == "server" else [w])
-                elif how == "SIGSTOP":
-                    os.kill(w, signal.SIGSTOP)
-                    stopped.append(w)
                 elif how == "SIGTERM":
                     os.kill(daemon, signal.SIGTERM)
                 else:
@@ -287,19 +281,12 @@ def check_peer_fault_while_precv_waits(tls: bool, how: str, where: str, first: s
             with pytest.raises(ConnectionClosed):
                 psend(1, c[1])
             check_other_server_works(c, 2)
-            if how == "SIGSTOP":
-                # declared dead while frozen: once it runs again it must notice and exit by itself
-                os.kill(w, signal.SIGCONT)
-                stopped.clear()
-                wait_until(lambda: reaped(w), 15, "the continued worker to exit and be reaped")
-            elif where == "server":
+            if where == "server":
                 wait_until(lambda: gone(daemon) and gone(w), 5, "the server's processes to end")
             else:
                 wait_until(lambda: reaped(w), 10, "the daemon to reap the killed worker")
             procs = below([w, w2])
         finally:
-            for p in stopped:
-                os.kill(p, signal.SIGCONT)
             sclose(c)
         base.check(dead_daemons=[daemon] if where == "server" else [], gone_pids=procs)
     finally:
@@ -446,10 +433,10 @@ while True:
     netcellfun(c, job, list(range(40)))
 """
 
-# what fails (in the client), deadline for its workers and their pools to be gone
+# what fails (in the client), deadline for its workers and their pools to be gone. A frozen
+# (SIGSTOP) client is alive but busy, not gone: test_liveness.py keeps its workers running.
 CLIENT_FAULTS = [
     ("SIGKILL", 15.0),
-    ("SIGSTOP", HB + 3),
 ]
 
 
@@ -470,13 +457,9 @@ def test_client_fault_ends_its_workers(tls: bool, sig: str, within: float, share
         procs = wpids + [p for w in wpids for p in descendants(w)]
         reaper += procs
         os.kill(proc.pid, getattr(signal, sig))
-        t = time.monotonic()
         wait_until(lambda: all(gone(p) for p in procs), within,
                    f"the workers of the {sig} client and their pools to exit "
                    f"({[(p, cmdline(p)[:60]) for p in procs if not gone(p)]})")
-        took = time.monotonic() - t
-        if sig == "SIGSTOP":
-            assert took > HB - 1, f"workers left a frozen client after {took:.1f} s only"
     finally:
         proc.stop()
     base.check(gone_pids=procs)
@@ -549,7 +532,10 @@ def test_link_closed_mid_frame(tls: bool, next_call: str, shared: Callable[[bool
             wait_until(lambda: report.read_text() or reaped(w1), 5, "the worker's report")
             saw = report.read_text()
             assert not saw or (saw.startswith("ConnectionClosed") and "in the middle of a message" in saw), saw
-        # the client: the next call involving server 1 says it is gone
+        # the client: the next call involving server 1 says it is gone, once the client has
+        # seen the cut: at once when psend still wrote, else when its writer thread next writes
+        dl = c.network.nodes[1].data
+        wait_until(lambda: not dl.usable or not c.network.nodes[1].open, 10, "the client to see the cut")
         with pytest.raises(ConnectionClosed, match=re.escape(cl.hosts[0])):
             NEXT_CALLS[next_call](c)
         with pytest.raises(ConnectionClosed):  # and server 1 stays lost, for every call

@@ -200,3 +200,13 @@ def remote_error(host: str, node: int, exc_type: str, message: str, remote_trace
     except Exception:  # noqa: BLE001 - an odd type: the plain error still says everything
         return RemoteError(host, node, exc_type, message, remote_traceback, original, more)
     return err
+
+
+def remote_message(e: BaseException) -> str:
+    """``str(e)`` as a server reports it: a missing module says where it must be."""
+    text = str(e)
+    if isinstance(e, ModuleNotFoundError):
+        text += (" (on this server: the module must exist here, importable from the working "
+                 "directory or sys.path, or be sent by value with "
+                 "cloudpickle.register_pickle_by_value(module) at the client)")
+    return text

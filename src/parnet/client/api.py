@@ -36,12 +36,13 @@ from ..constants import CMD_PORT, PROTOCOL_VERSION
 from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
 from ..network import Connections, NodeInfo, single_index
 from ..transport import handshake
-from ..transport.heartbeat import DEFAULT_TIMEOUT, monitor
+from ..transport.heartbeat import DEFAULT_TIMEOUT, check_timeout, monitor
 from ..transport.link import Link, wait_links
 from ..wire import messages as msg
 from ..wire import serialize
 from ..wire.framing import encode_small
 from ..wire.messages import versions
+from .output import watch_output
 from .session import ClientSession
 
 _open_networks: weakref.WeakSet[ClientSession] = weakref.WeakSet()
@@ -120,14 +121,17 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
         timeout: seconds for the whole set-up.
         forward_output: print what the servers' code prints on this process's stderr, each
             line prefixed with the server's name (beyond Octave).
-        heartbeat: seconds of silence after which a peer counts as dead (default
-            ``$PARNET_HEARTBEAT_TIMEOUT`` or 10; beyond Octave).
+        heartbeat: seconds after which a server whose machine or network has stopped
+            answering counts as dead (default ``$PARNET_HEARTBEAT_TIMEOUT`` or 10; beyond
+            Octave). A server that is only busy (even holding the GIL for hours) or frozen
+            (SIGSTOP) is never declared dead: its kernel still answers (API.md, "Liveness").
 
     Returns:
         The network's ``Connections``: ``[0]`` is this machine, ``[1:]`` the servers in order.
 
     Raises:
-        ValueError: bad or duplicate names, misplaced loopback name.
+        ValueError: bad or duplicate names, misplaced loopback name, a ``heartbeat`` that is
+            not a finite number of seconds > 0 (``TypeError``: not a number).
         ConnectError: a server could not be reached, set up, or (``AuthenticationError``)
             authenticated; the message names it. Nothing is left open.
     """
@@ -136,6 +140,8 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
     timeout = check_seconds(timeout, "pconnect: timeout", none_ok=False, zero_ok=False)  # type: ignore[assignment]
     if heartbeat is not None:
         heartbeat = check_seconds(heartbeat, "pconnect: heartbeat", zero_ok=False)
+    hb = (check_timeout(DEFAULT_TIMEOUT, "PARNET_HEARTBEAT_TIMEOUT") if heartbeat is None
+          else check_timeout(heartbeat, "pconnect: heartbeat"))  # also finite
     deadline = time.monotonic() + timeout
     username = password = ""
     ctx = None
@@ -149,7 +155,6 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
         master = new_master_secret()
     netid = uuid.uuid4().bytes
     net = ClientSession(netid, names)
-    hb = DEFAULT_TIMEOUT if heartbeat is None else float(heartbeat)
     n = len(addrs)
     pool = ThreadPoolExecutor(max_workers=min(32, n))
     certs: dict[int, bytes] = {}  # node -> its command link's certificate hash
@@ -219,7 +224,6 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
         for k in range(1, n + 1):
             for link in (net.nodes[k].cmd, net.nodes[k].data):
                 mon.watch(link, hb, net.on_link_dead(k))
-        _start_background_pump(mon)
     except BaseException:
         net.close()
         raise
@@ -228,6 +232,7 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
         if master is not None:
             master[:] = bytes(len(master))
     _open_networks.add(net)
+    watch_output(net)  # what the servers print arrives as it is printed
     return Connections(net, range(n + 1))
 
 
@@ -284,25 +289,6 @@ def _warn_versions(net: ClientSession) -> None:
     if diffs:
         warnings.warn("parnet: versions differ between nodes; values or functions may not travel: "
                       + "; ".join(diffs), RuntimeWarning, stacklevel=3)
-
-
-_pump_started = False
-
-
-def _start_background_pump(mon: Any) -> None:
-    global _pump_started
-    if _pump_started:
-        return
-    _pump_started = True
-
-    def pump_all() -> None:
-        for net in list(_open_networks):
-            if net.closed:
-                _open_networks.discard(net)
-            else:
-                net.background_pump()
-
-    mon.add_task(pump_all)
 
 
 _reval_frames: dict[str, bytes] = {}  # encoded REVAL frames of recent command strings

@@ -5,8 +5,8 @@ link per server, which carries back what the worker reports: failures (``ERROR``
 ``RemoteError``), forwarded output, interrupt acknowledgements, shutdown notices, ``rfeval``
 results and map results. Those frames are handled by a table from message code to handler
 (``_handlers``); they are read whenever a call touches that server (``reval``, ``precv``,
-``select_sockets``, ``rfeval``) and, while no call runs, by the heartbeat thread
-(``background_pump``, which only ever tries the read lock).
+``select_sockets``, ``rfeval``) and, while no call runs, by the output reader thread as
+they arrive (``client.output``; ``background_pump``, which only ever tries the read lock).
 
 A ``precv`` waiting on a server also learns of a failure there at once: with a timeout it
 waits on both links; without one it waits on the data link alone, where the worker
@@ -268,16 +268,20 @@ class ClientSession(Network):
                 data, node.out_partial = node.out_partial, b""
                 self._print_output(node, data + b"\n")
 
-    def background_pump(self) -> None:
-        """Reads command links if no call is using them (prints output, keeps errors)."""
-        if self.closed or not self.read_lock.acquire(blocking=False):
-            return
+    def background_pump(self) -> bool:
+        """Reads command links if no call is using them (prints output, keeps errors);
+        False if a call holds the read lock (it reads the links it waits on itself)."""
+        if self.closed:
+            return True
+        if not self.read_lock.acquire(blocking=False):
+            return False
         try:
             for node in self.nodes[1:]:
                 if node.cmd is not None and node.cmd.usable and node.cmd.readable_now():
                     self.pump_cmd(node.index)
         finally:
             self.read_lock.release()
+        return True
 
     def interrupt(self, idxs: Sequence[int]) -> None:
         """Ctrl-C at the client: asks these servers to interrupt their running command and

@@ -161,6 +161,9 @@ class Worker:
         self.heartbeat = float(s.heartbeat)
         cwd = s.cwd
         os.chdir(cwd if cwd and os.path.isdir(cwd) else tempfile.gettempdir())
+        here = os.getcwd()
+        if not sys.path or sys.path[0] != here:
+            sys.path.insert(0, here)  # the client's modules in that directory import here
         deadline = time.monotonic() + s.timeout
         try:
             self._build_mesh(net, node, deadline)

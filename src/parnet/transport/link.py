@@ -35,14 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import select
 import socket
 import ssl
-import struct
-import termios
 import threading
 import time
 from collections import deque
@@ -54,6 +51,7 @@ from ..errors import ConnectionClosed, RemoteProtocolError
 from ..wire import messages as msg
 from ..wire.framing import Frame, FrameDecoder, encode_frame
 from . import bufpool
+from .heartbeat import PeerState, peer_state, set_keepalive, silence_reason
 
 log = logging.getLogger(__name__)
 
@@ -70,23 +68,6 @@ _DEBUG = bool(os.environ.get("PARNET_DEBUG"))
 _DROPPED = frozenset((msg.PING, msg.NOTICE))  # handled on arrival, never returned
 
 
-_TCP_INFO_LAST_DATA_RECV = 52  # offset of tcpi_last_data_recv (u32, ms) in struct tcp_info
-
-
-def silent_for(sock: socket.socket) -> float | None:
-    """Seconds since data last arrived from the peer, or None when it cannot be told
-    (not TCP) or when unread data waits in our receive queue (then the silence is ours)."""
-    try:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return None
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-        unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-    except (OSError, ValueError):
-        return None
-    if unread:
-        return None
-    (ms,) = struct.unpack_from("I", raw, _TCP_INFO_LAST_DATA_RECV)
-    return float(ms) / 1000.0
 
 
 def poll_ms(deadline: float | None) -> int:
@@ -136,6 +117,7 @@ class Link:
         self.closed = False
         self.eof = False
         self.sends = 0  # frames sent so far (the heartbeat pings links that send nothing)
+        self.heartbeat: float | None = None  # set by the heartbeat monitor that watches it
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("broken" if self.error else "open")
@@ -358,9 +340,15 @@ class Link:
         find it though the socket shows nothing)."""
         return self.tls and bool(self._sock.pending())  # type: ignore[attr-defined]
 
-    def silent_for(self) -> float | None:
-        """Seconds since data last arrived from the peer (``silent_for`` of the socket)."""
-        return silent_for(self._sock)
+    def keepalive(self, timeout: float) -> None:
+        """Turns on the kernel's keepalive for a heartbeat of ``timeout`` s: it ends the
+        connection when the peer's machine stops answering (``heartbeat.set_keepalive``)."""
+        self.heartbeat = timeout
+        set_keepalive(self._sock, timeout)
+
+    def peer_state(self) -> PeerState | None:
+        """What the kernel knows of the peer (``heartbeat.peer_state``), or None."""
+        return peer_state(self._sock)
 
     def readable_now(self) -> bool:
         """Whether a read would find data (or EOF) now; one ``poll`` call, no exception."""
@@ -454,7 +442,7 @@ class Link:
                 return False
             self.eof = True
             how = " in the middle of a message" if self._dec.mid_frame() else ""
-            err = self._broken(ConnectionClosed(f"in {self.name}: {e.strerror or e}{how}"))
+            err = self._broken(self._timed_out(e) or ConnectionClosed(f"in {self.name}: {e.strerror or e}{how}"))
             raise err from e
         if n == 0:
             self.eof = True
@@ -514,7 +502,15 @@ class Link:
         if self.error is not None:
             raise ConnectionClosed(f"in {self.name}: {self.error}") from self.error
 
+    def _timed_out(self, e: BaseException) -> ConnectionClosed | None:
+        """For the kernel's ETIMEDOUT on a watched link (its keepalive gave up: the peer's
+        machine stopped answering), the heartbeat's message; else None."""
+        if isinstance(e, OSError) and e.errno == errno.ETIMEDOUT and self.heartbeat is not None:
+            return ConnectionClosed(silence_reason(self.name, self.heartbeat))
+        return None
+
     def _broken(self, e: BaseException) -> ConnectionClosed:
+        e = self._timed_out(e) or e
         if self.error is None:
             self.error = e
         if isinstance(e, ConnectionClosed):

@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..errors import ProtocolError, RemoteError
+from ..errors import ProtocolError, RemoteError, remote_message
 from ..errors import remote_error as typed_remote_error
 from ..tracebacks import format_remote
 from . import serialize
@@ -197,7 +197,8 @@ class ErrorReport:
 
     Attributes:
         type: qualified name of the exception type.
-        message: ``str()`` of the exception.
+        message: ``str()`` of the exception (``errors.remote_message``: a missing module
+            says where it must be).
         traceback: the formatted traceback where it ran.
         pickled: the pickled exception when it survives a round trip, else None.
         req: the CALL it answers, if any.
@@ -223,7 +224,7 @@ class ErrorReport:
                 pickled = body
         except Exception:  # noqa: BLE001 - the text is enough
             pickled = None
-        return cls(type_name(type(e)), str(e)[:MAX_REPORT], format_traceback(e, skip),
+        return cls(type_name(type(e)), remote_message(e)[:MAX_REPORT], format_traceback(e, skip),
                    pickled, req, isinstance(e, KeyboardInterrupt))
 
     def original(self) -> BaseException | None:
