@@ -609,7 +609,9 @@ def cpu(pid):
     return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
 
 main = threading.main_thread().ident
-waits = ("_precv", "_wait_value")  # precv waits in one of these (the latter watches both links)
+# precv waits in one of these: the hot path (blocked in recv on the data link) or the latter,
+# which watches both links
+waits = ("_next_value_frame", "_precv", "_wait_value")
 inside = {"precv": waits, "peer-precv": waits, "stubborn": waits, "rfeval": ("wait_links",),
           "netcellfun": ("wait_links",)}[mode]
 
@@ -618,7 +620,9 @@ def announce(tag):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         f = sys._current_frames().get(main)
-        if f is not None and f.f_code.co_name in inside:
+        while f is not None and f.f_code.co_name not in inside:
+            f = f.f_back
+        if f is not None:
             print("waiting" + tag, flush=True)
             return
         time.sleep(0.002)
