@@ -503,9 +503,11 @@ def pick_ports(addrs: Sequence[str] = SERVER_ADDRS, rng: Any = random) -> int:
 
 
 @contextlib.contextmanager
-def bench_servers(use_tls: bool, prefix: str, addrs: Sequence[str] = SERVER_ADDRS) -> Any:
+def bench_servers(use_tls: bool, prefix: str, addrs: Sequence[str] = SERVER_ADDRS,
+                  pids_out: list[int] | None = None) -> Any:
     """Servers on ``addrs`` with a private ``PARNET_HOME`` (a bench user when TLS), stopped
-    by pid on exit; yields their ``host:port`` names for ``pconnect``."""
+    by pid on exit; yields their ``host:port`` names for ``pconnect``. ``pids_out`` receives
+    the daemons' pids."""
     home = tempfile.mkdtemp(prefix=prefix)
     os.environ["PARNET_HOME"] = home
     os.environ["XDG_RUNTIME_DIR"] = home
@@ -515,7 +517,7 @@ def bench_servers(use_tls: bool, prefix: str, addrs: Sequence[str] = SERVER_ADDR
         from parnet.auth.keygen import parallel_generate_srp_data
 
         parallel_generate_srp_data("bench", password="bench-password-123")
-    pids: list[int] = []
+    pids: list[int] = pids_out if pids_out is not None else []
     try:
         port = pick_ports(addrs)
         for addr in addrs:

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import wait_until
+from helpers import Cluster, children, wait_until
 from parnet import (
     RemoteError,
     install_vars,
@@ -112,6 +112,33 @@ def test_pool_path_two_levels(conns) -> None:
     r = netcellfun(conns, slow, range(24), uniform_output=False)
     assert len(r) == 24
     assert set(r) - workers, "no call ran in a pool process"
+
+
+def test_trivial_map_starts_no_pool(conns) -> None:
+    """Trivial calls run in the workers and start no pool processes (issue 13): whether a
+    job is slow is judged by its busy time, not by wall time a loaded host inflates."""
+    network_set(conns, "nlocaljobs", 2)
+    workers = [rfeval(os.getpid, connection=conns[k]) for k in (1, 2)]
+    r = netcellfun(conns, lambda x: os.getpid(), range(3000), uniform_output=False)
+    assert set(r) <= set(workers), "a trivial call ran outside the workers"
+    assert [children(w) for w in workers] == [[], []], "a worker started processes for trivial calls"
+
+
+def test_slow_map_spreads_over_every_server(tmp_path) -> None:
+    """A map starts on two servers and spreads to all when its jobs prove slow (issue 13)."""
+    cl = Cluster(4, False, first_ip=30)
+    try:
+        with cl.connect() as c:
+            workers = {rfeval(os.getpid, connection=c[k]) for k in range(1, 5)}
+            network_set(c, "nlocaljobs", 1)
+
+            def slow(x):
+                time.sleep(0.1)
+                return os.getpid()
+
+            assert set(netcellfun(c, slow, range(16))) == workers
+    finally:
+        cl.stop()
 
 
 def test_install_vars(conns) -> None:

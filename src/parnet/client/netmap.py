@@ -8,6 +8,10 @@ Theory of operation. Two levels of scheduling:
   flight, so no server waits on a round trip and a fast server simply gets more. One
   message carries a whole batch, so 2000 trivial calls cost a handful of messages, not
   2000 (``chunk_size`` stays the unit of local scheduling and of error reporting).
+  A map starts on ``FIRST_SERVERS`` servers only and spreads to more as its measured work
+  pays for them (``SERVER_WORK`` seconds of work left per server), or to all of them when
+  no result is back after ``FANOUT_AFTER`` (slow jobs): a tiny map does not pay for a
+  message to every server of a large network.
 * **Worker, over its cores** (``WorkerMapRunner``): the first job of a map runs in the
   worker process itself and is timed (while, if the local pool is already warm, the next
   ``nlocaljobs - 1`` jobs start there speculatively). Jobs faster than ``FAST_JOB`` keep
@@ -56,6 +60,9 @@ FAST_JOB = 0.0005  # seconds: faster jobs run in the worker process itself
 _SEND_EVERY = 0.02  # seconds: in-process runs report at least this often
 MIN_BATCH_WORK = 0.002  # seconds of measured work per batch, at least
 SPECULATE_AFTER = 0.005  # seconds: a first job still running then is slow; start the pool
+FIRST_SERVERS = 2  # servers a map starts on; more join as its measured work pays for them
+SERVER_WORK = 0.01  # seconds of measured work left per server, at least, to bring one in
+FANOUT_AFTER = 0.02  # seconds: no result back by then, the jobs are slow: use every server
 _map_ids = itertools.count(1)
 
 
@@ -248,7 +255,8 @@ class NetMap(MapSession):
                 "chunk_size": cs, "n": self.n,
                 "error_handler": Shared(self.error_handler) if self.error_handler else None,
                 "cum_func": Shared(self.cum_func) if self.cum_func else None}
-        alive = [k for k in self.servers if self._send(k, msg.MapStart(self.map_id, spec))]
+        self.spec = spec
+        alive = list(self.servers)
         # Job j covers elements [j*cs, min(n, (j+1)*cs)). Bookkeeping is per job range, in
         # numpy arrays, so a map of many tiny jobs costs no per-job Python objects.
         self.pending: deque[tuple[int, int]] = deque([(0, njobs)])
@@ -260,14 +268,17 @@ class NetMap(MapSession):
         self.batches: dict[int, set[int]] = {k: set() for k in alive}  # server -> open batch ids
         self.lost_with = np.zeros(njobs, dtype=np.int8)
         self.alive = alive
-        for _ in range(2):
-            for k in list(alive):
-                self._give(k)
+        self.active: list[int] = []  # the servers this map was started on
+        self.t0 = time.monotonic()
+        self._engage(FIRST_SERVERS)
         try:
             while not self.asm.done():
                 if not self.inbox:
                     links = [net.nodes[k].cmd for k in alive]
-                    ready = wait_links(links, time.monotonic() + 1.0)  # type: ignore[arg-type]
+                    deadline = time.monotonic() + 1.0
+                    if len(self.active) < len(alive) and self.npending and not self.work_jobs:
+                        deadline = min(deadline, self.t0 + FANOUT_AFTER)
+                    ready = wait_links(links, deadline)  # type: ignore[arg-type]
                     for pos in ready:
                         net.pump_cmd(alive[pos])
                     net.raise_errors(alive)
@@ -290,16 +301,41 @@ class NetMap(MapSession):
                         if len(self.batches[k]) < 2 and k in alive:
                             self._give(k)
                 self._handle_lost()
+                self._widen()
         except BaseException as e:
+            started = [k for k in self.active if k in alive]
             if isinstance(e, KeyboardInterrupt):
-                net.interrupt(alive)  # first: it must find the running jobs still counted
-            for k in alive:
+                net.interrupt(started)  # first: it must find the running jobs still counted
+            for k in started:
                 self._send(k, msg.MapCancel(self.map_id))
             raise
         finally:
-            for k in alive:
-                self._send(k, msg.MapEnd(self.map_id))
+            for k in self.active:
+                if k in alive:
+                    self._send(k, msg.MapEnd(self.map_id))
         return self.asm.result()
+
+    def _engage(self, want: int) -> None:
+        """Starts the map on more servers, up to ``want`` in all; each gets two batches."""
+        for k in self.alive:
+            if len(self.active) >= want or not self.npending:
+                return
+            if k in self.active:
+                continue
+            if self._send(k, msg.MapStart(self.map_id, self.spec)):
+                self.active.append(k)
+                for _ in range(2):
+                    self._give(k)
+
+    def _widen(self) -> None:
+        """Brings in as many more servers as the work left pays for (see the module docstring)."""
+        if len(self.active) >= len(self.alive) or not self.npending:
+            return
+        if self.work_jobs and self.work_time > 0:
+            left = self.npending * self.work_time / self.work_jobs
+            self._engage(math.ceil(left / SERVER_WORK))
+        elif not self.work_jobs and time.monotonic() >= self.t0 + FANOUT_AFTER:
+            self._engage(len(self.alive))
 
     def _give(self, k: int) -> None:
         """Sends server ``k`` its next batch (guided self-scheduling)."""
@@ -345,6 +381,8 @@ class NetMap(MapSession):
             return
         for k in gone:
             self.alive.remove(k)
+            if k in self.active:
+                self.active.remove(k)
             self.batches.pop(k, None)
             lost = np.flatnonzero((self.owner == k) & ~self.done)
             self.owner[lost] = -1
@@ -362,7 +400,9 @@ class NetMap(MapSession):
                 log.warning("%s: %s died; rerunning %d jobs elsewhere", self.name, self.net.name(k), lost.size)
         if not self.alive:
             raise ConnectionClosed(f"{self.name}: every server has gone")
-        for k in self.alive:
+        if not self.active:
+            self._engage(FIRST_SERVERS)
+        for k in self.active:
             while len(self.batches[k]) < 2 and self.npending:
                 self._give(k)
 

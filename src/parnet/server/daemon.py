@@ -398,6 +398,9 @@ class Daemon:
     # -- loop ------------------------------------------------------------------------
     def run(self) -> None:
         """Serves until SIGTERM/SIGINT."""
+        from ..maps.pool import preload
+
+        preload()  # what a worker's local pool needs, imported once here, before the forks
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)

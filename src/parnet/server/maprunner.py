@@ -39,6 +39,40 @@ _SEND_EVERY = 0.02  # seconds: in-process runs report at least this often
 SPECULATE_AFTER = 0.005  # seconds: a first job still running then is slow; start the pool
 
 
+def busy_clock(tid: int | None = None) -> float:
+    """Seconds on a clock that stops while the thread ``tid`` (this one by default) waits for
+    a CPU: wall time minus the thread's run-queue wait (``/proc/.../schedstat``).
+
+    A job's time on it is what the job itself takes, computing or blocked (``sleep``, I/O),
+    but not the time a loaded host kept it off the CPU: a trivial job never looks slow and
+    never starts a pool for nothing. Plain wall time where the kernel keeps no schedstat.
+    """
+    tid = tid or threading.get_native_id()
+    now = time.monotonic()
+    for _ in range(2):
+        fd = _schedstat_fds.get(tid)
+        try:
+            if fd is None:
+                fd = _schedstat_fds[tid] = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            return now - int(os.pread(fd, 64, 0).split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            if fd is None:
+                break  # no schedstat here
+            with contextlib.suppress(OSError):  # a thread that ended (its id now reused?)
+                os.close(_schedstat_fds.pop(tid))
+    return now
+
+
+_schedstat_fds: dict[int, int] = {}  # thread id -> open /proc/self/task/<tid>/schedstat
+os.register_at_fork(after_in_child=_schedstat_fds.clear)
+
+
+def _busy_since(start: float, wall: float, tid: int | None = None) -> float:
+    """The busy time since ``start`` (``busy_clock``) of a job that took ``wall`` seconds;
+    the clock is read only when the wall time alone says the job is slow."""
+    return wall if wall < FAST_JOB else busy_clock(tid) - start
+
+
 class _WMap:
     def __init__(self, map_id: int, spec: dict[str, Any]) -> None:
         self.map_id = map_id
@@ -89,11 +123,12 @@ class WorkerMapRunner:
         self._pool_n = 0
         self._pool_lock = threading.Lock()
         self._pool_warm = False
+        self._pool_starting = False  # _warm_pool started for the current pool
         self.pool_jobs = 0  # jobs running in the pool, over all maps (an ended map's too)
         # The probe of a map's first job runs in this thread; if it is still running after
         # SPECULATE_AFTER, the speculator thread starts nlocaljobs - 1 jobs in the pool.
         self._spec_cv = threading.Condition()
-        self._probing: tuple[_WMap, float] | None = None
+        self._probing: tuple[_WMap, float, int] | None = None  # map, busy_clock at start, thread
         self._speculator: threading.Thread | None = None
         self.interrupts = 0  # interrupts so far: a pool job failing after one was stopped by it
 
@@ -111,12 +146,17 @@ class WorkerMapRunner:
             self._handlers[type(cmd)](self, m, cmd)
 
     def _start(self, cmd: msg.MapStart) -> None:
+        # No pool yet: it starts only when a job proves slow (see _speculate), so a map of
+        # trivial calls never starts processes. The daemon imported what it needs (preload).
         self.maps[cmd.map_id] = _WMap(cmd.map_id, cmd.spec)
-        if self.nlocal() > 1 and self._pool is None:
-            from ..maps.pool import preload
 
-            preload()  # here, not in the thread below: user code may be importing meanwhile
-            threading.Thread(target=self._warm_pool, daemon=True, name="parnet-pool-start").start()
+    def _start_pool(self) -> None:
+        """Starts the local pool in the background, once (until it is shut down)."""
+        with self._pool_lock:
+            if self._pool_starting:
+                return
+            self._pool_starting = True
+        threading.Thread(target=self._warm_pool, daemon=True, name="parnet-pool-start").start()
 
     def _jobs(self, m: _WMap, cmd: msg.MapJobs) -> None:
         m.queue.extend(list(item) for item in cmd.items)
@@ -146,21 +186,37 @@ class WorkerMapRunner:
             self._speculator.start()
 
     def _speculate(self) -> None:
-        """Starts pool jobs for a probe that takes long (a slow first job of a map)."""
+        """Starts the pool, or pool jobs, for a probe that takes long (a slow first job of
+        a map, or a slow call of a stream): ``SPECULATE_AFTER`` on its ``busy_clock``."""
         while True:
             with self._spec_cv:
                 while self._probing is None:
                     self._spec_cv.wait()
                 probe = self._probing
-                left = probe[1] + SPECULATE_AFTER - time.monotonic()
+                left = probe[1] + SPECULATE_AFTER - busy_clock(probe[2])
                 if left > 0:
-                    self._spec_cv.wait(left)
-                    if self._probing is not probe or time.monotonic() < probe[1] + SPECULATE_AFTER:
-                        continue  # that probe ended (or a spurious wake-up)
+                    self._spec_cv.wait(max(left, 0.001))
+                    continue  # ended, or check its busy time again
                 self._probing = None
-            if probe[0].stream:
-                probe[0].mode = "pool"  # a slow call: this stream's calls go to the pool now
-            self._fill(probe[0], limit=self.nlocal() - 1)
+            m = probe[0]
+            if m.stream:
+                m.mode = "pool"  # a slow call: this stream's calls go to the pool now
+            if self._pool is not None and self._pool_warm:
+                self._fill(m, limit=self.nlocal() - 1)
+            else:
+                self._start_pool()  # which starts nlocaljobs - 1 jobs of maps still probing
+
+    def _probe(self, m: _WMap) -> None:
+        """The thread's next job is ``m``'s probe (the speculator watches it)."""
+        self._start_speculator()
+        with self._spec_cv:
+            self._probing = (m, busy_clock(), threading.get_native_id())
+            self._spec_cv.notify()
+
+    def _probe_end(self) -> None:
+        with self._spec_cv:
+            self._probing = None
+            self._spec_cv.notify()
 
     def _warm_pool(self) -> None:
         """Starts the pool off the main thread; maps still probing their first job get
@@ -171,6 +227,7 @@ class WorkerMapRunner:
             self._pool_warm = True
         except Exception as e:  # noqa: BLE001 - the map will report its own errors
             log.warning("local pool did not start: %s", e)
+            self._pool_starting = False
             return
         for m in list(self.maps.values()):
             if m.mode is None:
@@ -200,7 +257,8 @@ class WorkerMapRunner:
             self.w.cmd.send_frame(*frame)
 
     def _run_here(self, m: _WMap, first_only: bool = False) -> float:
-        """Runs queued jobs in this process; returns the duration of the last one."""
+        """Runs queued jobs in this process; returns the duration of the last one (its
+        busy time, see ``busy_clock``, when ``first_only``)."""
         out: list[tuple[tuple[int, int], ChunkResult, float]] = []
         last_send = time.monotonic()
         dt = 0.0
@@ -209,11 +267,13 @@ class WorkerMapRunner:
                 if not m.queue or m.cancelled:
                     break
                 j, start, args = m.pop_job() if first_only else m.pop_run()
+            b = busy_clock() if first_only else 0.0
             t = time.perf_counter()
             res = run_chunk(m.task(start, args))
             dt = time.perf_counter() - t
             out.append((j, res, dt))
             if first_only:
+                dt = _busy_since(b, dt)
                 break
             if time.monotonic() - last_send > _SEND_EVERY:
                 self._send(m, out)
@@ -239,9 +299,7 @@ class WorkerMapRunner:
         if m.mode == "pool" and nloc > 1:
             self._fill(m)
             return
-        speculate = nloc > 1 and self._pool is not None and self._pool_warm
-        if speculate:
-            self._start_speculator()
+        speculate = nloc > 1
         out: list[tuple[tuple[int, int], ChunkResult, float]] = []
         last_send = time.monotonic()
         job: tuple[tuple[int, int], int] | None = None
@@ -253,15 +311,14 @@ class WorkerMapRunner:
                     j, start, args = m.pop_job()
                 job = (j, start)
                 if speculate:  # the speculator starts pool jobs if this call takes long
-                    with self._spec_cv:
-                        self._probing = (m, time.monotonic())
-                        self._spec_cv.notify()
+                    self._probe(m)
+                b = busy_clock() if speculate else 0.0
                 t = time.perf_counter()
                 res = run_chunk(m.task(start, args))
                 dt = time.perf_counter() - t
                 out.append((j, res, dt))
                 job = None
-                if dt >= SPECULATE_AFTER and nloc > 1:
+                if speculate and dt >= SPECULATE_AFTER and busy_clock() - b >= SPECULATE_AFTER:
                     m.mode = "pool"
                     m.fast_streak = 0
                 elif m.mode is None:
@@ -276,9 +333,7 @@ class WorkerMapRunner:
                 out.append((job[0], error_result(job[1], 1, job[1], err, want_traceback=False), 0.0))
         finally:
             if speculate:
-                with self._spec_cv:
-                    self._probing = None
-                    self._spec_cv.notify()
+                self._probe_end()
             self._send(m, out)
         if m.mode == "pool" and nloc > 1:
             self._fill(m)
@@ -289,17 +344,11 @@ class WorkerMapRunner:
             return
         nloc = self.nlocal()
         if m.mode is None:
-            speculate = nloc > 1 and self._pool is not None and self._pool_warm
-            if speculate:
-                self._start_speculator()
-                with self._spec_cv:
-                    self._probing = (m, time.monotonic())
-                    self._spec_cv.notify()
+            if nloc > 1:
+                self._probe(m)
             dt = self._run_here(m, first_only=True)
-            if speculate:
-                with self._spec_cv:
-                    self._probing = None
-                    self._spec_cv.notify()
+            if nloc > 1:
+                self._probe_end()
             m.mode = "here" if nloc == 1 or dt < FAST_JOB else "pool"
         if m.mode == "here":
             self._run_here(m)
@@ -368,14 +417,34 @@ class WorkerMapRunner:
                 m.cancelled = True
                 m.queue.clear()
         if self.pool_jobs > 0 and self._pool is not None:
-            pool, self._pool, self._pool_warm = self._pool, None, False
+            pool, self._pool, self._pool_warm, self._pool_starting = self._pool, None, False, False
             with contextlib.suppress(Exception):
                 pool.shutdown(kill=True)
 
     def close(self, kill: bool = False) -> None:
-        """Stops the maps and the local pool."""
+        """Stops the maps and the local pool. The pool's processes end at the lowest CPU
+        priority: the teardown of many networks' pools at once (a large network closing)
+        waits for the host's other work rather than delaying it."""
         for m in self.maps.values():
             m.cancelled = True
         if self._pool is not None:
+            if not kill:
+                _lowest_priority(_children())
             with contextlib.suppress(Exception):
                 self._pool.shutdown(kill=kill)
+
+
+def _children() -> list[int]:
+    """The pids of this process's children (the pool's processes)."""
+    kids: set[int] = set()
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/children") as f:
+                kids.update(int(x) for x in f.read().split())
+    return sorted(kids)
+
+
+def _lowest_priority(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, pid, 19)
