@@ -9,9 +9,12 @@ Theory of operation. Two levels of scheduling:
   message carries a whole batch, so 2000 trivial calls cost a handful of messages, not
   2000 (``chunk_size`` stays the unit of local scheduling and of error reporting).
   A map starts on ``FIRST_SERVERS`` servers only and spreads to more as its measured work
-  pays for them (``SERVER_WORK`` seconds of work left per server), or to all of them when
-  no result is back after ``FANOUT_AFTER`` (slow jobs): a tiny map does not pay for a
-  message to every server of a large network.
+  pays for them (``SERVER_WORK`` seconds of work left per server, each server's first
+  result, its probe, left out of that estimate: a first call is often slower than the
+  rest). It spreads to all of them at once when a server reports its probe slow (an empty
+  ``MAP_RESULT``: a job still running after ``SPECULATE_AFTER`` of busy time), or when no
+  result is back after ``FANOUT_AFTER``: a tiny map does not pay for a message to every
+  server of a large network, a slow one loses a few milliseconds.
 * **Worker, over its cores** (``WorkerMapRunner``): the first job of a map runs in the
   worker process itself and is timed (while, if the local pool is already warm, the next
   ``nlocaljobs - 1`` jobs start there speculatively). Jobs faster than ``FAST_JOB`` keep
@@ -62,7 +65,7 @@ MIN_BATCH_WORK = 0.002  # seconds of measured work per batch, at least
 SPECULATE_AFTER = 0.005  # seconds: a first job still running then is slow; start the pool
 FIRST_SERVERS = 2  # servers a map starts on; more join as its measured work pays for them
 SERVER_WORK = 0.01  # seconds of measured work left per server, at least, to bring one in
-FANOUT_AFTER = 0.02  # seconds: no result back by then, the jobs are slow: use every server
+FANOUT_AFTER = 0.1  # seconds: no result back by then (and no slow notice), use every server
 _map_ids = itertools.count(1)
 
 
@@ -166,8 +169,13 @@ class MapSession:
         self.inbox: deque[tuple[int, tuple[int, int], ChunkResult, float]] = deque()
 
     def deliver(self, k: int, results: list[tuple[tuple[int, int], ChunkResult, float]]) -> None:
-        """Results from server ``k`` (called by the thread that read them)."""
+        """Results from server ``k`` (called by the thread that read them); none: server
+        ``k`` reports its first job slow."""
+        if not results:
+            self.slow = True
         self.inbox.extend((k, job, res, dt) for job, res, dt in results)
+
+    slow = False  # a server reported a slow first job
 
     def register(self) -> None:
         """Routes this map's results to ``deliver`` from now on."""
@@ -228,6 +236,7 @@ class NetMap(MapSession):
         self.verbose = verbose
         self.work_time = 0.0  # measured run time of the jobs back so far, and their count
         self.work_jobs = 0
+        self.probed: set[int] = set()  # servers whose first result (the probe) is back
 
     def run(self) -> Any:
         """Runs the map to the end and returns its value."""
@@ -276,7 +285,7 @@ class NetMap(MapSession):
                 if not self.inbox:
                     links = [net.nodes[k].cmd for k in alive]
                     deadline = time.monotonic() + 1.0
-                    if len(self.active) < len(alive) and self.npending and not self.work_jobs:
+                    if len(self.active) < len(alive) and self.npending and not self.work_jobs and not self.slow:
                         deadline = min(deadline, self.t0 + FANOUT_AFTER)
                     ready = wait_links(links, deadline)  # type: ignore[arg-type]
                     for pos in ready:
@@ -284,8 +293,10 @@ class NetMap(MapSession):
                     net.raise_errors(alive)
                 while self.inbox:
                     k, (j0, j1), res, dt = self.inbox.popleft()
-                    self.work_time += dt
-                    self.work_jobs += j1 - j0
+                    if k in self.probed:
+                        self.work_time += dt
+                        self.work_jobs += j1 - j0
+                    self.probed.add(k)
                     if self.done[j0]:  # rerun elsewhere after its server was lost
                         continue
                     if res.error is not None:
@@ -331,7 +342,9 @@ class NetMap(MapSession):
         """Brings in as many more servers as the work left pays for (see the module docstring)."""
         if len(self.active) >= len(self.alive) or not self.npending:
             return
-        if self.work_jobs and self.work_time > 0:
+        if self.slow:
+            self._engage(len(self.alive))
+        elif self.work_jobs and self.work_time > 0:
             left = self.npending * self.work_time / self.work_jobs
             self._engage(math.ceil(left / SERVER_WORK))
         elif not self.work_jobs and time.monotonic() >= self.t0 + FANOUT_AFTER:

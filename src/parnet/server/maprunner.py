@@ -201,6 +201,11 @@ class WorkerMapRunner:
             m = probe[0]
             if m.stream:
                 m.mode = "pool"  # a slow call: this stream's calls go to the pool now
+            else:  # a slow first job: the client spreads the map over every server now
+                with contextlib.suppress(OSError):
+                    self.w.cmd.send_frame(*msg.encode(msg.MapResult(m.map_id, [])))
+            if self.nlocal() <= 1:
+                continue
             if self._pool is not None and self._pool_warm:
                 self._fill(m, limit=self.nlocal() - 1)
             else:
@@ -344,11 +349,9 @@ class WorkerMapRunner:
             return
         nloc = self.nlocal()
         if m.mode is None:
-            if nloc > 1:
-                self._probe(m)
+            self._probe(m)  # the speculator tells the client, and starts pool jobs, if slow
             dt = self._run_here(m, first_only=True)
-            if nloc > 1:
-                self._probe_end()
+            self._probe_end()
             m.mode = "here" if nloc == 1 or dt < FAST_JOB else "pool"
         if m.mode == "here":
             self._run_here(m)

@@ -178,7 +178,8 @@ class MapEnd:
 
 @dataclass(frozen=True, slots=True)
 class MapResult:
-    """MAP_RESULT: results of jobs, each ``((j0, j1), ChunkResult, seconds)``."""
+    """MAP_RESULT: results of jobs, each ``((j0, j1), ChunkResult, seconds)``; none: the
+    map's first job on this server is slow (so the client spreads the map further)."""
 
     map_id: int
     results: list[tuple[tuple[int, int], Any, float]]
