@@ -16,11 +16,14 @@ Theory of operation. Two levels of scheduling:
   result is back after ``FANOUT_AFTER``: a tiny map does not pay for a message to every
   server of a large network, a slow one loses a few milliseconds.
 * **Worker, over its cores** (``WorkerMapRunner``): the first job of a map runs in the
-  worker process itself and is timed (while, if the local pool is already warm, the next
-  ``nlocaljobs - 1`` jobs start there speculatively). Jobs faster than ``FAST_JOB`` keep
-  running in-process: a process hop would cost more than the call. Slower jobs go to the
-  reusable local pool (``maps.pool``), ``nlocaljobs`` at a time, fed from the pool's
-  completion callbacks, each result sent back as soon as it is ready.
+  worker process itself and is timed by its *busy* time (wall time minus the time the
+  thread waited for a CPU: a loaded host does not make a trivial job look slow). Jobs
+  faster than ``FAST_JOB`` keep running in-process: a process hop would cost more than
+  the call, and no pool is started for them. A first job still busy after
+  ``SPECULATE_AFTER`` starts the local pool (or, if it is warm, ``nlocaljobs - 1`` jobs
+  there at once) and tells the client; slower jobs go to the reusable local pool
+  (``maps.pool``), ``nlocaljobs`` at a time, fed from the pool's completion callbacks,
+  each result sent back as soon as it is ready.
 
 Results come back as ``MAP_RESULT`` frames on the command link and go into an
 ``Assembler`` in any order. A failing element without ``error_handler`` cancels the map
