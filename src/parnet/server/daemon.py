@@ -291,7 +291,8 @@ class Daemon:
 
     # -- start -----------------------------------------------------------------------
     def prepare(self) -> None:
-        """Checks, loads auth data, binds both ports and writes the pid file.
+        """Checks, loads auth data, binds both ports, writes the pid file, and imports
+        what a worker's local pool needs (once here, before the forks, not per worker).
 
         Raises:
             ParnetError / ConfigError: running as root, bad auth files, port in use.
@@ -306,6 +307,9 @@ class Daemon:
         self._setup_logging()
         if os.geteuid() == 0:
             log.warning("running as root (--allow-root): clients' code runs as root")
+        from ..maps.pool import preload
+
+        preload()
         if self.use_tls:
             from ..auth.keyfile import load_server_auth
             from ..auth.tls import (
@@ -398,9 +402,6 @@ class Daemon:
     # -- loop ------------------------------------------------------------------------
     def run(self) -> None:
         """Serves until SIGTERM/SIGINT."""
-        from ..maps.pool import preload
-
-        preload()  # what a worker's local pool needs, imported once here, before the forks
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
