@@ -37,6 +37,7 @@ from bench_core import (  # noqa: E402
     bench_servers,
     children_of,
     failed_row,
+    finish,
     interleaved,
     loadavg,
     print_table,
@@ -183,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         failed = True
-    print(f"\ntotal time {time.monotonic() - t_start:.1f} s; load average at end: {loadavg()}")
-    if failed:
-        print("something FAILED (see above)" + ("" if a.quick else "; exit status 0 (not --quick)"))
-    return 1 if failed and a.quick else 0
+    return finish(t_start, failed, a.quick)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from bench_core import (  # noqa: E402
     Row,
     bench_servers,
     failed_row,
+    finish,
     interleaved,
     loadavg,
     print_table,
@@ -148,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - a benchmark reports (and in --quick mode fails below)
         traceback.print_exc()
         failed = True
-    print(f"\ntotal time {time.monotonic() - t_start:.1f} s; load average at end: {loadavg()}")
-    if failed:
-        print("something FAILED (see above)" + ("" if a.quick else "; exit status 0 (not --quick)"))
-    return 1 if failed and a.quick else 0
+    return finish(t_start, failed, a.quick)
 
 
 if __name__ == "__main__":
