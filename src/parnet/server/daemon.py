@@ -291,8 +291,7 @@ class Daemon:
 
     # -- start -----------------------------------------------------------------------
     def prepare(self) -> None:
-        """Checks, loads auth data, binds both ports, writes the pid file, and imports
-        what a worker's local pool needs (once here, before the forks, not per worker).
+        """Checks, loads auth data, binds both ports and writes the pid file.
 
         Raises:
             ParnetError / ConfigError: running as root, bad auth files, port in use.
@@ -307,9 +306,6 @@ class Daemon:
         self._setup_logging()
         if os.geteuid() == 0:
             log.warning("running as root (--allow-root): clients' code runs as root")
-        from ..maps.pool import preload
-
-        preload()
         if self.use_tls:
             from ..auth.keyfile import load_server_auth
             from ..auth.tls import (

@@ -148,8 +148,7 @@ class WorkerMapRunner:
     def _start(self, cmd: msg.MapStart) -> None:
         # No pool yet: it starts only when a job proves slow (see _speculate), so a map of
         # trivial calls never starts processes. What starting it imports is imported here,
-        # not in that thread (user code may be importing meanwhile); the daemon did already,
-        # before it forked this worker, so this costs nothing.
+        # not in that thread (user code may be importing meanwhile): once per worker.
         self.maps[cmd.map_id] = _WMap(cmd.map_id, cmd.spec)
         if self.nlocal() > 1:
             from ..maps.pool import preload
