@@ -66,7 +66,9 @@ class Reps:
 
 
 FULL = Reps(rtt=3000, rtt_warm=300, echo8=40, echo80=15, warm_bulk=2, connects=15)
-QUICK = Reps(rtt=400, rtt_warm=50, echo8=6, echo80=3, warm_bulk=1, connects=4, extra_sizes=("8 MB",))
+QUICK = Reps(
+    rtt=400, rtt_warm=50, echo8=6, echo80=3, warm_bulk=1, connects=4, extra_sizes=("8 MB",)
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -105,8 +107,15 @@ class RawOpts:
     own_session: bool = True
 
     def argv(self) -> list[str]:
-        return ["--raw-alloc", self.alloc, "--raw-chunk", str(self.chunk), "--raw-sockbuf", str(self.sockbuf),
-                *(["--raw-nbsend"] if self.nbsend else [])]
+        return [
+            "--raw-alloc",
+            self.alloc,
+            "--raw-chunk",
+            str(self.chunk),
+            "--raw-sockbuf",
+            str(self.sockbuf),
+            *(["--raw-nbsend"] if self.nbsend else []),
+        ]
 
 
 def raw_buffer(size: int, alloc: str) -> memoryview:
@@ -125,7 +134,11 @@ class RawBuffers:
 
     def __init__(self, alloc: str) -> None:
         self.alloc = alloc
-        self.bufs = [] if alloc == "fresh" else [raw_buffer(s + 4096, alloc) for s in sorted(SIZES.values())]
+        self.bufs = (
+            []
+            if alloc == "fresh"
+            else [raw_buffer(s + 4096, alloc) for s in sorted(SIZES.values())]
+        )
 
     def get(self, n: int) -> memoryview:
         if self.alloc == "fresh":
@@ -280,15 +293,27 @@ def make_cert(directory: str) -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=2)).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .sign(key, hashes.SHA256())
+    )
     cpath, kpath = os.path.join(directory, "bench.crt"), os.path.join(directory, "bench.key")
     with open(cpath, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(kpath, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     return cpath, kpath
 
 
@@ -306,9 +331,17 @@ class RawPeer:
         ls.listen(1)
         port = ls.getsockname()[1]
         self.opts = opts
-        self.child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--raw-child", str(port),
-                                       *(["--raw-tls"] if use_tls else []), *opts.argv()],
-                                      start_new_session=opts.own_session)
+        self.child = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--raw-child",
+                str(port),
+                *(["--raw-tls"] if use_tls else []),
+                *opts.argv(),
+            ],
+            start_new_session=opts.own_session,
+        )
         try:
             ls.settimeout(30)
             sock, _ = ls.accept()
@@ -410,8 +443,10 @@ class Usage:
         n = max(self.ops, 1)
         c, p = self.client, self.peers
         unit, k = ("us", 1e6) if max(c[3], p[3]) / n < 1e-3 else ("ms", 1e3)
-        return (f"faults {c[0] / n:.0f}/{p[0] / n:.0f}, CPU {unit} {c[3] / n * k:.1f}/{p[3] / n * k:.1f} "
-                f"(user+sys {c[1] / n * k:.1f}+{c[2] / n * k:.1f}/{p[1] / n * k:.1f}+{p[2] / n * k:.1f})")
+        return (
+            f"faults {c[0] / n:.0f}/{p[0] / n:.0f}, CPU {unit} {c[3] / n * k:.1f}/{p[3] / n * k:.1f} "
+            f"(user+sys {c[1] / n * k:.1f}+{c[2] / n * k:.1f}/{p[1] / n * k:.1f}+{p[2] / n * k:.1f})"
+        )
 
 
 def _plus(a: Sample, b: Sample) -> Sample:
@@ -429,8 +464,13 @@ def _diff(a: Sample, b: Sample) -> Sample:
     return b[0] - a[0], b[1] - a[1], b[2] - a[2], b[3] - a[3]
 
 
-def interleaved(fns: dict[str, Callable[[], int]], n: int, warm: int, block: int,
-                peers: dict[str, Sequence[int]] | None = None) -> tuple[dict[str, list[int]], dict[str, Usage]]:
+def interleaved(
+    fns: dict[str, Callable[[], int]],
+    n: int,
+    warm: int,
+    block: int,
+    peers: dict[str, Sequence[int]] | None = None,
+) -> tuple[dict[str, list[int]], dict[str, Usage]]:
     """Runs each ``fn`` (one timed iteration, returns ns) ``warm`` times, then ``n`` timed times,
     alternating between them in blocks of ``block`` (order rotated each round), so that every
     figure sees the same machine conditions. Returns the samples per name, and the usage
@@ -447,7 +487,7 @@ def interleaved(fns: dict[str, Callable[[], int]], n: int, warm: int, block: int
     rnd = 0
     while done < n:
         k = min(block, n - done)
-        order = names[rnd % len(names):] + names[: rnd % len(names)]
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
         for name in order:
             fn = fns[name]
             gc.collect()
@@ -463,6 +503,7 @@ def interleaved(fns: dict[str, Callable[[], int]], n: int, warm: int, block: int
 
 def timer_ns(fn: Callable[[], object]) -> Callable[[], int]:
     """``fn`` as one timed iteration for ``interleaved``: runs it, returns its time in ns."""
+
     def run() -> int:
         t = time.perf_counter_ns()
         fn()
@@ -503,8 +544,12 @@ def pick_ports(addrs: Sequence[str] = SERVER_ADDRS, rng: Any = random) -> int:
 
 
 @contextlib.contextmanager
-def bench_servers(use_tls: bool, prefix: str, addrs: Sequence[str] = SERVER_ADDRS,
-                  pids_out: list[int] | None = None) -> Any:
+def bench_servers(
+    use_tls: bool,
+    prefix: str,
+    addrs: Sequence[str] = SERVER_ADDRS,
+    pids_out: list[int] | None = None,
+) -> Any:
     """Servers on ``addrs`` with a private ``PARNET_HOME`` (a bench user when TLS), stopped
     by pid on exit; yields their ``host:port`` names for ``pconnect``. ``pids_out`` receives
     the daemons' pids."""
@@ -521,8 +566,11 @@ def bench_servers(use_tls: bool, prefix: str, addrs: Sequence[str] = SERVER_ADDR
     try:
         port = pick_ports(addrs)
         for addr in addrs:
-            pids.append(start_background(use_tls=use_tls, cmd_port=port, data_port=port + 1, bind=addr,
-                                         allow_root=True))
+            pids.append(
+                start_background(
+                    use_tls=use_tls, cmd_port=port, data_port=port + 1, bind=addr, allow_root=True
+                )
+            )
         yield [f"{x}:{port}" for x in addrs]
     finally:
         for pid in pids:
@@ -610,8 +658,16 @@ def fmt_echo(ns: float, size: int) -> str:
     return f"{ns / 1e6:.2f} ms ({2 * size / MB / (ns / 1e9):.0f} MB/s)"
 
 
-def ratio_row(name: str, ns: float, base_ns: float, limit: float | None, *, size: int | None = None,
-              use: tuple[Usage, Usage] | None = None, note: str = "") -> Row:
+def ratio_row(
+    name: str,
+    ns: float,
+    base_ns: float,
+    limit: float | None,
+    *,
+    size: int | None = None,
+    use: tuple[Usage, Usage] | None = None,
+    note: str = "",
+) -> Row:
     """A row with the ratio of ``ns`` to ``base_ns``; ``use``: the (measured, baseline) usage,
     for the CPU ratio and the note."""
     fig = fmt_echo(ns, size) if size else fmt_time(ns)
@@ -620,20 +676,42 @@ def ratio_row(name: str, ns: float, base_ns: float, limit: float | None, *, size
     cpu = None
     if use is not None:
         cpu = use[0].cpu_per_op() / use[1].cpu_per_op() if use[1].cpu_per_op() > 0 else None
-        note = note or f"per iteration, client/peers: parnet {use[0].per_op()}; raw {use[1].per_op()}"
-    return Row(name, fig, base, r, "-" if limit is None else f"<= {limit:g}x", verdict(r, limit), note, cpu=cpu)
+        note = (
+            note or f"per iteration, client/peers: parnet {use[0].per_op()}; raw {use[1].per_op()}"
+        )
+    return Row(
+        name,
+        fig,
+        base,
+        r,
+        "-" if limit is None else f"<= {limit:g}x",
+        verdict(r, limit),
+        note,
+        cpu=cpu,
+    )
 
 
 def failed_row(name: str, e: BaseException) -> Row:
     return Row(name, "FAILED", note=f"{type(e).__name__}: {str(e)[:150]}", failed=True)
 
 
-def print_table(title: str, rows: list[Row], head: tuple[str, ...] = ("workload", "parnet", "baseline")) -> None:
+def print_table(
+    title: str, rows: list[Row], head: tuple[str, ...] = ("workload", "parnet", "baseline")
+) -> None:
     cpu = any(r.cpu is not None for r in rows)
     head = (*head, "ratio", *(["CPU ratio"] if cpu else []), "target", "")
-    cells = [head] + [(r.name, r.figure, r.baseline, "-" if r.ratio is None else f"{r.ratio:.2f}x",
-                       *(["-" if r.cpu is None else f"{r.cpu:.2f}x"] if cpu else []), r.target, r.verdict)
-                      for r in rows]
+    cells = [head] + [
+        (
+            r.name,
+            r.figure,
+            r.baseline,
+            "-" if r.ratio is None else f"{r.ratio:.2f}x",
+            *(["-" if r.cpu is None else f"{r.cpu:.2f}x"] if cpu else []),
+            r.target,
+            r.verdict,
+        )
+        for r in rows
+    ]
     widths = [max(len(c[k]) for c in cells) for k in range(len(head))]
     print(f"\n{title}")
     line = "  ".join("-" * w for w in widths)
@@ -680,18 +758,32 @@ def run_gap(reps: Reps, use_tls: bool, home: str) -> list[Row]:
                 p.echo(a, check=True)
             n = reps.echo8 if size < 50 * MB else reps.echo80
             fns = {name: (lambda p=p, a=a: p.echo(a)) for name, p in peers.items()}
-            s, use = interleaved(fns, n, reps.warm_bulk, 1, {name: [p.child.pid] for name, p in peers.items()})
+            s, use = interleaved(
+                fns, n, reps.warm_bulk, 1, {name: [p.child.pid] for name, p in peers.items()}
+            )
             base = median_ns(s[first])
             for name in peers:
-                r = ratio_row(f"echo {label}: {name}{tag}", median_ns(s[name]), base, None, size=size,
-                              use=(use[name], use[first]), note=f"client/peer {use[name].per_op()}")
+                r = ratio_row(
+                    f"echo {label}: {name}{tag}",
+                    median_ns(s[name]),
+                    base,
+                    None,
+                    size=size,
+                    use=(use[name], use[first]),
+                    note=f"client/peer {use[name].per_op()}",
+                )
                 if name == first:
                     r.ratio, r.baseline, r.verdict, r.cpu = None, "-", "", None
                 rows.append(r)
         huge = {name: (anon_huge_kb(p.child.pid) or 0) // 1024 for name, p in peers.items()}
-        rows.append(Row(f"AnonHugePages of the echo peers{tag}", "",
-                        note=", ".join(f"{n}: {mb} MB" for n, mb in huge.items())
-                        + f"; this process: {(anon_huge_kb(os.getpid()) or 0) // 1024} MB"))
+        rows.append(
+            Row(
+                f"AnonHugePages of the echo peers{tag}",
+                "",
+                note=", ".join(f"{n}: {mb} MB" for n, mb in huge.items())
+                + f"; this process: {(anon_huge_kb(os.getpid()) or 0) // 1024} MB",
+            )
+        )
     except Exception as e:  # noqa: BLE001 - report
         rows.append(failed_row(f"raw variants{tag}", e))
     finally:
@@ -708,7 +800,9 @@ def run_gap(reps: Reps, use_tls: bool, home: str) -> list[Row]:
 KEEP_ALIVE = 5
 
 
-def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[list[Row], dict[str, float]]:
+def run_suite(
+    reps: Reps, use_tls: bool, with_parnet: bool, home: str
+) -> tuple[list[Row], dict[str, float]]:
     """Raw baselines (plain or TLS) and, with ``with_parnet``, the parnet workloads on two
     servers started here; each parnet workload runs interleaved with its raw counterpart.
 
@@ -732,9 +826,16 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                 port = pick_ports()
                 hosts = [f"{a}:{port}" for a in SERVER_ADDRS]
                 for addr in SERVER_ADDRS:
-                    pids.append(start_background(use_tls=use_tls, cmd_port=port, data_port=port + 1, bind=addr,
-                                                 allow_root=True,
-                                                 log_file=os.path.join(home, f"server-{addr}-{port}.log")))
+                    pids.append(
+                        start_background(
+                            use_tls=use_tls,
+                            cmd_port=port,
+                            data_port=port + 1,
+                            bind=addr,
+                            allow_root=True,
+                            log_file=os.path.join(home, f"server-{addr}-{port}.log"),
+                        )
+                    )
                 conns = pconnect(hosts, use_tls=use_tls)
             except Exception as e:  # noqa: BLE001 - report, still measure the raw baselines
                 rows.append(failed_row(f"parnet set-up{tag}", e))
@@ -748,22 +849,45 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                 kids = children_of(dpid)
                 d_rss = mem_kb(dpid, "VmRSS")
                 if len(kids) != 1:
-                    rows.append(Row(f"idle worker RSS, server {k}{tag}", "?",
-                                    note=f"expected one worker child of daemon {dpid}, found {kids}"))
+                    rows.append(
+                        Row(
+                            f"idle worker RSS, server {k}{tag}",
+                            "?",
+                            note=f"expected one worker child of daemon {dpid}, found {kids}",
+                        )
+                    )
                 else:
                     workers.append(kids[0])
                     w_rss = mem_kb(kids[0], "VmRSS") or 0
                     w_pss = mem_kb(kids[0], "Pss")
                     pss = f", PSS {w_pss / 1024:.1f} MB" if w_pss is not None else ""
-                    rows.append(Row(f"idle worker RSS, server {k}{tag}", f"{w_rss / 1024:.1f} MB",
-                                    target="<= 40 MB", verdict="ok" if w_rss <= 40 * 1024 else "over",
-                                    note=f"worker pid {kids[0]}{pss}"))
-                rows.append(Row(f"daemon RSS, server {k}{tag}", f"{(d_rss or 0) / 1024:.1f} MB",
-                                note=f"daemon pid {dpid} ({addr})"))
+                    rows.append(
+                        Row(
+                            f"idle worker RSS, server {k}{tag}",
+                            f"{w_rss / 1024:.1f} MB",
+                            target="<= 40 MB",
+                            verdict="ok" if w_rss <= 40 * 1024 else "over",
+                            note=f"worker pid {kids[0]}{pss}",
+                        )
+                    )
+                rows.append(
+                    Row(
+                        f"daemon RSS, server {k}{tag}",
+                        f"{(d_rss or 0) / 1024:.1f} MB",
+                        note=f"daemon pid {dpid} ({addr})",
+                    )
+                )
 
-        def measure(name: str, raw_fn: Callable[[], int], par_fn: Callable[[], int] | None,
-                    prepare: Callable[[int], None] | None, n: int, warm: int, block: int,
-                    par_peers: Sequence[int] = ()) -> tuple[float, float | None, tuple[Usage, Usage] | None]:
+        def measure(
+            name: str,
+            raw_fn: Callable[[], int],
+            par_fn: Callable[[], int] | None,
+            prepare: Callable[[int], None] | None,
+            n: int,
+            warm: int,
+            block: int,
+            par_peers: Sequence[int] = (),
+        ) -> tuple[float, float | None, tuple[Usage, Usage] | None]:
             """Medians (raw, parnet; parnet None if not run) and the usage (parnet, raw).
             ``prepare(count)`` runs first (e.g. the server loop for ``count`` iterations)."""
             nonlocal broken
@@ -771,14 +895,21 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                 try:
                     if prepare is not None:
                         prepare(warm + n)
-                    s, u = interleaved({"raw": raw_fn, "parnet": par_fn}, n, warm, block,
-                                       {"raw": [raw.child.pid], "parnet": par_peers})
+                    s, u = interleaved(
+                        {"raw": raw_fn, "parnet": par_fn},
+                        n,
+                        warm,
+                        block,
+                        {"raw": [raw.child.pid], "parnet": par_peers},
+                    )
                     return median_ns(s["raw"]), median_ns(s["parnet"]), (u["parnet"], u["raw"])
                 except Exception as e:  # noqa: BLE001
                     rows.append(failed_row(name, e))
                     broken = name
             elif par_fn is not None:
-                rows.append(Row(name, "skipped", note=f"not run: {broken} failed before", failed=True))
+                rows.append(
+                    Row(name, "skipped", note=f"not run: {broken} failed before", failed=True)
+                )
             s, _ = interleaved({"raw": raw_fn}, n, warm, block)
             return median_ns(s["raw"]), None, None
 
@@ -804,8 +935,9 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                 return time.perf_counter_ns() - t0
 
         name = f"W1 reval+psend/precv round trip{tag}"
-        base["rtt"], par, use = measure(name, raw.roundtrip, w1, None, reps.rtt, reps.rtt_warm, 100,
-                                         workers[:1])
+        base["rtt"], par, use = measure(
+            name, raw.roundtrip, w1, None, reps.rtt, reps.rtt_warm, 100, workers[:1]
+        )
         if par is not None:
             rows.append(ratio_row(name, par, base["rtt"], 1.3, use=use))
 
@@ -814,7 +946,9 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
 
         name = f"W1 with a new command string each time{tag}"
         n_new = reps.rtt // 3
-        rtt_new, par, use = measure(name, raw_new, w1_new, None, n_new, reps.rtt_warm, 100, workers[:1])
+        rtt_new, par, use = measure(
+            name, raw_new, w1_new, None, n_new, reps.rtt_warm, 100, workers[:1]
+        )
         if par is not None:
             rows.append(ratio_row(name, par, rtt_new, None, use=use))
 
@@ -832,8 +966,10 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                 if c is not None:
                     kept: collections.deque = collections.deque(maxlen=KEEP_ALIVE if keep else 0)
                     if keep:
-                        loop = (f"_kept = []\nfor _ in range({{n}}):\n    _kept.append(precv(sockets[0]))\n"
-                                f"    del _kept[:-{KEEP_ALIVE}]\n    psend(_kept[-1], sockets[0])\ndel _kept")
+                        loop = (
+                            f"_kept = []\nfor _ in range({{n}}):\n    _kept.append(precv(sockets[0]))\n"
+                            f"    del _kept[:-{KEEP_ALIVE}]\n    psend(_kept[-1], sockets[0])\ndel _kept"
+                        )
                     else:
                         loop = "for _ in range({n}):\n    psend(precv(sockets[0]), sockets[0])"
 
@@ -852,7 +988,9 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                         return dt
 
                 name = f"W2 echo {label}{', values kept alive' if keep else ''}{tag}"
-                b, par, use = measure(name, lambda a=a: raw.echo(a), w2, prep2, n, reps.warm_bulk, 1, workers[:1])
+                b, par, use = measure(
+                    name, lambda a=a: raw.echo(a), w2, prep2, n, reps.warm_bulk, 1, workers[:1]
+                )
                 if not keep:
                     base[label] = b
                 if par is not None:
@@ -868,8 +1006,12 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
         if c is not None:
 
             def prep3(count: int) -> None:
-                reval(f"for _ in range({count + 1}):\n    psend(precv(sockets[0]), sockets[2])", c[1])
-                reval(f"for _ in range({count + 1}):\n    psend(precv(sockets[1]), sockets[0])", c[2])
+                reval(
+                    f"for _ in range({count + 1}):\n    psend(precv(sockets[0]), sockets[2])", c[1]
+                )
+                reval(
+                    f"for _ in range({count + 1}):\n    psend(precv(sockets[1]), sockets[0])", c[2]
+                )
                 psend(a3, c[1])
                 if not np.array_equal(a3, precv(c[2], timeout=120)):
                     raise RuntimeError("W3 returned different data")
@@ -881,14 +1023,21 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                 return time.perf_counter_ns() - t0
 
         name = f"W3 80 MB via 2 servers{tag}"
-        b80, par, use = measure(name, lambda: raw.echo(a3), w3, prep3, reps.echo80, reps.warm_bulk, 1, workers)
+        b80, par, use = measure(
+            name, lambda: raw.echo(a3), w3, prep3, reps.echo80, reps.warm_bulk, 1, workers
+        )
         if par is not None:
             rows.append(ratio_row(name, par, b80, 1.6, size=size, use=use))
         if workers:
             huge = ", ".join(f"{(anon_huge_kb(w) or 0) // 1024} MB" for w in workers)
-            rows.append(Row(f"AnonHugePages after the bulk rows{tag}", "",
-                            note=f"workers {huge}; raw echo peer {(anon_huge_kb(raw.child.pid) or 0) // 1024} MB; "
-                                 f"this process {(anon_huge_kb(os.getpid()) or 0) // 1024} MB"))
+            rows.append(
+                Row(
+                    f"AnonHugePages after the bulk rows{tag}",
+                    "",
+                    note=f"workers {huge}; raw echo peer {(anon_huge_kb(raw.child.pid) or 0) // 1024} MB; "
+                    f"this process {(anon_huge_kb(os.getpid()) or 0) // 1024} MB",
+                )
+            )
 
         # W5: pconnect until it returns, sclose between
         if c is not None:
@@ -905,9 +1054,16 @@ def run_suite(reps: Reps, use_tls: bool, with_parnet: bool, home: str) -> tuple[
                     sclose(conns)
                     conns = None
                 ms = median_ns(samples) / 1e6
-                rows.append(Row(name, f"{ms:.1f} ms", target="<= 100 ms", verdict="ok" if ms <= 100 else "over",
-                                note=f"min {min(samples) / 1e6:.1f} ms, max {max(samples) / 1e6:.1f} ms "
-                                     f"over {len(samples)} connects"))
+                rows.append(
+                    Row(
+                        name,
+                        f"{ms:.1f} ms",
+                        target="<= 100 ms",
+                        verdict="ok" if ms <= 100 else "over",
+                        note=f"min {min(samples) / 1e6:.1f} ms, max {max(samples) / 1e6:.1f} ms "
+                        f"over {len(samples)} connects",
+                    )
+                )
             except Exception as e:  # noqa: BLE001
                 rows.append(failed_row(name, e))
     finally:
@@ -925,10 +1081,18 @@ def git_state() -> str:
     """The commit of the checkout this runs from, and whether src/ has local changes."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "?"
     return f"{head or '?'}{' + local changes in src/' if dirty else ''}"
@@ -941,12 +1105,16 @@ def environment() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return (f"python {platform.python_version()}, numpy {np.__version__}, {ssl.OPENSSL_VERSION}, "
-            f"{len(os.sched_getaffinity(0))} cores ({cpu}), Linux {platform.release()}")
+    return (
+        f"python {platform.python_version()}, numpy {np.__version__}, {ssl.OPENSSL_VERSION}, "
+        f"{len(os.sched_getaffinity(0))} cores ({cpu}), Linux {platform.release()}"
+    )
 
 
 def print_raw(base_plain: dict[str, float], base_tls: dict[str, float] | None) -> None:
-    print("\nRaw baselines (two Python processes, loopback TCP_NODELAY, pickle 5, recv_into preallocated)")
+    print(
+        "\nRaw baselines (two Python processes, loopback TCP_NODELAY, pickle 5, recv_into preallocated)"
+    )
     cols = ["", "plain TCP"] + (["TLS 1.3", "TLS/plain"] if base_tls else [])
     lines = [cols]
     for key, label in (("rtt", "small round trip"), ("8 MB", "echo 8 MB"), ("80 MB", "echo 80 MB")):
@@ -983,12 +1151,20 @@ def loadavg() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="parnet core benchmark against raw loopback TCP/TLS")
-    ap.add_argument("--tls", action="store_true", help="also measure TLS baselines and a parnet TLS run")
-    ap.add_argument("--quick", action="store_true",
-                    help="fewer repetitions (CI smoke test): exits 1 if anything failed")
+    ap.add_argument(
+        "--tls", action="store_true", help="also measure TLS baselines and a parnet TLS run"
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repetitions (CI smoke test): exits 1 if anything failed",
+    )
     ap.add_argument("--no-gap", action="store_true", help="skip the table of raw variants")
-    ap.add_argument("--gap-only", action="store_true",
-                    help="only the table of raw variants, with 4x the repetitions (no servers)")
+    ap.add_argument(
+        "--gap-only",
+        action="store_true",
+        help="only the table of raw variants, with 4x the repetitions (no servers)",
+    )
     ap.add_argument("--raw-child", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--raw-tls", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--raw-alloc", default="numpy", help=argparse.SUPPRESS)
@@ -997,16 +1173,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw-nbsend", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.raw_child is not None:
-        return raw_child_main(a.raw_child, a.raw_tls, RawOpts(a.raw_alloc, a.raw_chunk, a.raw_sockbuf, a.raw_nbsend))
+        return raw_child_main(
+            a.raw_child, a.raw_tls, RawOpts(a.raw_alloc, a.raw_chunk, a.raw_sockbuf, a.raw_nbsend)
+        )
 
     reps = QUICK if a.quick else FULL
     if a.gap_only:
         reps = Reps(**{k: v * 4 if isinstance(v, int) else v for k, v in vars(reps).items()})
     t_start = time.monotonic()
-    print(f"parnet core benchmark{' (quick)' if a.quick else ''}, commit {git_state()}: {environment()}")
-    print(f"repetitions: round trips {reps.rtt} (after {reps.rtt_warm} warm-up), echo 8 MB {reps.echo8}, "
-          f"80 MB {reps.echo80} (after {reps.warm_bulk} warm-up), pconnect {reps.connects}; figures are medians")
-    print(f"load average at start: {loadavg()} (other work on the machine skews the absolute figures)")
+    print(
+        f"parnet core benchmark{' (quick)' if a.quick else ''}, commit {git_state()}: {environment()}"
+    )
+    print(
+        f"repetitions: round trips {reps.rtt} (after {reps.rtt_warm} warm-up), echo 8 MB {reps.echo8}, "
+        f"80 MB {reps.echo80} (after {reps.warm_bulk} warm-up), pconnect {reps.connects}; figures are medians"
+    )
+    print(
+        f"load average at start: {loadavg()} (other work on the machine skews the absolute figures)"
+    )
 
     home = tempfile.mkdtemp(prefix="parnet-bench-")
     # servers and client read PARNET_HOME; pid files and default logs go under XDG_RUNTIME_DIR
@@ -1016,8 +1200,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.gap_only:
             gap = run_gap(reps, False, home) + (run_gap(reps, True, home) if a.tls else [])
-            print_table("Raw echo variants, interleaved (ratio: to the baseline's memory and sockets; "
-                        "per iteration of this process/the echo peer)", gap, ("variant", "echo", "baseline"))
+            print_table(
+                "Raw echo variants, interleaved (ratio: to the baseline's memory and sockets; "
+                "per iteration of this process/the echo peer)",
+                gap,
+                ("variant", "echo", "baseline"),
+            )
             return 1 if a.quick and any(r.failed for r in gap) else 0
         rows, base_plain = run_suite(reps, False, True, home)
         gap = [] if a.no_gap else run_gap(reps, False, home)
@@ -1028,8 +1216,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 from parnet import parallel_generate_srp_data
 
-                parallel_generate_srp_data("bench", password="bench-password-123",
-                                           directory=os.path.join(home, "srp"))
+                parallel_generate_srp_data(
+                    "bench", password="bench-password-123", directory=os.path.join(home, "srp")
+                )
             except Exception as e:  # noqa: BLE001
                 tls_ok = False
                 tls_note = f"TLS: not available ({type(e).__name__}: {e})"
@@ -1038,11 +1227,18 @@ def main(argv: list[str] | None = None) -> int:
             if not a.no_gap and not a.quick:
                 gap += run_gap(reps, True, home)
         print_raw(base_plain, base_tls)
-        print_table("parnet (2 servers on 127.0.0.2/127.0.0.3; baseline: the raw figure of the same kind, "
-                    "measured interleaved with it)", rows)
+        print_table(
+            "parnet (2 servers on 127.0.0.2/127.0.0.3; baseline: the raw figure of the same kind, "
+            "measured interleaved with it)",
+            rows,
+        )
         if gap:
-            print_table("Raw echo variants, interleaved (ratio: to the baseline's memory and sockets; "
-                        "per iteration of this process/the echo peer)", gap, ("variant", "echo", "baseline"))
+            print_table(
+                "Raw echo variants, interleaved (ratio: to the baseline's memory and sockets; "
+                "per iteration of this process/the echo peer)",
+                gap,
+                ("variant", "echo", "baseline"),
+            )
         if tls_note:
             print(f"\n{tls_note}")
         failed = bool(tls_note) or any(r.failed for r in rows + gap)

@@ -57,10 +57,19 @@ def _fmt(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.3f} s"
 
 
-def _abs_row(name: str, t: float, ref: float, ref_label: str, limit_s: float, runs: list[float]) -> Row:
+def _abs_row(
+    name: str, t: float, ref: float, ref_label: str, limit_s: float, runs: list[float]
+) -> Row:
     ok = "ok" if t <= limit_s else "over"
-    return Row(name, _fmt(t), f"{ref_label} {_fmt(ref)}", t / ref, f"<= {_fmt(limit_s)}", ok,
-               "runs " + ", ".join(f"{x * 1e3:.0f}" for x in runs) + " ms")
+    return Row(
+        name,
+        _fmt(t),
+        f"{ref_label} {_fmt(ref)}",
+        t / ref,
+        f"<= {_fmt(limit_s)}",
+        ok,
+        "runs " + ", ".join(f"{x * 1e3:.0f}" for x in runs) + " ms",
+    )
 
 
 def fresh_rows(hosts16: list[str], tls: bool, runs: int) -> list[Row]:
@@ -84,10 +93,24 @@ def fresh_rows(hosts16: list[str], tls: bool, runs: int) -> list[Row]:
     tag = " [tls]" if tls else ""
     f16, f2 = statistics.median(first[16]), statistics.median(first[2])
     a16, a2 = statistics.median(after[16]), statistics.median(after[2])
-    return [_abs_row(f"E1 first netcellfun, {N_CALLS} trivial calls, fresh 16-server network{tag}",
-                     f16, f2, "2 servers", 0.150, first[16]),
-            _abs_row(f"E3 pconnect 2 servers right after a 16-server network closed{tag}",
-                     a16, a2, "after 2", 0.300, after[16])]
+    return [
+        _abs_row(
+            f"E1 first netcellfun, {N_CALLS} trivial calls, fresh 16-server network{tag}",
+            f16,
+            f2,
+            "2 servers",
+            0.150,
+            first[16],
+        ),
+        _abs_row(
+            f"E3 pconnect 2 servers right after a 16-server network closed{tag}",
+            a16,
+            a2,
+            "after 2",
+            0.300,
+            after[16],
+        ),
+    ]
 
 
 def steady_row(hosts16: list[str], tls: bool, reps: int, pids16: list[int]) -> Row:
@@ -99,16 +122,30 @@ def steady_row(hosts16: list[str], tls: bool, reps: int, pids16: list[int]) -> R
     c2 = pconnect(hosts16[:2], use_tls=tls)
     try:
         workers = [w for d in pids16 for w in children_of(d)]  # both networks' workers
-        s, use = interleaved({"16": timer_ns(lambda: netcellfun(c16, _double, xs)),
-                              "2": timer_ns(lambda: netcellfun(c2, _double, xs))}, reps, 3, 5,
-                             {"16": workers, "2": workers})
+        s, use = interleaved(
+            {
+                "16": timer_ns(lambda: netcellfun(c16, _double, xs)),
+                "2": timer_ns(lambda: netcellfun(c2, _double, xs)),
+            },
+            reps,
+            3,
+            5,
+            {"16": workers, "2": workers},
+        )
     finally:
         sclose(c16)
         sclose(c2)
-    name = f"E2 steady map, {N_CALLS} trivial calls, 16 servers / 2 servers{' [tls]' if tls else ''}"
-    return ratio_row(name, statistics.median(s["16"]), statistics.median(s["2"]), 3.0,
-                     use=(use["16"], use["2"]),
-                     note=f"16: {use['16'].per_op()}; 2: {use['2'].per_op()}")
+    name = (
+        f"E2 steady map, {N_CALLS} trivial calls, 16 servers / 2 servers{' [tls]' if tls else ''}"
+    )
+    return ratio_row(
+        name,
+        statistics.median(s["16"]),
+        statistics.median(s["2"]),
+        3.0,
+        use=(use["16"], use["2"]),
+        note=f"16: {use['16'].per_op()}; 2: {use['2'].per_op()}",
+    )
 
 
 def w1b_row(hosts16: list[str], tls: bool, reps: int, pids16: list[int]) -> Row:
@@ -141,21 +178,29 @@ def w1b_row(hosts16: list[str], tls: bool, reps: int, pids16: list[int]) -> Row:
                 precv(w1c)
                 return time.perf_counter_ns() - t0
 
-            s, use = interleaved({"w1b": w1b, "w1": w1}, reps, 10, 100,
-                                 {"w1b": workers, "w1": workers})
+            s, use = interleaved(
+                {"w1b": w1b, "w1": w1}, reps, 10, 100, {"w1b": workers, "w1": workers}
+            )
         finally:
             sclose(c_w1)
     finally:
         sclose(c)
     name = f"W1b echo through a server's precv/psend loop / W1{' [tls]' if tls else ''}"
-    return ratio_row(name, statistics.median(s["w1b"]), statistics.median(s["w1"]), 1.3,
-                     use=(use["w1b"], use["w1"]))
+    return ratio_row(
+        name,
+        statistics.median(s["w1b"]),
+        statistics.median(s["w1"]),
+        1.3,
+        use=(use["w1b"], use["w1"]),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tls", action="store_true", help="servers with TLS + SRP (default: without)")
-    ap.add_argument("--quick", action="store_true", help="few runs (CI smoke test): exits 1 if anything failed")
+    ap.add_argument(
+        "--quick", action="store_true", help="few runs (CI smoke test): exits 1 if anything failed"
+    )
     ap.add_argument("--only", default="", help="comma-separated row groups: fresh, steady, w1b")
     a = ap.parse_args(argv)
     only = set(filter(None, a.only.split(","))) or {"fresh", "steady", "w1b"}
@@ -163,14 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     failed = False
     t_start = time.monotonic()
-    print(f"parnet edge benchmark{' (quick)' if a.quick else ''}, TLS {'on' if a.tls else 'off'}; "
-          f"load average {loadavg()}")
+    print(
+        f"parnet edge benchmark{' (quick)' if a.quick else ''}, TLS {'on' if a.tls else 'off'}; "
+        f"load average {loadavg()}"
+    )
     try:
         pids: list[int] = []
         with bench_servers(a.tls, "parnet-bench-edges-", ADDRS16, pids) as hosts:
-            for group, fn in (("fresh", lambda: fresh_rows(hosts, a.tls, runs)),
-                              ("steady", lambda: [steady_row(hosts, a.tls, reps, pids)]),
-                              ("w1b", lambda: [w1b_row(hosts, a.tls, reps_w1, pids)])):
+            for group, fn in (
+                ("fresh", lambda: fresh_rows(hosts, a.tls, runs)),
+                ("steady", lambda: [steady_row(hosts, a.tls, reps, pids)]),
+                ("w1b", lambda: [w1b_row(hosts, a.tls, reps_w1, pids)]),
+            ):
                 if group not in only:
                     continue
                 try:
@@ -178,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
                     rows.append(failed_row(group, e))
-        print_table("16 servers on 127.0.0.2-17 (medians; ratio: to the reference in the same run)", rows,
-                    ("workload", "parnet", "reference"))
+        print_table(
+            "16 servers on 127.0.0.2-17 (medians; ratio: to the reference in the same run)",
+            rows,
+            ("workload", "parnet", "reference"),
+        )
         failed = any(r.failed for r in rows)
     except Exception:  # noqa: BLE001
         traceback.print_exc()

@@ -52,7 +52,11 @@ def grid_search(c, quick: bool = False) -> tuple[float, float, float, float] | N
     except ImportError:
         return None
     X, y = load_digits(return_X_y=True)
-    grid = {"C": [1], "gamma": [0.001, 0.01]} if quick else {"C": [0.1, 1, 10], "gamma": [0.0001, 0.001, 0.01]}
+    grid = (
+        {"C": [1], "gamma": [0.001, 0.01]}
+        if quick
+        else {"C": [0.1, 1, 10], "gamma": [0.0001, 0.001, 0.01]}
+    )
 
     def fit(**kw) -> tuple[float, object]:
         t = time.perf_counter()
@@ -82,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
 
     reps = 3 if a.quick else 7
     n_tiny = 2000 if a.quick else 5000
-    print(f"parnet Executor benchmark{' (quick)' if a.quick else ''}, TLS {'on' if a.tls else 'off'}; "
-          f"load average {loadavg()}")
+    print(
+        f"parnet Executor benchmark{' (quick)' if a.quick else ''}, TLS {'on' if a.tls else 'off'}; "
+        f"load average {loadavg()}"
+    )
     with bench_servers(a.tls, "parnet-bench-exec-") as hosts:
         c = pconnect(hosts, use_tls=a.tls)
         network_set(c, "nlocaljobs", 2)
@@ -132,19 +138,27 @@ def main(argv: list[str] | None = None) -> int:
             e3 = statistics.median(sleeps() for _ in range(reps))
         e4 = grid_search(c, a.quick)
         sclose(c)
-    print(f"E1 one call at a time      Executor {e1 * 1e6:8.0f} us/call   rfeval {r1 * 1e6:8.0f} us/call"
-          f"   ratio {e1 / r1:5.2f}x")
-    print(f"E2 {n_tiny} calls at once    Executor {n_tiny / e2:8.0f} calls/s "
-          f"({e2 / n_tiny * 1e6:.1f} us/call)   netcellfun {n_tiny / n2:8.0f} calls/s   "
-          f"Executor/netcellfun time {e2 / n2:6.1f}x   rfeval in a row {n_tiny / r2:6.0f} calls/s "
-          f"({r2 / e2:.1f}x slower than Executor)")
-    print(f"E3 8 x 0.4 s on 2 x 2      Executor {e3:6.3f} s   ideal 0.800 s   overhead {(e3 - 0.8) * 1e3:5.0f} ms"
-          f"   (serial per server: 1.600 s)")
+    print(
+        f"E1 one call at a time      Executor {e1 * 1e6:8.0f} us/call   rfeval {r1 * 1e6:8.0f} us/call"
+        f"   ratio {e1 / r1:5.2f}x"
+    )
+    print(
+        f"E2 {n_tiny} calls at once    Executor {n_tiny / e2:8.0f} calls/s "
+        f"({e2 / n_tiny * 1e6:.1f} us/call)   netcellfun {n_tiny / n2:8.0f} calls/s   "
+        f"Executor/netcellfun time {e2 / n2:6.1f}x   rfeval in a row {n_tiny / r2:6.0f} calls/s "
+        f"({r2 / e2:.1f}x slower than Executor)"
+    )
+    print(
+        f"E3 8 x 0.4 s on 2 x 2      Executor {e3:6.3f} s   ideal 0.800 s   overhead {(e3 - 0.8) * 1e3:5.0f} ms"
+        f"   (serial per server: 1.600 s)"
+    )
     if e4:
         local, loky, one, two = e4
-        print(f"E4 GridSearchCV {4 if a.quick else 45:2d} fits    n_jobs=1 here {local:6.2f} s   loky n_jobs=2 here {loky:6.2f} s   "
-              f"parnet 1 server {one:6.2f} s ({local / one:.2f}x)   parnet 2 servers {two:6.2f} s "
-              f"({local / two:.2f}x)   (speed-up over n_jobs=1)")
+        print(
+            f"E4 GridSearchCV {4 if a.quick else 45:2d} fits    n_jobs=1 here {local:6.2f} s   loky n_jobs=2 here {loky:6.2f} s   "
+            f"parnet 1 server {one:6.2f} s ({local / one:.2f}x)   parnet 2 servers {two:6.2f} s "
+            f"({local / two:.2f}x)   (speed-up over n_jobs=1)"
+        )
     else:
         print("E4 skipped: joblib / scikit-learn not installed (pip install parnet[joblib])")
     return 0

@@ -108,11 +108,13 @@ def client_main(addr: str, use_tls: bool, quick: bool, only_w2: bool, label: str
     raw = NsRawPeer(addr, use_tls, tempfile.mkdtemp(prefix="parnet-bench-"))
     c = pconnect(["h1", "h2"], use_tls=use_tls)
     try:
+
         def run(name: str, raw_fn, par_fn, n: int, warm: int, block: int) -> tuple[float, float]:
             s, _ = bc.interleaved({"raw": raw_fn, "parnet": par_fn}, n, warm, block)
             return bc.median_ns(s["raw"]), bc.median_ns(s["parnet"])
 
         if not only_w2:
+
             def w1() -> int:
                 t0 = time.perf_counter_ns()
                 reval(bc.SMALL_MSG, c[1])
@@ -131,7 +133,10 @@ def client_main(addr: str, use_tls: bool, quick: bool, only_w2: bool, label: str
             n = reps.echo8 if size < 50 * bc.MB else reps.echo80
             name = f"W2 echo {size_label}{tag}"
             try:
-                reval(f"for _ in range({n + reps.warm_bulk + 1}):\n    psend(precv(sockets[0]), sockets[0])", c[1])
+                reval(
+                    f"for _ in range({n + reps.warm_bulk + 1}):\n    psend(precv(sockets[0]), sockets[0])",
+                    c[1],
+                )
                 psend(a, c[1])
                 if not np.array_equal(a, precv(c[1], timeout=300)):
                     raise RuntimeError("echo returned different data")
@@ -146,8 +151,10 @@ def client_main(addr: str, use_tls: bool, quick: bool, only_w2: bool, label: str
                 row = bc.ratio_row(name, p, b, 1.2 if size < 50 * bc.MB else 1.1, size=size)
                 if only_w2:
                     link = 2 * size / LINK_BYTES_PER_S * 1e9
-                    row.note = (f"at the link rate ({TBF_RATE}/s each way) the echo takes {link / 1e6:.0f} ms: "
-                                f"parnet {link / p:.0%} of it, raw {link / b:.0%}")
+                    row.note = (
+                        f"at the link rate ({TBF_RATE}/s each way) the echo takes {link / 1e6:.0f} ms: "
+                        f"parnet {link / p:.0%} of it, raw {link / b:.0%}"
+                    )
                 rows.append(row)
             except Exception as e:  # noqa: BLE001
                 rows.append(bc.failed_row(name, e))
@@ -178,18 +185,32 @@ def client_main(addr: str, use_tls: bool, quick: bool, only_w2: bool, label: str
             sclose(c)
         raw.close()
     raw_label = "raw TLS 1.3" if use_tls else "raw TCP"
-    bc.print_table(f"client ns -> h1{' -> h2' if not only_w2 else ''} over veth + bridge{label} "
-                   f"(baseline: {raw_label} client ns <-> h1 ns, interleaved)", rows)
+    bc.print_table(
+        f"client ns -> h1{' -> h2' if not only_w2 else ''} over veth + bridge{label} "
+        f"(baseline: {raw_label} client ns <-> h1 ns, interleaved)",
+        rows,
+    )
     return 1 if quick and any(r.failed for r in rows) else 0
 
 
 # -- as root: the bed and the runs -----------------------------------------------------------
-def run_client(bed, files: str, use_tls: bool, quick: bool, only_w2: bool = False, label: str = "") -> int:
+def run_client(
+    bed, files: str, use_tls: bool, quick: bool, only_w2: bool = False, label: str = ""
+) -> int:
     """One client run: relays its output, starts the raw peer in h1 when asked. Returns the
     client's exit status."""
     h1 = bed.host("h1")
-    args = [bed.python, f"{files}/bench_hosts.py", "--client", bed.client.addr, *(["--tls"] if use_tls else []),
-            *(["--quick"] if quick else []), *(["--only-w2"] if only_w2 else []), "--label", label]
+    args = [
+        bed.python,
+        f"{files}/bench_hosts.py",
+        "--client",
+        bed.client.addr,
+        *(["--tls"] if use_tls else []),
+        *(["--quick"] if quick else []),
+        *(["--only-w2"] if only_w2 else []),
+        "--label",
+        label,
+    ]
     p = bed.client.popen(args, stdout=subprocess.PIPE)
     peer = None
     try:
@@ -197,9 +218,16 @@ def run_client(bed, files: str, use_tls: bool, quick: bool, only_w2: bool = Fals
             if line.startswith("RAWPORT "):
                 _, port, tls = line.split()
                 # a session of its own, as the servers (started by sshd) have: see bench_core.RawOpts
-                peer = h1.popen([bed.python, f"{files}/bench_hosts.py", "--raw-child",
-                                 f"{bed.client.addr}:{port}", *(["--raw-tls"] if tls == "1" else [])],
-                                start_new_session=True)
+                peer = h1.popen(
+                    [
+                        bed.python,
+                        f"{files}/bench_hosts.py",
+                        "--raw-child",
+                        f"{bed.client.addr}:{port}",
+                        *(["--raw-tls"] if tls == "1" else []),
+                    ],
+                    start_new_session=True,
+                )
                 continue
             print(line, end="", flush=True)
         return p.wait(600)
@@ -211,7 +239,9 @@ def run_client(bed, files: str, use_tls: bool, quick: bool, only_w2: bool = Fals
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="parnet between namespace hosts over veth, against raw sockets")
+    ap = argparse.ArgumentParser(
+        description="parnet between namespace hosts over veth, against raw sockets"
+    )
     ap.add_argument("--tls", action="store_true", help="also a run with TLS (servers and raw peer)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--client", metavar="ADDR", help=argparse.SUPPRESS)
@@ -233,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_hosts: {why}")
         return 0
     t_start = time.monotonic()
-    print(f"parnet between namespace hosts{' (quick)' if a.quick else ''}, commit {bc.git_state()}: "
-          f"{bc.environment()}")
+    print(
+        f"parnet between namespace hosts{' (quick)' if a.quick else ''}, commit {bc.git_state()}: "
+        f"{bc.environment()}"
+    )
     print(f"load average at start: {bc.loadavg()}")
     failed = False
     bed = netbed.Bed(hosts=("h1", "h2"))
@@ -244,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in ("bench_core.py", "bench_hosts.py"):
             shutil.copy(os.path.join(HERE, f), files)
         subprocess.run(["chmod", "-R", "a+rX", files], check=True)
-        for use_tls in ([False, True] if a.tls else [False]):
+        for use_tls in [False, True] if a.tls else [False]:
             opts = ["--copy-keys"] if use_tls else ["--no-tls"]
             r = bed.client.parnet("up", "h1", "h2", *opts)
             print(r.stdout, end="")
@@ -254,10 +286,30 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             failed |= run_client(bed, files, use_tls, a.quick) != 0
             for n in (bed.client, bed.host("h1")):
-                n.run(["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", TBF_RATE,
-                       "burst", "256kb", "latency", "100ms"], as_root=True, check=True)
+                n.run(
+                    [
+                        "tc",
+                        "qdisc",
+                        "add",
+                        "dev",
+                        "eth0",
+                        "root",
+                        "tbf",
+                        "rate",
+                        TBF_RATE,
+                        "burst",
+                        "256kb",
+                        "latency",
+                        "100ms",
+                    ],
+                    as_root=True,
+                    check=True,
+                )
             try:
-                failed |= run_client(bed, files, use_tls, a.quick, only_w2=True, label=f" tbf {TBF_RATE}") != 0
+                failed |= (
+                    run_client(bed, files, use_tls, a.quick, only_w2=True, label=f" tbf {TBF_RATE}")
+                    != 0
+                )
             finally:
                 for n in (bed.client, bed.host("h1")):
                     n.run(["tc", "qdisc", "del", "dev", "eth0", "root"], as_root=True)

@@ -71,23 +71,36 @@ def _ms(ns: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions (CI smoke test): exits 1 on a failure")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repetitions (CI smoke test): exits 1 on a failure",
+    )
     quick = ap.parse_args(argv).quick
     reps = 30 if quick else 300
     nproc = 2
     rows: list[tuple[str, str]] = []
     t_start = time.monotonic()
-    print(f"parnet local maps{' (quick)' if quick else ''}  (python {sys.version.split()[0]}, "
-          f"{available_cores()} usable cores); load average {loadavg()}")
+    print(
+        f"parnet local maps{' (quick)' if quick else ''}  (python {sys.version.split()[0]}, "
+        f"{available_cores()} usable cores); load average {loadavg()}"
+    )
     try:
         col = list(range(N))
         bare = _best(lambda: [_double(x) for x in col], reps)
-        for label, kw in (("", {}), (" + error_handler", {"error_handler": lambda e, x: 0}),
-                          (" + cum_func (incl. its calls)", {"cum_func": lambda a, b: a + b})):
+        for label, kw in (
+            ("", {}),
+            (" + error_handler", {"error_handler": lambda e, x: 0}),
+            (" + cum_func (incl. its calls)", {"cum_func": lambda a, b: a + b}),
+        ):
             t = _best(lambda kw=kw: run_chunk(ChunkTask(_double, [col], 0, **kw)), reps)
-            rows.append((f"run_chunk overhead{label} ({N} calls)",
-                         f"{(t - bare) * 1e6:7.1f} us  ({(t - bare) / N * 1e9:.0f} ns/element; "
-                         f"calls alone {bare * 1e6:.0f} us)"))
+            rows.append(
+                (
+                    f"run_chunk overhead{label} ({N} calls)",
+                    f"{(t - bare) * 1e6:7.1f} us  ({(t - bare) / N * 1e9:.0f} ns/element; "
+                    f"calls alone {bare * 1e6:.0f} us)",
+                )
+            )
 
         # cold: the first parcellfun of this process, then fresh executors
         t = time.perf_counter_ns()
@@ -101,36 +114,68 @@ def main(argv: list[str] | None = None) -> int:
             cold_ppe.append(time.perf_counter_ns() - t)
             ex.shutdown()
         cp = statistics.median(cold_ppe)
-        rows.append((f"{N} trivial calls, cold: parcellfun (starts its pool)",
-                     f"{_ms(cold_par)}  {cold_par / cp:.2f}x the executor's"))
+        rows.append(
+            (
+                f"{N} trivial calls, cold: parcellfun (starts its pool)",
+                f"{_ms(cold_par)}  {cold_par / cp:.2f}x the executor's",
+            )
+        )
         rows.append((f"{N} trivial calls, cold: new ProcessPoolExecutor({nproc}) + map", _ms(cp)))
 
         with ProcessPoolExecutor(nproc) as ex:
             list(ex.map(_double, range(N), chunksize=N // (4 * nproc)))  # start its processes
-            s, _ = interleaved({
-                "parcellfun": timer_ns(lambda: parcellfun(nproc, _double, range(N))),
-                "executor": timer_ns(lambda: list(ex.map(_double, range(N), chunksize=N // (4 * nproc)))),
-                "serial": timer_ns(lambda: [_double(x) for x in range(N)]),
-            }, max(10, reps // 3), 3, 5)
+            s, _ = interleaved(
+                {
+                    "parcellfun": timer_ns(lambda: parcellfun(nproc, _double, range(N))),
+                    "executor": timer_ns(
+                        lambda: list(ex.map(_double, range(N), chunksize=N // (4 * nproc)))
+                    ),
+                    "serial": timer_ns(lambda: [_double(x) for x in range(N)]),
+                },
+                max(10, reps // 3),
+                3,
+                5,
+            )
             par, ppe, ser = (statistics.median(s[k]) for k in ("parcellfun", "executor", "serial"))
-            rows.append((f"{N} trivial calls, warm: parcellfun({nproc}, ...)",
-                         f"{_ms(par)}  {par / ppe:.2f}x the executor's (best {min(s['parcellfun']) / 1e6:.2f} ms)"))
-            rows.append((f"{N} trivial calls, warm: executor map, chunksize={N // (4 * nproc)}",
-                         f"{_ms(ppe)}  {ppe / ser:.0f}x serial"))
+            rows.append(
+                (
+                    f"{N} trivial calls, warm: parcellfun({nproc}, ...)",
+                    f"{_ms(par)}  {par / ppe:.2f}x the executor's (best {min(s['parcellfun']) / 1e6:.2f} ms)",
+                )
+            )
+            rows.append(
+                (
+                    f"{N} trivial calls, warm: executor map, chunksize={N // (4 * nproc)}",
+                    f"{_ms(ppe)}  {ppe / ser:.0f}x serial",
+                )
+            )
             rows.append((f"{N} trivial calls, serial", _ms(ser)))
 
             n = 80
-            s, _ = interleaved({
-                "parcellfun": timer_ns(lambda: parcellfun(nproc, _spin, range(n))),
-                "executor": timer_ns(lambda: list(ex.map(_spin, range(n), chunksize=10))),
-                "serial": timer_ns(lambda: [_spin(x) for x in range(n)]),
-            }, 3 if quick else 10, 1, 1)
+            s, _ = interleaved(
+                {
+                    "parcellfun": timer_ns(lambda: parcellfun(nproc, _spin, range(n))),
+                    "executor": timer_ns(lambda: list(ex.map(_spin, range(n), chunksize=10))),
+                    "serial": timer_ns(lambda: [_spin(x) for x in range(n)]),
+                },
+                3 if quick else 10,
+                1,
+                1,
+            )
             par, ppe, ser = (statistics.median(s[k]) for k in ("parcellfun", "executor", "serial"))
             ideal = min(nproc, available_cores())
-            rows.append((f"{n} calls of {SPIN_S * 1e3:g} ms: parcellfun({nproc}, ...)",
-                         f"{_ms(par)}  speedup {ser / par:.2f}x (ideal {ideal}), {par / ppe:.2f}x the executor's"))
-            rows.append((f"{n} calls of {SPIN_S * 1e3:g} ms: executor map, chunksize=10",
-                         f"{_ms(ppe)}  speedup {ser / ppe:.2f}x"))
+            rows.append(
+                (
+                    f"{n} calls of {SPIN_S * 1e3:g} ms: parcellfun({nproc}, ...)",
+                    f"{_ms(par)}  speedup {ser / par:.2f}x (ideal {ideal}), {par / ppe:.2f}x the executor's",
+                )
+            )
+            rows.append(
+                (
+                    f"{n} calls of {SPIN_S * 1e3:g} ms: executor map, chunksize=10",
+                    f"{_ms(ppe)}  speedup {ser / ppe:.2f}x",
+                )
+            )
             rows.append((f"{n} calls of {SPIN_S * 1e3:g} ms: serial", _ms(ser)))
     except Exception:  # noqa: BLE001 - a benchmark reports (and in --quick mode fails below)
         traceback.print_exc()

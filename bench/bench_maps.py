@@ -57,9 +57,12 @@ def _timed_s(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def ideal_row(name: str, t: float, ideal: float, target_s: float | None, target: str, note: str) -> Row:
+def ideal_row(
+    name: str, t: float, ideal: float, target_s: float | None, target: str, note: str
+) -> Row:
     """A row with its ratio to the ideal time; ``target_s``: the largest time that is ok."""
     r = t / ideal
+
     def fmt(s: float) -> str:
         return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.3f} s"
 
@@ -70,8 +73,11 @@ def ideal_row(name: str, t: float, ideal: float, target_s: float | None, target:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tls", action="store_true", help="servers with TLS + SRP (default: without)")
-    ap.add_argument("--quick", action="store_true",
-                    help="calls of W4b 10x shorter, fewer runs (CI smoke test): exits 1 if anything failed")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="calls of W4b 10x shorter, fewer runs (CI smoke test): exits 1 if anything failed",
+    )
     a = ap.parse_args(argv)
     from parnet import netcellfun, network_set, pconnect, sclose
 
@@ -81,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     failed = False
     t_start = time.monotonic()
-    print(f"parnet map benchmark{' (quick)' if a.quick else ''}, TLS {'on' if a.tls else 'off'}; "
-          f"load average {loadavg()}")
+    print(
+        f"parnet map benchmark{' (quick)' if a.quick else ''}, TLS {'on' if a.tls else 'off'}; "
+        f"load average {loadavg()}"
+    )
     try:
         with bench_servers(a.tls, "parnet-bench-maps-") as hosts:
             home = os.environ["PARNET_HOME"]  # bench_servers' private directory
@@ -97,21 +105,43 @@ def main(argv: list[str] | None = None) -> int:
                 return int(statistics.median(raw.roundtrip() for _ in range(20)))
 
             try:
-                for label, kw in (("W4a 2000 trivial calls, default options", {}),
-                                  ("W4a 2000 trivial calls, chunk_size=100", {"chunk_size": 100})):
+                for label, kw in (
+                    ("W4a 2000 trivial calls, default options", {}),
+                    ("W4a 2000 trivial calls, chunk_size=100", {"chunk_size": 100}),
+                ):
                     name = label + (" [tls]" if a.tls else "")
                     try:
-                        t_warm = time.monotonic() + (0.5 if a.quick else 2.0)  # the first map starts
-                        while time.monotonic() < t_warm:  # each server's local pool in the background
+                        t_warm = time.monotonic() + (
+                            0.5 if a.quick else 2.0
+                        )  # the first map starts
+                        while (
+                            time.monotonic() < t_warm
+                        ):  # each server's local pool in the background
                             netcellfun(c, _double, xs, **kw)
-                        s, _ = interleaved({"map": timer_ns(lambda kw=kw: netcellfun(c, _double, xs, **kw)),
-                                            "raw": raw_rtt,
-                                            "serial": timer_ns(lambda: [_double(x) for x in xs])}, reps, 2, 5)
-                        t, rtt, ser = (statistics.median(s[k]) / 1e9 for k in ("map", "raw", "serial"))
-                        rows.append(ideal_row(name, t, rtt + ser / 2, 0.005 if not kw else None,
-                                              "<= 5 ms" if not kw else "-",
-                                              f"ideal = 1 raw round trip {rtt * 1e6:.1f} us + serial {ser * 1e3:.3f} ms"
-                                              f" / 2 servers; best map {min(s['map']) / 1e6:.2f} ms"))
+                        s, _ = interleaved(
+                            {
+                                "map": timer_ns(lambda kw=kw: netcellfun(c, _double, xs, **kw)),
+                                "raw": raw_rtt,
+                                "serial": timer_ns(lambda: [_double(x) for x in xs]),
+                            },
+                            reps,
+                            2,
+                            5,
+                        )
+                        t, rtt, ser = (
+                            statistics.median(s[k]) / 1e9 for k in ("map", "raw", "serial")
+                        )
+                        rows.append(
+                            ideal_row(
+                                name,
+                                t,
+                                rtt + ser / 2,
+                                0.005 if not kw else None,
+                                "<= 5 ms" if not kw else "-",
+                                f"ideal = 1 raw round trip {rtt * 1e6:.1f} us + serial {ser * 1e3:.3f} ms"
+                                f" / 2 servers; best map {min(s['map']) / 1e6:.2f} ms",
+                            )
+                        )
                     except Exception as e:  # noqa: BLE001
                         rows.append(failed_row(name, e))
             finally:
@@ -120,9 +150,23 @@ def main(argv: list[str] | None = None) -> int:
 
             # W4b and the Example: cold (first map on a fresh network) and warm (the second)
             for label, servers, nlocal, n, dur, ideal in (
-                    ("W4b 16 x {d} s, 1 server, nlocaljobs 2", [1], 2, 16, 0.5 * scale, 8 * 0.5 * scale),
-                    ("reference Example: 30 x {d} s, 2 servers x 2 cores", [1, 2], 0, 30, 1.0 * scale,
-                     8 * 1.0 * scale)):
+                (
+                    "W4b 16 x {d} s, 1 server, nlocaljobs 2",
+                    [1],
+                    2,
+                    16,
+                    0.5 * scale,
+                    8 * 0.5 * scale,
+                ),
+                (
+                    "reference Example: 30 x {d} s, 2 servers x 2 cores",
+                    [1, 2],
+                    0,
+                    30,
+                    1.0 * scale,
+                    8 * 1.0 * scale,
+                ),
+            ):
                 name = label.format(d=f"{dur:g}")
                 tag = " [tls]" if a.tls else ""
                 try:
@@ -135,16 +179,32 @@ def main(argv: list[str] | None = None) -> int:
                             target = net[servers[0]] if len(servers) == 1 else net
                             vals = [dur] * n
                             for out in (cold, warm):
-                                t = _timed_s(lambda target=target, vals=vals: netcellfun(target, _sleep, vals))
+                                t = _timed_s(
+                                    lambda target=target, vals=vals: netcellfun(
+                                        target, _sleep, vals
+                                    )
+                                )
                                 out.append(t)
                     for kind, ts in (("cold", cold), ("warm", warm)):
                         t = statistics.median(ts)
-                        rows.append(ideal_row(f"{name}, {kind}{tag}", t, ideal, ideal + 0.05, "overhead <= 50 ms",
-                                              f"overhead {(t - ideal) * 1e3:+.0f} ms; runs "
-                                              + ", ".join(f"{x:.3f}" for x in ts) + " s"))
+                        rows.append(
+                            ideal_row(
+                                f"{name}, {kind}{tag}",
+                                t,
+                                ideal,
+                                ideal + 0.05,
+                                "overhead <= 50 ms",
+                                f"overhead {(t - ideal) * 1e3:+.0f} ms; runs "
+                                + ", ".join(f"{x:.3f}" for x in ts)
+                                + " s",
+                            )
+                        )
                 except Exception as e:  # noqa: BLE001
                     rows.append(failed_row(name + tag, e))
-            print_table("netcellfun on 2 servers on 127.0.0.2/127.0.0.3 (medians; ratio: to the ideal time)", rows)
+            print_table(
+                "netcellfun on 2 servers on 127.0.0.2/127.0.0.3 (medians; ratio: to the ideal time)",
+                rows,
+            )
         failed = any(r.failed for r in rows)
     except Exception:  # noqa: BLE001 - a benchmark reports (and in --quick mode fails below)
         traceback.print_exc()

@@ -77,8 +77,21 @@ try:
     _LIBC: Any = ctypes.CDLL("libc.so.6")
 
     class _Mallinfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+        _fields_ = [
+            (n, ctypes.c_size_t)
+            for n in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     _LIBC.mallinfo2.restype = _Mallinfo2
 except (OSError, AttributeError):
@@ -102,6 +115,8 @@ def malloc_in_use_kb() -> int | None:
         return None
     mi = _LIBC.mallinfo2()
     return (mi.uordblks + mi.hblkhd) // 1024
+
+
 FIRST_ADDR = 60  # servers on 127.0.0.60, 127.0.0.61, ...
 MARK = "soak-deliberate"  # in the message of every deliberately raised exception
 KILL_EVERY = (20.0, 40.0)  # seconds between kills
@@ -111,11 +126,28 @@ OP_ABORT = 300.0  # ... and this long: the soak gives up (report, stop servers, 
 WORKER_EXIT_DEADLINE = 30.0
 RSS_TOLERANCE_KB = 20 * 1024
 # RemoteError types that a killed peer can cause on the servers that survived it
-CONN_TYPES = {"ConnectionClosed", "TimeoutError", "ConnectionError", "ConnectionResetError",
-              "BrokenPipeError", "ConnectionAbortedError", "OSError", "ConnectError", "WorkerDiedError"}
+CONN_TYPES = {
+    "ConnectionClosed",
+    "TimeoutError",
+    "ConnectionError",
+    "ConnectionResetError",
+    "BrokenPipeError",
+    "ConnectionAbortedError",
+    "OSError",
+    "ConnectError",
+    "WorkerDiedError",
+}
 OPS = {  # name: weight
-    "connect": 7, "map": 24, "relay": 14, "echo": 8, "rfeval": 12, "install_vars": 8,
-    "select": 10, "reval_error": 5, "second_net": 4, "sclose": 3,
+    "connect": 7,
+    "map": 24,
+    "relay": 14,
+    "echo": 8,
+    "rfeval": 12,
+    "install_vars": 8,
+    "select": 10,
+    "reval_error": 5,
+    "second_net": 4,
+    "sclose": 3,
 }
 
 
@@ -282,7 +314,9 @@ class Server:
     pid: int = 0
     gen: int = 0  # incremented at every kill
     up: bool = False
-    baseline: dict[str, int | None] = field(default_factory=dict)  # of the current pid, right after start
+    baseline: dict[str, int | None] = field(
+        default_factory=dict
+    )  # of the current pid, right after start
     starts: int = 0
 
     @property
@@ -315,8 +349,10 @@ class Soak:
         self.krng = random.Random(args.seed + 1)
         addrs = [f"127.0.0.{FIRST_ADDR + k}" for k in range(args.servers)]
         port = pick_ports(addrs, self.rng)
-        self.servers = [Server(k, a, port, os.path.join(home, f"server-{a}-{port}.log"))
-                        for k, a in enumerate(addrs)]
+        self.servers = [
+            Server(k, a, port, os.path.join(home, f"server-{a}-{port}.log"))
+            for k, a in enumerate(addrs)
+        ]
         self.lock = threading.Lock()  # guards server state (up, gen, pid) between threads
         self.stop_ev = threading.Event()
         self.t0 = time.monotonic()
@@ -326,7 +362,9 @@ class Soak:
         self.c_gens: dict[int, int] = {}
         self.dirty = False
         # bookkeeping
-        self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter
+        )
         self.variants: collections.Counter[str] = collections.Counter()
         self.failures: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
         self.unexpected: list[str] = []
@@ -346,13 +384,23 @@ class Soak:
     def start_server(self, s: Server) -> None:
         from parnet.server.launch import start_background
 
-        pid = start_background(use_tls=self.args.tls, cmd_port=s.port, data_port=s.port + 1, bind=s.addr,
-                               allow_root=True, log_file=s.log)
+        pid = start_background(
+            use_tls=self.args.tls,
+            cmd_port=s.port,
+            data_port=s.port + 1,
+            bind=s.addr,
+            allow_root=True,
+            log_file=s.log,
+        )
         time.sleep(0.1)
         with self.lock:
             s.pid = pid
             s.starts += 1
-            s.baseline = {"fds": fd_count(pid), "rss": rss_kb(pid), "children": len(direct_children(pid))}
+            s.baseline = {
+                "fds": fd_count(pid),
+                "rss": rss_kb(pid),
+                "children": len(direct_children(pid)),
+            }
             s.up = True
 
     def stop_all(self) -> None:
@@ -383,8 +431,15 @@ class Soak:
                 self.problems.append(f"kill of {s.host} failed: {e!r}")
                 pids = {pid}
             self.killed_pids |= pids
-            rec = {"t": t_kill - self.t0, "server": s.idx, "host": s.addr, "pid": pid, "procs": len(pids),
-                   "down": None, "restarted": False}
+            rec = {
+                "t": t_kill - self.t0,
+                "server": s.idx,
+                "host": s.addr,
+                "pid": pid,
+                "procs": len(pids),
+                "down": None,
+                "restarted": False,
+            }
             self.kills.append(rec)
             self.log(f"KILL -9 server {s.idx} ({s.addr}, daemon {pid}, {len(pids)} processes)")
             self.stop_ev.wait(self.krng.uniform(*DOWN_FOR))  # restart even when stopping
@@ -393,7 +448,9 @@ class Soak:
                     self.start_server(s)
                     rec["down"] = time.monotonic() - t_kill
                     rec["restarted"] = True
-                    self.log(f"restarted server {s.idx} ({s.addr}) as pid {s.pid} after {rec['down']:.1f} s")
+                    self.log(
+                        f"restarted server {s.idx} ({s.addr}) as pid {s.pid} after {rec['down']:.1f} s"
+                    )
                     break
                 except Exception as e:  # noqa: BLE001
                     msg = f"restart of server {s.idx} ({s.host}), attempt {attempt + 1}: {type(e).__name__}: {e}"
@@ -416,7 +473,9 @@ class Soak:
             if age > OP_HANG and warned != start:
                 warned = start
                 self.hangs += 1
-                self.log(f"HANG: operation {name} running for {age:.0f} s; stacks follow; closing its network")
+                self.log(
+                    f"HANG: operation {name} running for {age:.0f} s; stacks follow; closing its network"
+                )
                 faulthandler.dump_traceback(all_threads=True)
                 if net is not None:
                     with contextlib.suppress(Exception):
@@ -453,9 +512,18 @@ class Soak:
                 pid, up = s.pid, s.up
             ch = direct_children(pid) if up else []
             desc = descendants(pid, table) if up else set()
-            rows.append({"server": s.idx, "pid": pid, "up": up, "fds": fd_count(pid) if up else None,
-                         "children": len(ch), "desc": len(desc), "rss": rss_kb(pid) if up else None,
-                         "wrss": sum(rss_kb(p) or 0 for p in desc)})
+            rows.append(
+                {
+                    "server": s.idx,
+                    "pid": pid,
+                    "up": up,
+                    "fds": fd_count(pid) if up else None,
+                    "children": len(ch),
+                    "desc": len(desc),
+                    "rss": rss_kb(pid) if up else None,
+                    "wrss": sum(rss_kb(p) or 0 for p in desc),
+                }
+            )
         smp = Sample(label, time.monotonic() - self.t0, client, rows)
         self.samples.append(smp)
         return smp
@@ -548,11 +616,25 @@ class Soak:
         self.ensure_main(ctx)
         c = self.c
         rng = self.rng
-        kind = rng.choices(["small", "medium", "nout", "cum", "fail_handled", "fail_unhandled",
-                            "fail_slow_unhandled"], [25, 25, 8, 8, 14, 12, 8])[0]
+        kind = rng.choices(
+            [
+                "small",
+                "medium",
+                "nout",
+                "cum",
+                "fail_handled",
+                "fail_unhandled",
+                "fail_slow_unhandled",
+            ],
+            [25, 25, 8, 8, 14, 12, 8],
+        )[0]
         ctx.variant = kind
         cs = rng.choice([1, 1, 2, 3, 5])
-        target = c if rng.random() < 0.8 else c[[0] + rng.sample(self.nodes(), rng.randint(1, len(self.nodes())))]
+        target = (
+            c
+            if rng.random() < 0.8
+            else c[[0] + rng.sample(self.nodes(), rng.randint(1, len(self.nodes())))]
+        )
         if kind == "small":
             xs = list(range(rng.randint(1, 400)))
             got = netcellfun(target, f_small, xs, chunk_size=cs)
@@ -567,7 +649,9 @@ class Soak:
                 raise CheckFailed(f"map medium: wrong result {got[:10]}...")
         elif kind == "nout":
             xs = list(range(rng.randint(1, 100)))
-            a, b = netcellfun(target, f_pair, xs, nout=2, uniform_output=rng.random() < 0.5, chunk_size=cs)
+            a, b = netcellfun(
+                target, f_pair, xs, nout=2, uniform_output=rng.random() < 0.5, chunk_size=cs
+            )
             if list(a) != xs or list(b) != [-x for x in xs]:
                 raise CheckFailed("map nout=2: wrong result")
         elif kind == "cum":
@@ -588,7 +672,13 @@ class Soak:
             ctx.expect_deliberate = True
             try:
                 if slow:
-                    netcellfun(target, f_fail_slow, xs, [rng.uniform(0.002, 0.03) for _ in xs], chunk_size=cs)
+                    netcellfun(
+                        target,
+                        f_fail_slow,
+                        xs,
+                        [rng.uniform(0.002, 0.03) for _ in xs],
+                        chunk_size=cs,
+                    )
                 else:
                     netcellfun(target, f_fail, xs, chunk_size=cs)
             except RemoteError as e:
@@ -659,14 +749,23 @@ class Soak:
         self.ensure_main(ctx)
         c = self.c
         k = self.rng.choice(self.nodes())
-        kind = self.rng.choices(["wait", "nout", "nowait", "array", "fail"], [30, 15, 20, 15, 20])[0]
+        kind = self.rng.choices(["wait", "nout", "nowait", "array", "fail"], [30, 15, 20, 15, 20])[
+            0
+        ]
         ctx.variant = kind
         x, y = self.rng.randint(-1000, 1000), self.rng.randint(-1000, 1000)
         if kind == "wait":
             got = rfeval(lambda a, b: a * b + 1, x, y, connection=c[k])
             want: Any = x * y + 1
         elif kind == "nout":
-            got = rfeval(lambda a, b=0: (a, b, a + b), x, connection=c[k], b=y, nout=3, isout=[True, False, True])
+            got = rfeval(
+                lambda a, b=0: (a, b, a + b),
+                x,
+                connection=c[k],
+                b=y,
+                nout=3,
+                isout=[True, False, True],
+            )
             want = [x, x + y]
         elif kind == "nowait":
             if rfeval(lambda a: ("late", a), x, connection=c[k], wait=False) is not None:
@@ -695,7 +794,11 @@ class Soak:
         self.ensure_main(ctx)
         c = self.c
         nodes = self.nodes()
-        sub = nodes if self.rng.random() < 0.7 else sorted(self.rng.sample(nodes, self.rng.randint(1, len(nodes))))
+        sub = (
+            nodes
+            if self.rng.random() < 0.7
+            else sorted(self.rng.sample(nodes, self.rng.randint(1, len(nodes))))
+        )
         ctx.variant = "all" if sub == nodes else "subset"
         tok = self.next_tok()
         soak_named = {"tok": tok, "s": "x" * self.rng.randint(0, 1000)}  # noqa: F841 - looked up by name
@@ -707,8 +810,10 @@ class Soak:
         for k in sub:
             named, got = precv(c[k], timeout=30)
             if named != soak_named or not np.array_equal(got, arr):
-                raise CheckFailed(f"install_vars: node {k} has {named!r}, array equal "
-                                  f"{isinstance(got, np.ndarray) and np.array_equal(got, arr)}")
+                raise CheckFailed(
+                    f"install_vars: node {k} has {named!r}, array equal "
+                    f"{isinstance(got, np.ndarray) and np.array_equal(got, arr)}"
+                )
 
     def op_select(self, ctx: OpCtx) -> None:
         from parnet import precv, reval, select_sockets
@@ -723,7 +828,9 @@ class Soak:
         if ready:
             # a node whose link has closed is reported ready (its precv raises ConnectionClosed)
             got = precv(c[ready[0]], timeout=1.0)
-            raise CheckFailed(f"select_sockets on an idle network returned {ready}; precv got {str(got)[:80]}")
+            raise CheckFailed(
+                f"select_sockets on an idle network returned {ready}; precv got {str(got)[:80]}"
+            )
         if dt < t_idle * 0.9:
             raise CheckFailed(f"select_sockets({t_idle}) returned [] after {dt:.3f} s")
         nodes = self.nodes()
@@ -743,8 +850,10 @@ class Soak:
                 k = c.indices[pos]
                 if k not in waiting:
                     got = precv(c[pos], timeout=1.0)  # a closed link: ConnectionClosed
-                    raise CheckFailed(f"select_sockets reported node {k} (position {pos}), not a sender; "
-                                      f"precv got {str(got)[:80]}")
+                    raise CheckFailed(
+                        f"select_sockets reported node {k} (position {pos}), not a sender; "
+                        f"precv got {str(got)[:80]}"
+                    )
                 got = precv(c[pos], timeout=5)
                 if got != ("sel", tok, k):
                     raise CheckFailed(f"select: node {k} sent {got!r}")
@@ -866,7 +975,9 @@ class Soak:
                 raise Hang(f"{name} took {time.monotonic() - t1:.0f} s")
         except Exception as e:  # noqa: BLE001
             if time.monotonic() - t1 > OP_HANG and not isinstance(e, Hang):
-                e2 = Hang(f"{name} took {time.monotonic() - t1:.0f} s, then raised {type(e).__name__}: {e}")
+                e2 = Hang(
+                    f"{name} took {time.monotonic() - t1:.0f} s, then raised {type(e).__name__}: {e}"
+                )
                 e2.__cause__ = e
                 e = e2
             expected, why = self.classify(ctx, e)
@@ -880,10 +991,14 @@ class Soak:
                 self.dirty = True  # reconnect before the next operation on the main network
             if not expected:
                 text = "".join(traceback.format_exception(real))
-                head = (f"UNEXPECTED failure in {name} ({ctx.variant}) at {t1 - self.t0:.1f} s: {etype} "
-                        f"({why}); servers {[s.idx for s in ctx.servers]}")
-                self.unexpected.append(f"{t1 - self.t0:7.1f}s {name} ({ctx.variant}): {etype}: "
-                                       f"{str(real).splitlines()[0] if str(real) else ''} [{why}]")
+                head = (
+                    f"UNEXPECTED failure in {name} ({ctx.variant}) at {t1 - self.t0:.1f} s: {etype} "
+                    f"({why}); servers {[s.idx for s in ctx.servers]}"
+                )
+                self.unexpected.append(
+                    f"{t1 - self.t0:7.1f}s {name} ({ctx.variant}): {etype}: "
+                    f"{str(real).splitlines()[0] if str(real) else ''} [{why}]"
+                )
                 self.log(head + "\n" + text)
         finally:
             self.cur_op = None
@@ -904,7 +1019,11 @@ class Soak:
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             table = proc_table()
-            busy = [s for s in self.servers if s.up and (descendants(s.pid, table) or direct_children(s.pid))]
+            busy = [
+                s
+                for s in self.servers
+                if s.up and (descendants(s.pid, table) or direct_children(s.pid))
+            ]
             if not busy:
                 return True
             time.sleep(0.2)
@@ -925,10 +1044,12 @@ class Soak:
 
     def run(self) -> int:
         a = self.args
-        self.log(f"soak: {a.minutes:g} min, {a.servers} servers on {self.servers[0].addr}.. port "
-                 f"{self.servers[0].port}/{self.servers[0].port + 1}, TLS {'on' if a.tls else 'off'}, seed {a.seed}; "
-                 f"commit {git_state()}; python {sys.version.split()[0]}, {os.cpu_count()} cores; "
-                 f"load average {loadavg()}")
+        self.log(
+            f"soak: {a.minutes:g} min, {a.servers} servers on {self.servers[0].addr}.. port "
+            f"{self.servers[0].port}/{self.servers[0].port + 1}, TLS {'on' if a.tls else 'off'}, seed {a.seed}; "
+            f"commit {git_state()}; python {sys.version.split()[0]}, {os.cpu_count()} cores; "
+            f"load average {loadavg()}"
+        )
         self.load_start = loadavg()
         for s in self.servers:
             self.start_server(s)
@@ -948,15 +1069,19 @@ class Soak:
                 if time.monotonic() >= next_sample:
                     smp = self.sample(f"{round((time.monotonic() - self.t0) / 60):d} min")
                     next_sample += 60
-                    self.log(f"{nops} operations; {sum(1 for _ in self.unexpected)} unexpected; "
-                             f"{len(self.kills)} kills; client fds {smp.client['fds']} threads "
-                             f"{smp.client['threads']} RSS {smp.client['rss']} kB; workers "
-                             f"{[r['desc'] for r in smp.servers]}")
+                    self.log(
+                        f"{nops} operations; {sum(1 for _ in self.unexpected)} unexpected; "
+                        f"{len(self.kills)} kills; client fds {smp.client['fds']} threads "
+                        f"{smp.client['threads']} RSS {smp.client['rss']} kB; workers "
+                        f"{[r['desc'] for r in smp.servers]}"
+                    )
                 self.run_op(self.choose())
                 nops += 1
         finally:
             self.stop_ev.set()
-            self.log("time is up: closing the networks, waiting for the killer thread to restart its server")
+            self.log(
+                "time is up: closing the networks, waiting for the killer thread to restart its server"
+            )
             with contextlib.suppress(Exception):
                 self.close_main()
             kt.join(timeout=30)
@@ -964,7 +1089,9 @@ class Soak:
         self.duration = time.monotonic() - self.t0
         gone = self.wait_workers_gone(WORKER_EXIT_DEADLINE)
         if not gone:
-            self.problems.append(f"workers still running {WORKER_EXIT_DEADLINE:.0f} s after the last sclose")
+            self.problems.append(
+                f"workers still running {WORKER_EXIT_DEADLINE:.0f} s after the last sclose"
+            )
         gc.collect()
         time.sleep(0.5)
         self.sample("end")
@@ -980,20 +1107,28 @@ class Soak:
         if ce["threads"] != cs["threads"]:
             self.problems.append(f"client threads {cs['threads']} -> {ce['threads']}")
         if (ce["rss_trim"] or 0) > (cs["rss_trim"] or 0) + RSS_TOLERANCE_KB:
-            self.problems.append(f"client RSS (after gc + malloc_trim) {cs['rss_trim']} -> {ce['rss_trim']} kB "
-                                 "(> +20 MB)")
+            self.problems.append(
+                f"client RSS (after gc + malloc_trim) {cs['rss_trim']} -> {ce['rss_trim']} kB "
+                "(> +20 MB)"
+            )
         for s, row in zip(self.servers, end.servers, strict=True):
             if not row["up"]:
                 self.problems.append(f"server {s.idx} is not up at the end")
                 continue
             b = s.baseline
             if row["fds"] != b.get("fds"):
-                self.problems.append(f"server {s.idx} (pid {s.pid}) daemon fds {b.get('fds')} -> {row['fds']}")
+                self.problems.append(
+                    f"server {s.idx} (pid {s.pid}) daemon fds {b.get('fds')} -> {row['fds']}"
+                )
             if row["children"] or row["desc"]:
-                self.problems.append(f"server {s.idx} (pid {s.pid}): {row['children']} children, "
-                                     f"{row['desc']} descendants left")
+                self.problems.append(
+                    f"server {s.idx} (pid {s.pid}): {row['children']} children, "
+                    f"{row['desc']} descendants left"
+                )
             if (row["rss"] or 0) > (b.get("rss") or 0) + RSS_TOLERANCE_KB:
-                self.problems.append(f"server {s.idx} (pid {s.pid}) daemon RSS {b.get('rss')} -> {row['rss']} kB")
+                self.problems.append(
+                    f"server {s.idx} (pid {s.pid}) daemon RSS {b.get('rss')} -> {row['rss']} kB"
+                )
         left = sorted(p for p in self.killed_pids if alive(p))
         if left:
             self.problems.append(f"processes of killed servers still alive: {left}")
@@ -1018,22 +1153,30 @@ class Soak:
         p = print
         dur = getattr(self, "duration", time.monotonic() - self.t0)
         p("\n" + "=" * 100)
-        p(f"soak report: {dur / 60:.1f} min ({dur:.0f} s), {self.args.servers} servers, TLS "
-          f"{'on' if self.args.tls else 'off'}, seed {self.args.seed}; load average at start "
-          f"{getattr(self, 'load_start', '?')}, at end {loadavg()}")
+        p(
+            f"soak report: {dur / 60:.1f} min ({dur:.0f} s), {self.args.servers} servers, TLS "
+            f"{'on' if self.args.tls else 'off'}, seed {self.args.seed}; load average at start "
+            f"{getattr(self, 'load_start', '?')}, at end {loadavg()}"
+        )
         total = sum(sum(c.values()) for c in self.counts.values())
-        p(f"\noperations: {total} (and {self.reconnects} implicit reconnects of the main network before an "
-          "operation, after a failure or an sclose; counted in the operation)")
+        p(
+            f"\noperations: {total} (and {self.reconnects} implicit reconnects of the main network before an "
+            "operation, after a failure or an sclose; counted in the operation)"
+        )
         p(f"  {'kind':<14}{'total':>7}{'ok':>7}{'expected':>10}{'UNEXPECTED':>12}{'max s':>8}")
         for name in OPS:
             c = self.counts.get(name, collections.Counter())
-            p(f"  {name:<14}{sum(c.values()):>7}{c['ok']:>7}{c['expected']:>10}{c['UNEXPECTED']:>12}"
-              f"{self.max_dur.get(name, 0):>8.1f}")
+            p(
+                f"  {name:<14}{sum(c.values()):>7}{c['ok']:>7}{c['expected']:>10}{c['UNEXPECTED']:>12}"
+                f"{self.max_dur.get(name, 0):>8.1f}"
+            )
         p("\nvariants: " + ", ".join(f"{k} {v}" for k, v in sorted(self.variants.items())))
         p("\nfailures by type:")
         if not self.failures:
             p("  none")
-        for (name, outcome, etype, why), n in sorted(self.failures.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for (name, outcome, etype, why), n in sorted(
+            self.failures.items(), key=lambda kv: (kv[0][1], kv[0][0])
+        ):
             p(f"  {outcome:<10} {name:<14} {etype:<36} {why}: {n}")
         if self.unexpected:
             p("\nunexpected failures (tracebacks above, in the run's output):")
@@ -1042,39 +1185,56 @@ class Soak:
             if len(self.unexpected) > 40:
                 p(f"  ... and {len(self.unexpected) - 40} more")
         restarts = sum(1 for k in self.kills if k["restarted"])
-        p(f"\nkills: {len(self.kills)}, restarts: {restarts}, failed restart attempts: {len(self.restart_failures)}")
+        p(
+            f"\nkills: {len(self.kills)}, restarts: {restarts}, failed restart attempts: {len(self.restart_failures)}"
+        )
         for k in self.kills:
             down = f"down {k['down']:.1f} s" if k["down"] is not None else "not restarted"
-            p(f"  {k['t']:7.1f}s server {k['server']} ({k['host']}) daemon {k['pid']}: {k['procs']} processes "
-              f"killed, {down}")
+            p(
+                f"  {k['t']:7.1f}s server {k['server']} ({k['host']}) daemon {k['pid']}: {k['procs']} processes "
+                f"killed, {down}"
+            )
         for msg in self.restart_failures:
             p(f"  {msg}")
-        p("\nresources. client: fds, threads, RSS MB, RSS after gc.collect() + malloc_trim(0), MB in use by "
-          "malloc (mallinfo2), live Python container objects;\n  each daemon: pid, fds, children (workers), all descendants, RSS MB, summed RSS of the "
-          "descendants;\n  baseline of a daemon: right after it started, before any network")
+        p(
+            "\nresources. client: fds, threads, RSS MB, RSS after gc.collect() + malloc_trim(0), MB in use by "
+            "malloc (mallinfo2), live Python container objects;\n  each daemon: pid, fds, children (workers), all descendants, RSS MB, summed RSS of the "
+            "descendants;\n  baseline of a daemon: right after it started, before any network"
+        )
         hdr = f"  {'sample':<8}{'t s':>7} | {'client fds':>10}{'thr':>5}{'RSS':>7}{'trim':>7}{'malloc':>7}{'objs':>8} |"
         for s in self.servers:
-            hdr += f" server {s.idx}: {'pid':>7}{'fds':>5}{'ch':>4}{'desc':>5}{'RSS':>6}{'wRSS':>7} |"
+            hdr += (
+                f" server {s.idx}: {'pid':>7}{'fds':>5}{'ch':>4}{'desc':>5}{'RSS':>6}{'wRSS':>7} |"
+            )
         p(hdr)
         base_row = f"  {'baseline':<8}{'':>7} | {'':>10}{'':>5}{'':>7}{'':>7}{'':>7}{'':>8} |"
         for s in self.servers:
             b = s.baseline
-            base_row += (f" {'':>9}{s.pid:>8}{b.get('fds') or 0:>5}{b.get('children') or 0:>4}{'':>5}"
-                         f"{(b.get('rss') or 0) / 1024:>6.1f}{'':>7} |")
+            base_row += (
+                f" {'':>9}{s.pid:>8}{b.get('fds') or 0:>5}{b.get('children') or 0:>4}{'':>5}"
+                f"{(b.get('rss') or 0) / 1024:>6.1f}{'':>7} |"
+            )
         for smp in self.samples:
             c = smp.client
-            row = (f"  {smp.label:<8}{smp.t:>7.0f} | {c['fds']:>10}{c['threads']:>5}{(c['rss'] or 0) / 1024:>7.1f}"
-                   f"{(c['rss_trim'] or 0) / 1024:>7.1f}{(c['malloc'] or 0) / 1024:>7.1f}{c['objs']:>8} |")
+            row = (
+                f"  {smp.label:<8}{smp.t:>7.0f} | {c['fds']:>10}{c['threads']:>5}{(c['rss'] or 0) / 1024:>7.1f}"
+                f"{(c['rss_trim'] or 0) / 1024:>7.1f}{(c['malloc'] or 0) / 1024:>7.1f}{c['objs']:>8} |"
+            )
             for r in smp.servers:
                 if r["up"]:
-                    row += (f" {'':>9}{r['pid']:>8}{r['fds']:>5}{r['children']:>4}{r['desc']:>5}"
-                            f"{(r['rss'] or 0) / 1024:>6.1f}{r['wrss'] / 1024:>7.1f} |")
+                    row += (
+                        f" {'':>9}{r['pid']:>8}{r['fds']:>5}{r['children']:>4}{r['desc']:>5}"
+                        f"{(r['rss'] or 0) / 1024:>6.1f}{r['wrss'] / 1024:>7.1f} |"
+                    )
                 else:
                     row += f" {'':>9}{'(down)':>8}{'':>27} |"
             p(row)
         p(base_row + "  (current daemons)")
         findings = self.server_log_findings()
-        p(f"\nserver logs: {len(findings)} distinct ERROR/Traceback lines" + (":" if findings else ""))
+        p(
+            f"\nserver logs: {len(findings)} distinct ERROR/Traceback lines"
+            + (":" if findings else "")
+        )
         for f_ in findings:
             p("  " + f_)
         if self.problems:
@@ -1090,12 +1250,20 @@ class _Deliberate(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="parnet soak test: random operations while servers get killed")
+    ap = argparse.ArgumentParser(
+        description="parnet soak test: random operations while servers get killed"
+    )
     ap.add_argument("--minutes", type=float, default=10.0, help="how long to run (default 10)")
     ap.add_argument("--servers", type=int, default=3, help="number of servers (default 3)")
-    ap.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True, help="TLS + SRP (default on)")
+    ap.add_argument(
+        "--tls", action=argparse.BooleanOptionalAction, default=True, help="TLS + SRP (default on)"
+    )
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
-    ap.add_argument("--quick", action="store_true", help="an 18-second run (CI smoke test; same as --minutes 0.3)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="an 18-second run (CI smoke test; same as --minutes 0.3)",
+    )
     a = ap.parse_args(argv)
     if a.quick:
         a.minutes = 0.3
@@ -1105,7 +1273,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--servers must be 1..100")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: dump stacks
     if not fix_malloc_thresholds():
-        print("(could not fix glibc's malloc thresholds: client RSS may climb without a leak)", flush=True)
+        print(
+            "(could not fix glibc's malloc thresholds: client RSS may climb without a leak)",
+            flush=True,
+        )
     home = tempfile.mkdtemp(prefix="parnet-soak-")
     os.environ["PARNET_HOME"] = home
     os.environ["XDG_RUNTIME_DIR"] = home
@@ -1114,7 +1285,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from parnet.auth.keygen import parallel_generate_srp_data
 
-        parallel_generate_srp_data("soak", password="soak-password-123", directory=os.path.join(home, "srp"))
+        parallel_generate_srp_data(
+            "soak", password="soak-password-123", directory=os.path.join(home, "srp")
+        )
         soak = Soak(a, home)
         rc = soak.run()
         keep = rc != 0
@@ -1135,7 +1308,10 @@ def main(argv: list[str] | None = None) -> int:
             for s in soak.servers:
                 left |= {p for p in session_members(s.pid) if alive(p)} if s.pid else set()
             if left:
-                print(f"after stopping the servers, processes remain in their sessions: {sorted(left)}", flush=True)
+                print(
+                    f"after stopping the servers, processes remain in their sessions: {sorted(left)}",
+                    flush=True,
+                )
         if keep:
             print(f"(server logs kept in {home})", flush=True)
         else:

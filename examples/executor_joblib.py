@@ -16,7 +16,12 @@ with local_servers(2) as hosts, pconnect(hosts) as conns:
         print("squares:", list(ex.map(lambda x: x * x, range(8), chunksize=4)))
         failed = ex.submit(lambda: {}["missing"])
         err = failed.exception()
-        print("a failed call: RemoteError", err.exc_type, "caught by except KeyError:", isinstance(err, KeyError))
+        print(
+            "a failed call: RemoteError",
+            err.exc_type,
+            "caught by except KeyError:",
+            isinstance(err, KeyError),
+        )
         list(ex.map(time.sleep, [0.05] * 8))  # the servers' process pools start on first use
         t = time.perf_counter()
         list(ex.map(time.sleep, [0.4] * 8))

@@ -21,18 +21,22 @@ with local_servers(2) as hosts, pconnect(hosts) as conns:
     print("longest Collatz run below 1001 starts at", int(np.argmax(steps)) + 1)
 
     # Several iterables, non-scalar results (uniform_output=False gives a list).
-    pairs = netcellfun(conns, lambda a, b: (a, b * 2), ["x", "y", "z"], [1, 2, 3],
-                       uniform_output=False)
+    pairs = netcellfun(
+        conns, lambda a, b: (a, b * 2), ["x", "y", "z"], [1, 2, 3], uniform_output=False
+    )
     print("pairs:", pairs)
 
     # An error_handler stands in for calls that raise; err.index is 0-based.
-    inv = netcellfun(conns, lambda x: 1 / x, [1, 2, 0, 4],
-                     error_handler=lambda err, x: float("inf"))
+    inv = netcellfun(
+        conns, lambda x: 1 / x, [1, 2, 0, 4], error_handler=lambda err, x: float("inf")
+    )
     print("inverses:", inv.tolist())
 
     # One accumulated value instead of all results.
-    print("sum of squares:", netcellfun(conns, lambda x: x * x, range(100),
-                                         cum_func=lambda acc, x: acc + x))
+    print(
+        "sum of squares:",
+        netcellfun(conns, lambda x: x * x, range(100), cum_func=lambda acc, x: acc + x),
+    )
 
     # netarrayfun keeps the shape; vectorized=True passes whole chunks as arrays.
     grid = np.arange(12.0).reshape(3, 4)

@@ -19,5 +19,7 @@ with local_servers(2) as hosts, pconnect(hosts) as conns:
     print(f"took {took:.2f} s for two calls of 0.5 s each: they ran at the same time")
 
     # nout/isout: the function returns a tuple; pick some of its items.
-    print("divmod, quotient only:", rfeval(divmod, 17, 5, nout=2, isout=[True, False],
-                                           connection=conns[1]))
+    print(
+        "divmod, quotient only:",
+        rfeval(divmod, 17, 5, nout=2, isout=[True, False], connection=conns[1]),
+    )

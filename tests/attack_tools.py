@@ -46,11 +46,20 @@ def connect(host: str, port: int, src: str | None = None, timeout: float = 5.0) 
     return s
 
 
-def preamble(kind: int = handshake.KIND_CMD, tls: bool = True, netid: bytes | None = None, src: int = 0,
-             dst: int = 1, version: int = PROTOCOL_VERSION, magic: bytes = MAGIC) -> bytes:
+def preamble(
+    kind: int = handshake.KIND_CMD,
+    tls: bool = True,
+    netid: bytes | None = None,
+    src: int = 0,
+    dst: int = 1,
+    version: int = PROTOCOL_VERSION,
+    magic: bytes = MAGIC,
+) -> bytes:
     """32 preamble bytes, any field forged at will."""
     flags = handshake.FLAG_TLS if tls else 0
-    return handshake.PREAMBLE.pack(magic, version, kind, flags, netid or uuid.uuid4().bytes, src, dst)
+    return handshake.PREAMBLE.pack(
+        magic, version, kind, flags, netid or uuid.uuid4().bytes, src, dst
+    )
 
 
 def recv_exact(sock: socket.socket, n: int, timeout: float = 5.0) -> bytes:
@@ -183,8 +192,14 @@ class Frames:
             self.dec.feed(chunk)
 
 
-def tls_channel(host: str, port: int, pre: bytes, src: str | None = None,
-                ctx: ssl.SSLContext | None = None, timeout: float = 5.0) -> tuple[ssl.SSLSocket, Reply]:
+def tls_channel(
+    host: str,
+    port: int,
+    pre: bytes,
+    src: str | None = None,
+    ctx: ssl.SSLContext | None = None,
+    timeout: float = 5.0,
+) -> tuple[ssl.SSLSocket, Reply]:
     """Preamble, reply (must be OK), then a TLS 1.3 handshake as a client."""
     s = connect(host, port, src, timeout)
     try:
@@ -219,8 +234,9 @@ def options() -> bytes:
     return handshake.options_bytes(True)
 
 
-def start_login(host: str, port: int, user: str, src: str | None = None,
-                netid: bytes | None = None) -> Login:
+def start_login(
+    host: str, port: int, user: str, src: str | None = None, netid: bytes | None = None
+) -> Login:
     """TLS, then the SRP hello; stops after reading the challenge."""
     netid = netid or uuid.uuid4().bytes
     sock, rep = tls_channel(host, port, preamble(netid=netid), src)
@@ -234,8 +250,15 @@ def start_login(host: str, port: int, user: str, src: str | None = None,
     return lg
 
 
-def login(host: str, port: int, user: str, password: str, src: str | None = None,
-          netid: bytes | None = None, cb: bytes | None = None) -> tuple[Login, Frame | None]:
+def login(
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    src: str | None = None,
+    netid: bytes | None = None,
+    cb: bytes | None = None,
+) -> tuple[Login, Frame | None]:
     """A whole SRP login by hand (``SrpClient``); returns the login and the server's last frame.
 
     ``cb`` forges the channel binding the client puts into its proof.
@@ -244,7 +267,9 @@ def login(host: str, port: int, user: str, password: str, src: str | None = None
     sock, rep = tls_channel(host, port, preamble(netid=netid), src)
     real_cb = cert_binding(sock.getpeercert(binary_form=True))
     lg = Login(sock, Frames(sock), netid, rep.data_port, real_cb)
-    c = srp.SrpClient(user, password, cb=real_cb if cb is None else cb, role="cmd", options=options())
+    c = srp.SrpClient(
+        user, password, cb=real_cb if cb is None else cb, role="cmd", options=options()
+    )
     lg.frames.send(msg.AUTH, c.hello())
     f = lg.frames.recv()
     assert f is not None and f.code == msg.AUTH, f
@@ -297,8 +322,9 @@ class TlsRelay:
     server, and relays the decrypted bytes both ways, noting the code of every frame the
     client sends (``codes``)."""
 
-    def __init__(self, upstream: tuple[str, int], cert: str, key: str, listen_ip: str,
-                 src: str | None = None) -> None:
+    def __init__(
+        self, upstream: tuple[str, int], cert: str, key: str, listen_ip: str, src: str | None = None
+    ) -> None:
         self.upstream = upstream
         self.src = src
         self.ctx = server_context(cert, key)
@@ -381,7 +407,9 @@ class FakeSrpServer:
     given), and records the code of every frame the client sends (``codes``) until it hangs
     up."""
 
-    def __init__(self, challenge: bytes, cert: str, key: str, listen_ip: str, m2: bytes | None = None) -> None:
+    def __init__(
+        self, challenge: bytes, cert: str, key: str, listen_ip: str, m2: bytes | None = None
+    ) -> None:
         self.challenge = challenge
         self.m2 = m2
         self.ctx = server_context(cert, key)
@@ -430,8 +458,15 @@ class Flood:
     silent. ``opened`` counts the connections made.
     """
 
-    def __init__(self, targets: list[tuple[str, int]], srcs: list[str], *, per: int = 0, rate: float = 0,
-                 payload: Callable[[], bytes] | None = None) -> None:
+    def __init__(
+        self,
+        targets: list[tuple[str, int]],
+        srcs: list[str],
+        *,
+        per: int = 0,
+        rate: float = 0,
+        payload: Callable[[], bytes] | None = None,
+    ) -> None:
         self.targets, self.srcs, self.per, self.rate = targets, srcs, per, rate
         self.payload = payload
         self.opened = 0

@@ -87,8 +87,11 @@ def kill_quietly(pids: Iterable[int], sig: int = signal.SIGKILL) -> None:
 def wait_idle(cluster: Cluster, timeout: float = 20) -> None:
     """Until no daemon of ``cluster`` has a child (left over from an earlier test)."""
     for pid in cluster.pids:
-        wait_until(lambda: not all_children(pid), timeout,  # noqa: B023
-                   f"server {pid} to have no workers")
+        wait_until(
+            lambda: not all_children(pid),  # noqa: B023
+            timeout,
+            f"server {pid} to have no workers",
+        )
 
 
 def pipe_fds(pid: int) -> int:
@@ -112,26 +115,36 @@ class Baseline:
         self.fds = {p: fd_count(p) for p in cluster.pids}
         self.own = fd_count(os.getpid())
 
-    def check(self, *, dead_daemons: Sequence[int] = (), gone_pids: Iterable[int] = (),
-              timeout: float = 15, own: bool = True) -> None:
+    def check(
+        self,
+        *,
+        dead_daemons: Sequence[int] = (),
+        gone_pids: Iterable[int] = (),
+        timeout: float = 15,
+        own: bool = True,
+    ) -> None:
         """Every surviving daemon back to no children and its baseline fds; every pid in
         ``gone_pids`` gone; this process back to (at most) its baseline fds."""
         gone_pids = list(gone_pids)
         live = [p for p in self.cluster.pids if p not in dead_daemons]
 
         def settled() -> bool:
-            return (all(gone(p) for p in gone_pids)
-                    and not any(all_children(p) for p in live)
-                    and all(fd_count(p) == self.fds[p] for p in live)
-                    and (not own or fd_count(os.getpid()) <= self.own))  # (others may close theirs)
+            return (
+                all(gone(p) for p in gone_pids)
+                and not any(all_children(p) for p in live)
+                and all(fd_count(p) == self.fds[p] for p in live)
+                and (not own or fd_count(os.getpid()) <= self.own)
+            )  # (others may close theirs)
 
         def state() -> str:
             left = [p for p in gone_pids if not gone(p)]
             kids = {p: all_children(p) for p in live}
-            return (f"left: {[(p, cmdline(p)[:80]) for p in left]}, daemon children {kids}, "
-                    f"daemon fds {[fd_count(p) for p in live]} (baseline "
-                    f"{[self.fds[p] for p in live]}), own fds {fd_count(os.getpid())} "
-                    f"(baseline {self.own})")
+            return (
+                f"left: {[(p, cmdline(p)[:80]) for p in left]}, daemon children {kids}, "
+                f"daemon fds {[fd_count(p) for p in live]} (baseline "
+                f"{[self.fds[p] for p in live]}), own fds {fd_count(os.getpid())} "
+                f"(baseline {self.own})"
+            )
 
         try:
             wait_until(settled, timeout, "everything back to baseline")
@@ -164,8 +177,12 @@ class ClientProc:
     """A client script run as ``python -c``; stdout read line by line, stderr collected."""
 
     def __init__(self, script: str, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self._buf = b""
         self.err = b""
         self._err_thread = threading.Thread(target=self._read_err, daemon=True)
@@ -192,13 +209,17 @@ class ClientProc:
             left = deadline - time.monotonic()
             r, _, _ = select.select([fd], [], [], max(0.0, left))
             if not r:
-                raise AssertionError(f"no line from the client script within {timeout} s "
-                                     f"(got {self._buf!r}; stderr: {self.stderr_text()[-3000:]})")
+                raise AssertionError(
+                    f"no line from the client script within {timeout} s "
+                    f"(got {self._buf!r}; stderr: {self.stderr_text()[-3000:]})"
+                )
             chunk = os.read(fd, 65536)
             if not chunk:
                 self._err_thread.join(5)
-                raise AssertionError(f"the client script ended (status {self.proc.wait(5)}): "
-                                     f"{self._buf!r}; stderr: {self.stderr_text()[-3000:]}")
+                raise AssertionError(
+                    f"the client script ended (status {self.proc.wait(5)}): "
+                    f"{self._buf!r}; stderr: {self.stderr_text()[-3000:]}"
+                )
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         return line.decode().strip()
@@ -209,7 +230,7 @@ class ClientProc:
         while True:
             ln = self.line(max(0.01, deadline - time.monotonic()))
             if ln.split(" ", 1)[0] == word:
-                return ln[len(word):].strip()
+                return ln[len(word) :].strip()
 
     def json(self, timeout: float) -> Any:
         """The JSON document the script prints on a line starting with ``json``."""
@@ -243,7 +264,9 @@ class RefusingProxy:
     """Forwards ``listen_ip:port`` to ``target_ip:port`` for each of ``ports``, except that a
     connection whose source address is in ``refuse`` is closed at once (before any byte)."""
 
-    def __init__(self, listen_ip: str, target_ip: str, ports: Sequence[int], refuse: set[str]) -> None:
+    def __init__(
+        self, listen_ip: str, target_ip: str, ports: Sequence[int], refuse: set[str]
+    ) -> None:
         self.target_ip = target_ip
         self.refuse = refuse
         self.refused: list[tuple[str, int]] = []  # (source address, port)
@@ -317,8 +340,22 @@ class RefusingProxy:
 
 
 __all__ = [
-    "Baseline", "ClientProc", "RefusingProxy", "all_children", "busy_pids", "bytes_acked",
-    "cmdline", "cpu_seconds", "descendants", "gone",
-    "kill_quietly", "log_since", "log_size", "pipe_fds", "pool_processes", "reaped",
-    "server_log", "wait_idle",
+    "Baseline",
+    "ClientProc",
+    "RefusingProxy",
+    "all_children",
+    "busy_pids",
+    "bytes_acked",
+    "cmdline",
+    "cpu_seconds",
+    "descendants",
+    "gone",
+    "kill_quietly",
+    "log_since",
+    "log_size",
+    "pipe_fds",
+    "pool_processes",
+    "reaped",
+    "server_log",
+    "wait_idle",
 ]

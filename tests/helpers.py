@@ -103,8 +103,13 @@ class Cluster:
         """Starts the server for ``ip``; returns its pid."""
         for _ in range(5):
             try:
-                return start_background(use_tls=self.tls, cmd_port=self.port, data_port=self.port + 1,
-                                        bind=ip, allow_root=True)
+                return start_background(
+                    use_tls=self.tls,
+                    cmd_port=self.port,
+                    data_port=self.port + 1,
+                    bind=ip,
+                    allow_root=True,
+                )
             except Exception as e:  # port taken by something else: try another pair
                 if "in use" not in str(e) or self.pids:
                     raise

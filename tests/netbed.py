@@ -112,11 +112,29 @@ def bed_python() -> str:
         for old in CACHE.iterdir():
             if old.is_dir() and time.time() - old.stat().st_mtime > 2 * 86400:
                 shutil.rmtree(old, ignore_errors=True)
-        ddir = _publish(CACHE / f"deps-{dkey}", lambda t: _sh(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-compile", "--target", str(t), *deps],
-            timeout=600))
-        sdir = _publish(CACHE / f"src-{skey}", lambda t: shutil.copytree(
-            REPO / "src" / "parnet", t / "parnet", ignore=shutil.ignore_patterns("__pycache__")))
+        ddir = _publish(
+            CACHE / f"deps-{dkey}",
+            lambda t: _sh(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-compile",
+                    "--target",
+                    str(t),
+                    *deps,
+                ],
+                timeout=600,
+            ),
+        )
+        sdir = _publish(
+            CACHE / f"src-{skey}",
+            lambda t: shutil.copytree(
+                REPO / "src" / "parnet", t / "parnet", ignore=shutil.ignore_patterns("__pycache__")
+            ),
+        )
 
         def make_venv(t: Path) -> None:
             _sh([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(t)])
@@ -140,8 +158,11 @@ def _kill_ns_pids(ns: str) -> None:
 
 
 def _remove(prefix: str) -> None:
-    namespaces = [ln.split()[0] for ln in _sh(["ip", "netns", "list"], check=False).stdout.splitlines()
-                  if ln.startswith(prefix + "-")]
+    namespaces = [
+        ln.split()[0]
+        for ln in _sh(["ip", "netns", "list"], check=False).stdout.splitlines()
+        if ln.startswith(prefix + "-")
+    ]
     for ns in namespaces:
         _kill_ns_pids(ns)
     for ns in namespaces:
@@ -179,31 +200,68 @@ class Node:
         self.python = bed.python
 
     def env(self, extra: dict[str, str] | None = None) -> list[str]:
-        e = {"HOME": str(self.home), "USER": self.user, "LOGNAME": self.user,
-             "PATH": f"{os.path.dirname(self.python)}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        e = {
+            "HOME": str(self.home),
+            "USER": self.user,
+            "LOGNAME": self.user,
+            "PATH": f"{os.path.dirname(self.python)}:/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+        }
         e.update(extra or {})
         return [f"{k}={v}" for k, v in e.items()]
 
-    def argv(self, args: Sequence[str], as_root: bool = False, env: dict[str, str] | None = None) -> list[str]:
+    def argv(
+        self, args: Sequence[str], as_root: bool = False, env: dict[str, str] | None = None
+    ) -> list[str]:
         """The command line running ``args`` in this namespace (as this node's user unless ``as_root``)."""
         if as_root:
             return ["ip", "netns", "exec", self.ns, *args]
-        return ["ip", "netns", "exec", self.ns, "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
-                "--clear-groups", "--", "env", "-i", *self.env(env), *args]
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.ns,
+            "setpriv",
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--clear-groups",
+            "--",
+            "env",
+            "-i",
+            *self.env(env),
+            *args,
+        ]
 
-    def run(self, args: Sequence[str] | str, *, as_root: bool = False, check: bool = False,
-            timeout: float = 120, input: str | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        args: Sequence[str] | str,
+        *,
+        as_root: bool = False,
+        check: bool = False,
+        timeout: float = 120,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
         """Runs a command (a string: through ``sh -c``) here; returns the completed process."""
         if isinstance(args, str):
             args = ["sh", "-c", args]
-        r = subprocess.run(self.argv(args, as_root, env), capture_output=True, text=True,
-                           timeout=timeout, input=input, cwd="/")
+        r = subprocess.run(
+            self.argv(args, as_root, env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            cwd="/",
+        )
         if check and r.returncode != 0:
-            raise AssertionError(f"{self.name}: {args}: exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+            raise AssertionError(
+                f"{self.name}: {args}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+            )
         return r
 
-    def popen(self, args: Sequence[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    def popen(
+        self, args: Sequence[str], env: dict[str, str] | None = None, **kw
+    ) -> subprocess.Popen:
         """Starts a command here as this node's user (the caller waits for it)."""
         return subprocess.Popen(self.argv(args, env=env), cwd="/", text=True, **kw)
 
@@ -232,8 +290,12 @@ class Node:
 class Bed:
     """Hosts in network namespaces joined by a bridge; see the module docstring."""
 
-    def __init__(self, hosts: Sequence[str] = ("h1", "h2", "h3"), without_parnet: Sequence[str] = (),
-                 password: str = "bed-password-0123456789") -> None:
+    def __init__(
+        self,
+        hosts: Sequence[str] = ("h1", "h2", "h3"),
+        without_parnet: Sequence[str] = (),
+        password: str = "bed-password-0123456789",
+    ) -> None:
         sweep_stale()
         self.prefix = f"pnb{os.getpid()}"
         self.dir = Path(f"/tmp/{self.prefix}")
@@ -270,8 +332,23 @@ class Bed:
         for n in nodes:
             _sh(["ip", "netns", "add", n.ns])
             _sh(["ip", "-n", n.ns, "link", "set", "lo", "up"])
-            _sh(["ip", "-n", n.ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"v-{n.name}",
-                 "netns", self.br])
+            _sh(
+                [
+                    "ip",
+                    "-n",
+                    n.ns,
+                    "link",
+                    "add",
+                    "eth0",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    f"v-{n.name}",
+                    "netns",
+                    self.br,
+                ]
+            )
             _sh(["ip", "-n", self.br, "link", "set", f"v-{n.name}", "master", "br0"])
             _sh(["ip", "-n", self.br, "link", "set", f"v-{n.name}", "up"])
             _sh(["ip", "-n", n.ns, "addr", "add", f"{n.addr}/24", "dev", "eth0"])
@@ -285,7 +362,18 @@ class Bed:
             (n.home / ".ssh").mkdir(parents=True, mode=0o700)
         # the client: its key, ssh config naming every host, SRP keys
         c = self.client
-        _sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(c.home / ".ssh" / "id_ed25519")])
+        _sh(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-f",
+                str(c.home / ".ssh" / "id_ed25519"),
+            ]
+        )
         pub = (c.home / ".ssh" / "id_ed25519.pub").read_text()
         known, config = [], ["Host *\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n"]
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
@@ -293,24 +381,40 @@ class Bed:
             d = self.dir / h.name
             d.mkdir(mode=0o700)
             _sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "hostkey")])
-            known.append(f"{h.name},{h.addr} ssh-ed25519 {(d / 'hostkey.pub').read_text().split()[1]}\n")
+            known.append(
+                f"{h.name},{h.addr} ssh-ed25519 {(d / 'hostkey.pub').read_text().split()[1]}\n"
+            )
             config.append(f"Host {h.name}\n  User {h.user}\n")
             (self.dir / "keys" / h.user).write_text(pub)
             os.chmod(self.dir / "keys" / h.user, 0o644)
-            path = "/usr/bin:/bin" if h.name in without_parnet else f"{os.path.dirname(self.python)}:/usr/bin:/bin"
+            path = (
+                "/usr/bin:/bin"
+                if h.name in without_parnet
+                else f"{os.path.dirname(self.python)}:/usr/bin:/bin"
+            )
             (h.home / ".ssh" / "environment").write_text(f"PATH={path}\n")
             (d / "sshd_config").write_text(
                 f"ListenAddress {h.addr}\nPort 22\nHostKey {d / 'hostkey'}\nPidFile {d / 'sshd.pid'}\n"
                 f"AuthorizedKeysFile {self.dir / 'keys'}/%u\nUsePAM no\nPasswordAuthentication no\n"
                 f"KbdInteractiveAuthentication no\nPermitRootLogin no\nStrictModes no\n"
-                f"PermitUserEnvironment yes\nAllowUsers {h.user}\nMaxStartups 100\n")
-            _sh(h.argv(["/usr/sbin/sshd", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")], as_root=True))
+                f"PermitUserEnvironment yes\nAllowUsers {h.user}\nMaxStartups 100\n"
+            )
+            _sh(
+                h.argv(
+                    ["/usr/sbin/sshd", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
+                    as_root=True,
+                )
+            )
         (c.home / ".ssh" / "known_hosts").write_text("".join(known))
         (c.home / ".ssh" / "config").write_text("\n".join(config))
         for n in nodes:
             _sh(["chown", "-R", f"{n.uid}:{n.gid}", str(n.home)])
             os.chmod(n.home, 0o700)
-        c.run([self.python, "-m", "parnet", "keygen", "tester"], input=self.password + "\n", check=True)
+        c.run(
+            [self.python, "-m", "parnet", "keygen", "tester"],
+            input=self.password + "\n",
+            check=True,
+        )
 
     def pids(self) -> list[int]:
         """Every process in the bed's namespaces."""
@@ -327,7 +431,17 @@ class Bed:
             _sh(["ip", "-n", self.br, "link", "set", f"v-{a}", "down"])
         else:
             for x, y in ((a, b), (b, a)):
-                _sh(["ip", "-n", self.hosts[x].ns, "route", "add", "blackhole", f"{self.hosts[y].addr}/32"])
+                _sh(
+                    [
+                        "ip",
+                        "-n",
+                        self.hosts[x].ns,
+                        "route",
+                        "add",
+                        "blackhole",
+                        f"{self.hosts[y].addr}/32",
+                    ]
+                )
         self._cuts.add((a,) if b is None else (a, b))
 
     def restore(self, a: str, b: str | None = None) -> None:
@@ -336,8 +450,18 @@ class Bed:
             _sh(["ip", "-n", self.br, "link", "set", f"v-{a}", "up"])
         else:
             for x, y in ((a, b), (b, a)):
-                _sh(["ip", "-n", self.hosts[x].ns, "route", "del", "blackhole", f"{self.hosts[y].addr}/32"],
-                    check=False)
+                _sh(
+                    [
+                        "ip",
+                        "-n",
+                        self.hosts[x].ns,
+                        "route",
+                        "del",
+                        "blackhole",
+                        f"{self.hosts[y].addr}/32",
+                    ],
+                    check=False,
+                )
         self._cuts.discard((a,) if b is None else (a, b))
 
     def restore_all(self) -> None:

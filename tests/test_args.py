@@ -44,8 +44,13 @@ def c(plain: Cluster):
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "parnet", *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "parnet", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 # -- pconnect ---------------------------------------------------------------------------
@@ -81,13 +86,21 @@ def test_pconnect_timeout_and_heartbeat() -> None:
 
 def test_pconnect_user_without_terminal() -> None:
     """No terminal and nothing on stdin: a ConnectError that says so, not a bare EOFError."""
-    code = ("import parnet\n"
-            "try:\n"
-            "    parnet.pconnect(['127.0.0.2:20000'], user='alice')\n"
-            "except parnet.ConnectError as e:\n"
-            "    print('ConnectError:', e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL, start_new_session=True)  # no controlling terminal
+    code = (
+        "import parnet\n"
+        "try:\n"
+        "    parnet.pconnect(['127.0.0.2:20000'], user='alice')\n"
+        "except parnet.ConnectError as e:\n"
+        "    print('ConnectError:', e)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # no controlling terminal
     assert r.returncode == 0, r.stderr
     assert "ConnectError: pconnect(user='alice'): no terminal to ask for the password" in r.stdout
     assert "EOFError" not in r.stdout + r.stderr
@@ -153,15 +166,19 @@ def test_map_without_servers(c) -> None:
 def test_server_port_out_of_range(value: str) -> None:
     r = cli("server", "--no-tls", "--cmd-port", value, "--data-port", "30001")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert re.search(rf"argument --cmd-port: port '?{value}'? (is out of range \(1-65535\)|is not a number)",
-                     r.stderr), r.stderr
+    assert re.search(
+        rf"argument --cmd-port: port '?{value}'? (is out of range \(1-65535\)|is not a number)",
+        r.stderr,
+    ), r.stderr
     with pytest.raises((ValueError, TypeError), match="cmd_port: port"):
         pserver(use_tls=False, cmd_port=int(value) if value.lstrip("-").isdigit() else value)
 
 
 def test_server_same_ports() -> None:
     r = cli("server", "--no-tls", "--cmd-port", "30002", "--data-port", "30002")
-    assert r.returncode == 2 and "--cmd-port and --data-port must differ (both are 30002)" in r.stderr
+    assert (
+        r.returncode == 2 and "--cmd-port and --data-port must differ (both are 30002)" in r.stderr
+    )
     assert "in use" not in r.stderr
     with pytest.raises(ValueError, match="must differ"):
         pserver(use_tls=False, cmd_port=30002, data_port=30002)
@@ -185,8 +202,19 @@ def test_server_prints_its_log_file(tmp_path) -> None:
     log = tmp_path / "server.log"
     for _ in range(5):  # another test's server may hold the port pair
         port = free_port_pair()
-        r = cli("server", "--no-tls", "--bind", "127.0.0.61", "--cmd-port", str(port), "--data-port",
-                str(port + 1), "--allow-root", "--log-file", str(log))
+        r = cli(
+            "server",
+            "--no-tls",
+            "--bind",
+            "127.0.0.61",
+            "--cmd-port",
+            str(port),
+            "--data-port",
+            str(port + 1),
+            "--allow-root",
+            "--log-file",
+            str(log),
+        )
         if "in use" not in r.stderr:
             break
     m = re.search(r"started \(pid (\d+)\)", r.stdout)

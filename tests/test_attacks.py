@@ -106,7 +106,9 @@ DEADLINE = 2.0
 FRAME_LIMIT = 1 << 20
 GENERIC = b"authentication failed"
 REFUSED = hs.GENERIC_REFUSAL
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ parnet\.\S+ (DEBUG|INFO|WARNING|ERROR) \S")
+LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ parnet\.\S+ (DEBUG|INFO|WARNING|ERROR) \S"
+)
 QUEUED = "queued before the attack"
 SSL_FAILURES = (ssl.SSLError, ConnectionError)  # not TimeoutError: a refusal must be prompt
 
@@ -119,8 +121,13 @@ def attacker_ip() -> str:
     return f"127.100.{n // 250}.{n % 250 + 1}"
 
 
-def start_cluster(tls: bool, first_ip: int, deadline: float = DEADLINE, preamble_deadline: float | None = None,
-                  **env: str) -> Cluster:
+def start_cluster(
+    tls: bool,
+    first_ip: int,
+    deadline: float = DEADLINE,
+    preamble_deadline: float | None = None,
+    **env: str,
+) -> Cluster:
     """One server with a short auth deadline and a 1 MiB frame limit (``env``: more settings)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PARNET_AUTH_DEADLINE", str(deadline))
@@ -225,11 +232,15 @@ class Guard:
         assert_still_serves(self.srv)
         wait_until(lambda: not self.workers(), 10, "the workers to exit")
         try:
-            wait_until(lambda: fd_count(self.pid) <= self.fds, 10, "the daemon's fds back to baseline")
+            wait_until(
+                lambda: fd_count(self.pid) <= self.fds, 10, "the daemon's fds back to baseline"
+            )
         except AssertionError as e:
             raise AssertionError(f"{e}: {self.fds} before, now {fd_table(self.pid)}") from None
         assert not self.canary.fired(), "attacker data was unpickled"
-        assert rss(self.pid) < self.rss + (16 << 20), f"the daemon grew from {self.rss} to {rss(self.pid)} bytes"
+        assert rss(self.pid) < self.rss + (16 << 20), (
+            f"the daemon grew from {self.rss} to {rss(self.pid)} bytes"
+        )
         text = self.log()
         assert "Traceback" not in text
         assert "MemoryError" not in text
@@ -326,17 +337,24 @@ def test_tls12_client_refused(tls_server: Cluster) -> None:
     gets a clear refusal of its preamble."""
     with Guard(tls_server) as g:
         with pytest.raises(SSL_FAILURES):
-            s, _ = tls_channel(*addr(tls_server), preamble(), src=attacker_ip(), ctx=tls12_only_context())
+            s, _ = tls_channel(
+                *addr(tls_server), preamble(), src=attacker_ip(), ctx=tls12_only_context()
+            )
             s.close()
         with connect(*addr(tls_server), src=attacker_ip()) as s:
             s.sendall(preamble(tls=False))
             rep = read_reply(s)
             assert not rep.ok and "requires TLS" in rep.reason
-        wait_until(lambda: "authentication failed: [SSL: UNSUPPORTED_PROTOCOL]" in g.log(), 5,
-                   "the server's refusal of TLS 1.2 in the log")
+        wait_until(
+            lambda: "authentication failed: [SSL: UNSUPPORTED_PROTOCOL]" in g.log(),
+            5,
+            "the server's refusal of TLS 1.2 in the log",
+        )
 
 
-def test_tls_mode_mismatch_is_quick_connect_error(tls_server: Cluster, plain_server: Cluster) -> None:
+def test_tls_mode_mismatch_is_quick_connect_error(
+    tls_server: Cluster, plain_server: Cluster
+) -> None:
     """A client and server that disagree about TLS: ConnectError at once, naming the cause."""
     with Guard(tls_server), Guard(plain_server):
         t = time.monotonic()
@@ -353,9 +371,16 @@ def test_bad_preamble_fields_refused(server: Cluster) -> None:
     """Wrong protocol version, unknown kind, a preamble on the wrong port: clear refusals."""
     tls = server.tls
     cases = [
-        (hs.KIND_CMD, preamble(tls=tls, version=PROTOCOL_VERSION + 1),
-         f"protocol version mismatch: server speaks {PROTOCOL_VERSION}, client {PROTOCOL_VERSION + 1}"),
-        (hs.KIND_DATA, preamble(hs.KIND_DATA, tls=tls, version=0xFFFF), "protocol version mismatch"),
+        (
+            hs.KIND_CMD,
+            preamble(tls=tls, version=PROTOCOL_VERSION + 1),
+            f"protocol version mismatch: server speaks {PROTOCOL_VERSION}, client {PROTOCOL_VERSION + 1}",
+        ),
+        (
+            hs.KIND_DATA,
+            preamble(hs.KIND_DATA, tls=tls, version=0xFFFF),
+            "protocol version mismatch",
+        ),
         (hs.KIND_CMD, preamble(3, tls=tls), "bad connection kind 3"),
         (hs.KIND_CMD, preamble(hs.KIND_DATA, tls=tls), "wrong port"),
         (hs.KIND_DATA, preamble(hs.KIND_CMD, tls=tls), "wrong port"),
@@ -379,7 +404,9 @@ def test_garbage_first_auth_frame(tls_server: Cluster) -> None:
     firsts = [
         b"\xff" * 64,  # not a frame: 65535 buffers before authentication
         frame_bytes(msg.AUTH, b"garbage garbage garbage"),
-        frame_bytes(msg.AUTH, bytes((2, SRP_HELLO)) + struct.pack(">H", len(user)) + user),  # SRP v2
+        frame_bytes(
+            msg.AUTH, bytes((2, SRP_HELLO)) + struct.pack(">H", len(user)) + user
+        ),  # SRP v2
         frame_bytes(msg.AUTH, proof_message(bytes(256), bytes(32))),  # a proof before the hello
         frame_bytes(msg.AUTH, srp._pack(SRP_HELLO, b"a\nb")),  # a user name the protocol forbids
         frame_bytes(msg.AUTH_FAIL, b"nope"),
@@ -391,7 +418,9 @@ def test_garbage_first_auth_frame(tls_server: Cluster) -> None:
             with s:
                 s.sendall(first)
                 refused_quickly(s)
-        wait_until(lambda: g.log().count("authentication failed") == len(firsts), 5, "one line per attempt")
+        wait_until(
+            lambda: g.log().count("authentication failed") == len(firsts), 5, "one line per attempt"
+        )
 
 
 FORGED = b"nope\n2026-01-01 00:00:00,000 1 parnet.worker INFO client 10.0.0.1 authenticated as 'admin'\n\x1b[2JFORGED"
@@ -410,7 +439,9 @@ def test_client_text_never_reaches_the_log(tls_server: Cluster) -> None:
         with lg.sock:
             lg.frames.send(msg.AUTH_FAIL, FORGED)
             refused_quickly(lg.sock)
-        wait_until(lambda: g.log().count("authentication failed") >= 2, 5, "the failures in the log")
+        wait_until(
+            lambda: g.log().count("authentication failed") >= 2, 5, "the failures in the log"
+        )
         assert "FORGED" not in g.log() and "'admin'" not in g.log() and "\x1b" not in g.log()
 
 
@@ -465,7 +496,9 @@ def test_oversized_frame_after_auth(server: Cluster) -> None:
             with authenticated_raw(server) as s:
                 s.sendall(data)
                 refused_quickly(s)
-        limit = re.compile(rf"WARNING closing client \S+: frame .*({FRAME_LIMIT} bytes exceeds the limit|limit of {FRAME_LIMIT})")
+        limit = re.compile(
+            rf"WARNING closing client \S+: frame .*({FRAME_LIMIT} bytes exceeds the limit|limit of {FRAME_LIMIT})"
+        )
         wait_until(lambda: len(limit.findall(g.log())) == len(cases), 5, "one log line per frame")
 
 
@@ -584,10 +617,15 @@ def test_slowloris(server: Cluster) -> None:
         results = {name: f.result() for name, f in futs.items()}
         assert honest < DEADLINE * 0.75, f"the honest client took {honest:.2f} s"
         for name in by_preamble:
-            assert results[name] is not None and PREAMBLE_DEADLINE - 0.3 < results[name] < PREAMBLE_DEADLINE + 1, (
-                name, results)
+            assert (
+                results[name] is not None
+                and PREAMBLE_DEADLINE - 0.3 < results[name] < PREAMBLE_DEADLINE + 1
+            ), (name, results)
         for name in late:
-            assert results[name] is not None and DEADLINE - 0.3 < results[name] < DEADLINE + 1.5, (name, results)
+            assert results[name] is not None and DEADLINE - 0.3 < results[name] < DEADLINE + 1.5, (
+                name,
+                results,
+            )
         for name in early:
             assert results[name] is not None and results[name] < 1.0, (name, results)
 
@@ -605,8 +643,12 @@ def flood_server(request: pytest.FixtureRequest):
 def patient_server(request: pytest.FixtureRequest):
     """A server of its own whose 6 s preamble deadline keeps idle connections open while
     they are counted."""
-    c = start_cluster(request.param == "tls", 24 if request.param == "tls" else 25, deadline=6,
-                      preamble_deadline=6)
+    c = start_cluster(
+        request.param == "tls",
+        24 if request.param == "tls" else 25,
+        deadline=6,
+        preamble_deadline=6,
+    )
     yield c
     c.stop()
 
@@ -671,8 +713,12 @@ def test_flood_of_unauthenticated_connections(patient_server: Cluster) -> None:
             s.close()
 
 
-FLOODS = ["32 idle from the client's address", "80 idle from 4 addresses on both ports",
-          "40 hanging command preambles", "100 new idle connections per second"]
+FLOODS = [
+    "32 idle from the client's address",
+    "80 idle from 4 addresses on both ports",
+    "40 hanging command preambles",
+    "100 new idle connections per second",
+]
 
 
 def start_flood(srv: Cluster, case: str) -> Flood:
@@ -682,8 +728,12 @@ def start_flood(srv: Cluster, case: str) -> Flood:
     if case == FLOODS[1]:
         return Flood(both, [attacker_ip() for _ in range(4)], per=20)
     if case == FLOODS[2]:
-        return Flood([addr(srv)], [attacker_ip() for _ in range(8)], per=5,
-                     payload=lambda: preamble(tls=srv.tls))
+        return Flood(
+            [addr(srv)],
+            [attacker_ip() for _ in range(8)],
+            per=5,
+            payload=lambda: preamble(tls=srv.tls),
+        )
     return Flood(both, [attacker_ip() for _ in range(4)], rate=100)
 
 
@@ -706,8 +756,10 @@ def test_real_client_gets_in_during_floods(flood_server: Cluster, case: str) -> 
                 assert rfeval(lambda: 3, connection=c[1]) == 3
             finally:
                 sclose(c)
-            print(f"\n[row 22] {'tls' if srv.tls else 'plain'}, {case}: the real client connected in "
-                  f"{took * 1000:.0f} ms ({flood.opened} flood connections so far)")
+            print(
+                f"\n[row 22] {'tls' if srv.tls else 'plain'}, {case}: the real client connected in "
+                f"{took * 1000:.0f} ms ({flood.opened} flood connections so far)"
+            )
             assert took < 5, took
             if srv.tls and case == FLOODS[2]:
                 # the guard's session's worker, and the real client's
@@ -756,11 +808,16 @@ def test_mesh_setup_not_stalled_by_hanging_data_links(monkeypatch: pytest.Monkey
     srv = Cluster(2, True, first_ip=26)
     try:
         targets = [(srv.ips[0], srv.port + 1), (srv.ips[1], srv.port + 1)]
-        pres = [preamble(hs.KIND_DATA, netid=netid, src=0, dst=1), preamble(hs.KIND_DATA, netid=netid, src=0, dst=2),
-                preamble(hs.KIND_DATA, netid=netid, src=1, dst=2)]
-        floods = [Flood([targets[0]], [attacker_ip()], rate=60, payload=lambda: pres[0]),
-                  Flood([targets[1]], [attacker_ip()], rate=60, payload=lambda: pres[1]),
-                  Flood([targets[1]], [attacker_ip()], rate=60, payload=lambda: pres[2])]
+        pres = [
+            preamble(hs.KIND_DATA, netid=netid, src=0, dst=1),
+            preamble(hs.KIND_DATA, netid=netid, src=0, dst=2),
+            preamble(hs.KIND_DATA, netid=netid, src=1, dst=2),
+        ]
+        floods = [
+            Flood([targets[0]], [attacker_ip()], rate=60, payload=lambda: pres[0]),
+            Flood([targets[1]], [attacker_ip()], rate=60, payload=lambda: pres[1]),
+            Flood([targets[1]], [attacker_ip()], rate=60, payload=lambda: pres[2]),
+        ]
         try:
             wait_until(lambda: all(f.opened >= 20 for f in floods), 10, "the floods")
             monkeypatch.setattr(api.uuid, "uuid4", lambda: uuid.UUID(bytes=netid))
@@ -775,7 +832,9 @@ def test_mesh_setup_not_stalled_by_hanging_data_links(monkeypatch: pytest.Monkey
                 assert precv(c[2], timeout=10) == "through the mesh"
             finally:
                 sclose(c)
-            print(f"\n[row 24] pconnect with hanging data links for its network took {took * 1000:.0f} ms")
+            print(
+                f"\n[row 24] pconnect with hanging data links for its network took {took * 1000:.0f} ms"
+            )
             assert took < 8, took
         finally:
             for f in floods:
@@ -809,14 +868,22 @@ def test_junk_flood_log_bounded() -> None:
             ips = [attacker_ip() for _ in range(4)]
             until = time.monotonic() + 3
             with ThreadPoolExecutor(8) as pool:
-                counts = list(pool.map(lambda k: junk(addr(srv, k % 2 + 1), ips[k % 4], until), range(8)))
+                counts = list(
+                    pool.map(lambda k: junk(addr(srv, k % 2 + 1), ips[k % 4], until), range(8))
+                )
             grown = len(g.log().encode())
-            wait_until(lambda: "refused" in g.log() and " in the last 2 s" in g.log(), 5, "the summary lines")
+            wait_until(
+                lambda: "refused" in g.log() and " in the last 2 s" in g.log(),
+                5,
+                "the summary lines",
+            )
             print(f"\n[row 25] {sum(counts)} junk connections in 3 s grew the log by {grown} bytes")
             assert grown < 64 * 1024, grown
             assert sum(counts) > 300, counts
             summary = [ln for ln in g.log().splitlines() if " in the last 2 s" in ln]
-            assert any(re.search(r"refused \d+ connections from 127\.100\.", ln) for ln in summary), summary
+            assert any(
+                re.search(r"refused \d+ connections from 127\.100\.", ln) for ln in summary
+            ), summary
     finally:
         srv.stop()
 
@@ -871,7 +938,10 @@ def test_invalid_srp_A(tls_server: Cluster) -> None:
                 assert challenge_fields(lg.challenge)[0] == srp.DEFAULT_GROUP_INDEX
                 lg.frames.send(msg.AUTH, proof_message(raw_a, secrets.token_bytes(32)))
                 f = lg.frames.recv()
-                assert f is not None and (f.code, bytes(f.body)) == (wrong.code, bytes(wrong.body)), name
+                assert f is not None and (f.code, bytes(f.body)) == (
+                    wrong.code,
+                    bytes(wrong.body),
+                ), name
                 refused_quickly(lg.sock)
         lg = start_login(*addr(tls_server), USER, src=attacker_ip())
         with lg.sock:
@@ -930,7 +1000,9 @@ def test_unknown_user(tls_server: Cluster) -> None:
         assert fs != rs
         replies = []
         for lg, user in ((real, USER), (fake1, "no-such-user")):
-            c = srp.SrpClient(user, "some guess", cb=lg.cb, role="cmd", options=hs.options_bytes(True))
+            c = srp.SrpClient(
+                user, "some guess", cb=lg.cb, role="cmd", options=hs.options_bytes(True)
+            )
             c.hello()
             lg.frames.send(msg.AUTH, c.respond(lg.challenge))
             f = lg.frames.recv()
@@ -950,13 +1022,19 @@ def test_client_refuses_hostile_server(case: str, tmp_path: Path) -> None:
     after the proof. (A forced u == 0 needs a SHA-256 preimage; the srp unit tests cover it.)"""
     N, _ = srp.GROUPS[srp.DEFAULT_GROUP_INDEX]
     L = (N.bit_length() + 7) // 8
-    raw_b = {"B = 0": bytes(L), "B = N": srp.pad(N, L)}.get(case, srp.pad(secrets.randbelow(N - 2) + 2, L))
-    challenge = srp._pack(SRP_CHALLENGE, bytes([srp.DEFAULT_GROUP_INDEX]), secrets.token_bytes(16), raw_b)
+    raw_b = {"B = 0": bytes(L), "B = N": srp.pad(N, L)}.get(
+        case, srp.pad(secrets.randbelow(N - 2) + 2, L)
+    )
+    challenge = srp._pack(
+        SRP_CHALLENGE, bytes([srp.DEFAULT_GROUP_INDEX]), secrets.token_bytes(16), raw_b
+    )
     m2 = srp._pack(SRP_SERVER_PROOF, secrets.token_bytes(32)) if case == "bogus M2" else None
     cert, key = ensure_server_identity(tmp_path / "fake")
     fake = FakeSrpServer(challenge, str(cert), str(key), listen_ip=attacker_ip(), m2=m2)
     try:
-        with pytest.raises(AuthenticationError, match="SRP proof is wrong" if m2 else "invalid SRP value B"):
+        with pytest.raises(
+            AuthenticationError, match="SRP proof is wrong" if m2 else "invalid SRP value B"
+        ):
             pconnect([fake.host], timeout=10)
     finally:
         fake.join()
@@ -999,7 +1077,9 @@ def test_mitm_relay(tls_server: Cluster, tmp_path: Path) -> None:
     server rejects M1, pconnect raises AuthenticationError, and the client never sends SETUP
     (which would carry the network's pair keys)."""
     cert, key = ensure_server_identity(tmp_path / "mitm")
-    relay = TlsRelay(addr(tls_server), str(cert), str(key), listen_ip=attacker_ip(), src=attacker_ip())
+    relay = TlsRelay(
+        addr(tls_server), str(cert), str(key), listen_ip=attacker_ip(), src=attacker_ip()
+    )
     try:
         with Guard(tls_server) as g:
             with pytest.raises(AuthenticationError):
@@ -1046,18 +1126,28 @@ def test_pickle_before_auth(server: Cluster) -> None:
                 refused_quickly(lg.sock)
             lg = start_login(*addr(server), USER, src=attacker_ip())  # pipelined behind a bad proof
             with lg.sock:
-                lg.sock.sendall(frame_bytes(msg.AUTH, proof_message(srp.pad(2, 256), bytes(32)))
-                                + frame_bytes(msg.REVAL, payload) + frame_bytes(msg.SETUP, payload))
+                lg.sock.sendall(
+                    frame_bytes(msg.AUTH, proof_message(srp.pad(2, 256), bytes(32)))
+                    + frame_bytes(msg.REVAL, payload)
+                    + frame_bytes(msg.SETUP, payload)
+                )
                 refused_quickly(lg.sock, body=GENERIC)
-            wait_until(lambda: "before authentication" in g.log(), 5, "the protocol error in the log")
+            wait_until(
+                lambda: "before authentication" in g.log(), 5, "the protocol error in the log"
+            )
 
 
 # -- row 16: the data port's tag exchange ----------------------------------------------------------
-def data_attempt(srv: Cluster, lg: Login, send: Callable[..., None]) -> tuple[Frames, ssl.SSLSocket]:
+def data_attempt(
+    srv: Cluster, lg: Login, send: Callable[..., None]
+) -> tuple[Frames, ssl.SSLSocket]:
     """Opens a data link into ``lg``'s network (node 0 -> 1), reads the responder's nonce,
     and lets ``send(sock, n_resp, cb)`` answer; returns what the server sent back."""
-    s, rep = tls_channel(*addr(srv, hs.KIND_DATA), preamble(hs.KIND_DATA, netid=lg.netid, src=0, dst=1),
-                         src=attacker_ip())
+    s, rep = tls_channel(
+        *addr(srv, hs.KIND_DATA),
+        preamble(hs.KIND_DATA, netid=lg.netid, src=0, dst=1),
+        src=attacker_ip(),
+    )
     cb = cert_binding(s.getpeercert(binary_form=True))
     fr = Frames(s)
     f = fr.recv()
@@ -1110,13 +1200,16 @@ def test_data_port_refusals(tls_server: Cluster) -> None:
                     t = pairkeys.init_tag(key, nid, i, j, n_resp, n_resp, cb)
                 sent["tag"] = t
                 s.sendall(frame_bytes(msg.AUTH, n_init + t))
+
             return send
 
         def raw(data: bytes):
             return lambda s, n_resp, cb: s.sendall(data)
 
         attempts = {
-            "random tag": raw(frame_bytes(msg.AUTH, pairkeys.new_nonce() + secrets.token_bytes(32))),
+            "random tag": raw(
+                frame_bytes(msg.AUTH, pairkeys.new_nonce() + secrets.token_bytes(32))
+            ),
             "tag of pair (0, 2)": tag(k02, 0, 1),
             "tag for 1 -> 0": tag(k01, 1, 0),
             "reflected nonce, reverse tag": tag(k01, 1, 0, "reflect"),
@@ -1128,11 +1221,16 @@ def test_data_port_refusals(tls_server: Cluster) -> None:
             fr, s = data_attempt(tls_server, lg, send)
             with s:
                 f = fr.recv()
-                assert f is not None and (f.code, bytes(f.body)) == (msg.AUTH_FAIL, REFUSED.encode()), name
+                assert f is not None and (f.code, bytes(f.body)) == (
+                    msg.AUTH_FAIL,
+                    REFUSED.encode(),
+                ), name
                 assert wait_closed(s, 2)[0] is not None, name
             wait_until(lambda: fd_count(worker) == fds, 5, f"the worker's fds after {name!r}")
-        for name, data in {"2**31 length": header(msg.AUTH, 2**31),
-                           "pickle": frame_bytes(msg.VALUE, g.canary.payload())}.items():
+        for name, data in {
+            "2**31 length": header(msg.AUTH, 2**31),
+            "pickle": frame_bytes(msg.VALUE, g.canary.payload()),
+        }.items():
             fr, s = data_attempt(tls_server, lg, lambda s, n, cb, data=data: s.sendall(data))
             with s:
                 refused_quickly(s)
@@ -1142,8 +1240,9 @@ def test_data_port_refusals(tls_server: Cluster) -> None:
         with s:
             f = fr.recv()
             assert f is not None and f.code == msg.AUTH
-            assert bytes(f.body) == pairkeys.resp_tag(k01, nid, 0, 1, sent["n_init"], sent["n_resp"], sent["cb"],
-                                                      sent["tag"])
+            assert bytes(f.body) == pairkeys.resp_tag(
+                k01, nid, 0, 1, sent["n_init"], sent["n_resp"], sent["cb"], sent["tag"]
+            )
             ready = lg.frames.recv(10)
             assert ready is not None and ready.code == msg.READY
             lg.frames.send(msg.CLOSE, serialize.dumps(None)[0])
@@ -1214,14 +1313,20 @@ def test_auth_phase_frames_in_running_session_close_it(tls_server: Cluster) -> N
     code or an unknown message code on the command link is a protocol error that closes that session
     (nothing is unpickled); other sessions are fine."""
     with Guard(tls_server) as g:
-        for code, body in ((msg.AUTH, srp._pack(SRP_HELLO, USER.encode())), (msg.AUTH_FAIL, b"x"),
-                           (3, b""), (99, g.canary.payload())):
+        for code, body in (
+            (msg.AUTH, srp._pack(SRP_HELLO, USER.encode())),
+            (msg.AUTH_FAIL, b"x"),
+            (3, b""),
+            (99, g.canary.payload()),
+        ):
             before = set(children(g.pid))
             victim = tls_server.connect()
             try:
                 worker = worker_of(g, before)
                 victim.network.nodes[1].cmd.send_frame(code, body)
-                wait_until(lambda w=worker: not pid_alive(w), 3, f"message {code} to close the session")
+                wait_until(
+                    lambda w=worker: not pid_alive(w), 3, f"message {code} to close the session"
+                )
                 with pytest.raises(ConnectionClosed):
                     rfeval(lambda: 1, connection=victim[1])
             finally:
@@ -1244,7 +1349,9 @@ def test_reset_mid_frame(server: Cluster) -> None:
                 sock = victim.network.nodes[1].cmd._sock
                 sock.send(header(msg.CALL, 1000) + b"x" * 100)
                 reset(sock) if how == "reset" else sock.close()
-                wait_until(lambda w=worker: not pid_alive(w), 5, f"the worker to exit after a {how}")
+                wait_until(
+                    lambda w=worker: not pid_alive(w), 5, f"the worker to exit after a {how}"
+                )
             finally:
                 with contextlib.suppress(Exception):
                     sclose(victim)
@@ -1255,10 +1362,14 @@ def test_reset_mid_frame(server: Cluster) -> None:
             reset(sock)
             reval("precv(sockets[0])", victim[1])
             with pytest.raises(RemoteError) as ei:  # the reval's error comes with the next call or
-                for _ in range(2):  # the one after (a result that arrives with it is returned first)
+                for _ in range(
+                    2
+                ):  # the one after (a result that arrives with it is returned first)
                     rfeval(lambda: 1, connection=victim[1])
             assert "ConnectionClosed" in ei.value.exc_type
-            assert "middle of a message" in ei.value.message or "reset" in ei.value.message, ei.value.message
+            assert "middle of a message" in ei.value.message or "reset" in ei.value.message, (
+                ei.value.message
+            )
             assert rfeval(lambda: 3, connection=victim[1]) == 3  # the command link still serves
         finally:
             with contextlib.suppress(Exception):
@@ -1333,8 +1444,13 @@ def test_busy_reply_when_every_waiting_worker_is_young() -> None:
     try:
         now = time.monotonic()
         for k in range(MAX_UNAUTH_WORKERS):
-            d.workers[bytes([k]) * 16] = _WorkerRec(sleeper.pid if k == 5 else -1, ctl_a, bytes([k]) * 16,
-                                                     f"198.51.100.{k % 3}", started=now + 10)
+            d.workers[bytes([k]) * 16] = _WorkerRec(
+                sleeper.pid if k == 5 else -1,
+                ctl_a,
+                bytes([k]) * 16,
+                f"198.51.100.{k % 3}",
+                started=now + 10,
+            )
         for expect_busy in (True, False):
             a, b = socket.socketpair()
             with a, b:
@@ -1380,19 +1496,36 @@ def test_bad_auth_files_refuse_to_start(parnet_home: str, tmp_path: Path) -> Non
     v1024 = srp.compute_verifier(user, PASSWORD, b"0123456789abcdef", n1024, g1024)
     enc = sb64.encode
     cases = {
-        "bad base64": (f"{user}:{v[:-3]}!!!:{salt}:{index}\n", conf, 0o600, "line 1: bad SRP base64"),
+        "bad base64": (
+            f"{user}:{v[:-3]}!!!:{salt}:{index}\n",
+            conf,
+            0o600,
+            "line 1: bad SRP base64",
+        ),
         "missing conf": (good, None, 0o600, "passwd.conf: SRP group file not found"),
         "world-readable": (good, conf, 0o644, "chmod 600"),
         "group-readable": (good, conf, 0o640, "chmod 600"),
         "duplicate user": (good + good, conf, 0o600, "line 2: user 'tester' repeats line 1"),
         "missing index": (f"{user}:{v}:{salt}:6\n", conf, 0o600, "group index 6 is missing"),
-        "1024-bit group": (f"{user}:{enc(v1024.to_bytes(128, 'big'))}:{enc(b'0123456789abcdef')}:1\n",
-                           f"1:{enc(n1024.to_bytes(128, 'big'))}:{enc(bytes([g1024]))}\n" + conf, 0o600,
-                           "1024-bit group, too weak"),
+        "1024-bit group": (
+            f"{user}:{enc(v1024.to_bytes(128, 'big'))}:{enc(b'0123456789abcdef')}:1\n",
+            f"1:{enc(n1024.to_bytes(128, 'big'))}:{enc(bytes([g1024]))}\n" + conf,
+            0o600,
+            "1024-bit group, too weak",
+        ),
         "no fields": ("tester\n", conf, 0o600, "line 1: expected username:verifier:salt:index"),
-        "65-byte salt": (good + f"long:{v}:{enc(bytes(range(1, 66)))}:{index}\n", conf, 0o600,
-                         "line 2: salt of 65 bytes, more than 64"),
-        "NUL in a name": (f"te\x00ster:{v}:{salt}:{index}\n", conf, 0o600, "line 1: NUL in the user name"),
+        "65-byte salt": (
+            good + f"long:{v}:{enc(bytes(range(1, 66)))}:{index}\n",
+            conf,
+            0o600,
+            "line 2: salt of 65 bytes, more than 64",
+        ),
+        "NUL in a name": (
+            f"te\x00ster:{v}:{salt}:{index}\n",
+            conf,
+            0o600,
+            "line 1: NUL in the user name",
+        ),
         "empty": ("", conf, 0o600, "no users"),
     }
 
@@ -1408,8 +1541,15 @@ def test_bad_auth_files_refuse_to_start(parnet_home: str, tmp_path: Path) -> Non
         port = free_port()
         bind = "127.0.0.30"
         try:
-            pid = start_background(use_tls=True, auth_file=str(path), cmd_port=port, data_port=free_port(),
-                                   bind=bind, allow_root=True, log_file=str(d / "log"))
+            pid = start_background(
+                use_tls=True,
+                auth_file=str(path),
+                cmd_port=port,
+                data_port=free_port(),
+                bind=bind,
+                allow_root=True,
+                log_file=str(d / "log"),
+            )
         except ParnetError as e:
             assert not os.path.exists(pid_file_path(bind, port))
             return name, str(e), str(path), why
@@ -1438,8 +1578,14 @@ def test_unknown_user_salt_survives_passwd_changes(tmp_path: Path) -> None:
     port, bind = free_port_pair(), "127.0.0.31"
 
     def salts() -> tuple[bytes, bytes]:
-        pid = start_background(use_tls=True, auth_file=str(passwd), cmd_port=port, data_port=port + 1,
-                               bind=bind, allow_root=True)
+        pid = start_background(
+            use_tls=True,
+            auth_file=str(passwd),
+            cmd_port=port,
+            data_port=port + 1,
+            bind=bind,
+            allow_root=True,
+        )
         try:
             out = []
             for user in ("nobody-of-ours", USER):
@@ -1481,7 +1627,9 @@ def test_kill_never_trusts_a_stale_pid_file() -> None:
     finally:
         victim.kill()
         victim.wait()
-    pid = start_background(use_tls=False, cmd_port=port, data_port=port + 1, bind=bind, allow_root=True)
+    pid = start_background(
+        use_tls=False, cmd_port=port, data_port=port + 1, bind=bind, allow_root=True
+    )
     try:
         assert kill_server(port, bind) == pid
         wait_until(lambda: not pid_alive(pid), 10, "the server to stop")
@@ -1509,8 +1657,12 @@ def test_global_failure_budget_and_client_told() -> None:
                     assert wait_closed(s, 3)[0] is not None
                 wait_until(lambda: len(g.workers()) == 1, 5, "the failed worker to exit")
             assert all(w < 0.2 and not why for w, why in waits[:5]), waits
-            assert all(w > 0.2 and "failed attempts on this server" in why for w, why in waits[6:]), waits
-            with pytest.warns(UserWarning, match=r"login delayed after \d+ failed attempts on this server"):
+            assert all(
+                w > 0.2 and "failed attempts on this server" in why for w, why in waits[6:]
+            ), waits
+            with pytest.warns(
+                UserWarning, match=r"login delayed after \d+ failed attempts on this server"
+            ):
                 assert_still_serves(srv)
     finally:
         srv.stop()
@@ -1521,7 +1673,11 @@ def test_ipv6_sources_grouped_by_64() -> None:
     a whole /64), an IPv4-mapped address as IPv4, IPv4 as itself."""
     from parnet.server.daemon import source_key
 
-    assert source_key("2001:db8:1:2::1") == source_key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert (
+        source_key("2001:db8:1:2::1")
+        == source_key("2001:db8:1:2:ffff:ffff:ffff:ffff")
+        == "2001:db8:1:2::/64"
+    )
     assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
     assert source_key("::ffff:198.51.100.7") == "198.51.100.7"
     assert source_key("198.51.100.7") == "198.51.100.7"
@@ -1568,20 +1724,50 @@ def test_no_tls_loopback_only_own_user(tmp_path: Path) -> None:
     import sys
 
     port, bind = free_port_pair(), "127.0.0.34"
-    out = subprocess.run([sys.executable, "-m", "parnet", "server", "--no-tls", "--bind", bind, "--cmd-port", str(port),
-                          "--data-port", str(port + 1), "--allow-root", "--log-file", str(tmp_path / "log")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "parnet",
+            "server",
+            "--no-tls",
+            "--bind",
+            bind,
+            "--cmd-port",
+            str(port),
+            "--data-port",
+            str(port + 1),
+            "--allow-root",
+            "--log-file",
+            str(tmp_path / "log"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     pid = int(re.search(r"started \(pid (\d+)\)", out.stdout).group(1))
     try:
-        assert "without TLS" in out.stderr and f"only connections from processes of its own user (uid {os.geteuid()})" in (
-            out.stderr), out.stderr
+        assert (
+            "without TLS" in out.stderr
+            and f"only connections from processes of its own user (uid {os.geteuid()})"
+            in (out.stderr)
+        ), out.stderr
         srv = Cluster.__new__(Cluster)
-        srv.tls, srv.port, srv.ips, srv.pids, srv.hosts = False, port, [bind], [pid], [f"{bind}:{port}"]
+        srv.tls, srv.port, srv.ips, srv.pids, srv.hosts = (
+            False,
+            port,
+            [bind],
+            [pid],
+            [f"{bind}:{port}"],
+        )
         for kind in (hs.KIND_CMD, hs.KIND_DATA):
             got = as_other_user(*addr(srv, kind), preamble(kind, tls=False))
             magic, _, status, _, n = hs.REPLY.unpack(got[: hs.REPLY.size])
-            assert status == hs.STATUS_ERROR and b"accepts only its own user's connections" in got[hs.REPLY.size:], got
+            assert (
+                status == hs.STATUS_ERROR
+                and b"accepts only its own user's connections" in got[hs.REPLY.size :]
+            ), got
         assert "peer of uid 65534" in (tmp_path / "log").read_text()
         assert_still_serves(srv)
     finally:
@@ -1613,19 +1799,34 @@ def test_certificate_pinned_on_first_use(tmp_path: Path, monkeypatch: pytest.Mon
     shutil.copytree(Path(os.environ["PARNET_HOME"]) / "srp", other / "srp")
     with monkeypatch.context() as mp:  # same passwd, its own TLS identity
         mp.setenv("PARNET_HOME", str(other))
-        pid = start_background(use_tls=True, cmd_port=srv.port, data_port=srv.port + 1, bind=ip, allow_root=True)
+        pid = start_background(
+            use_tls=True, cmd_port=srv.port, data_port=srv.port + 1, bind=ip, allow_root=True
+        )
     try:
-        with pytest.raises(ConnectError, match=r"certificate has changed.*parnet forget-server " + re.escape(where)):
+        with pytest.raises(
+            ConnectError, match=r"certificate has changed.*parnet forget-server " + re.escape(where)
+        ):
             srv.connect()
-        assert "authenticated" not in Path(default_log_file(ip, srv.port)).read_text().split("listening on")[-1]
-        r = subprocess.run([sys.executable, "-m", "parnet", "forget-server", where], capture_output=True, text=True,
-                           timeout=60)
+        assert (
+            "authenticated"
+            not in Path(default_log_file(ip, srv.port)).read_text().split("listening on")[-1]
+        )
+        r = subprocess.run(
+            [sys.executable, "-m", "parnet", "forget-server", where],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0 and "forgot" in r.stdout, r
         sclose(srv.connect())
         assert known_servers_path().read_text().count(f"{where} SHA256:") == 1
     finally:
         stop_pid(pid)
-        subprocess.run([sys.executable, "-m", "parnet", "forget-server", where], capture_output=True, timeout=60)
+        subprocess.run(
+            [sys.executable, "-m", "parnet", "forget-server", where],
+            capture_output=True,
+            timeout=60,
+        )
 
 
 # -- row 31: smaller items ---------------------------------------------------------------------------
@@ -1683,7 +1884,13 @@ def test_log_file_symlink_refused(tmp_path: Path) -> None:
     link.symlink_to(target)
     port = free_port_pair()
     with pytest.raises(ParnetError, match="cannot open the log file"):
-        start_background(use_tls=False, cmd_port=port, data_port=port + 1, bind="127.0.0.39", allow_root=True,
-                         log_file=str(link))
+        start_background(
+            use_tls=False,
+            cmd_port=port,
+            data_port=port + 1,
+            bind="127.0.0.39",
+            allow_root=True,
+            log_file=str(link),
+        )
     assert target.read_text() == "untouched\n"
     assert not os.path.exists(pid_file_path("127.0.0.39", port))

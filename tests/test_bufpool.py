@@ -33,12 +33,18 @@ def test_memory_is_reused_only_after_the_value_is_gone() -> None:
     assert c.nbytes == 8 * MB and c.dtype == np.uint8 and c.flags.writeable
 
 
-@pytest.mark.parametrize("derive", [
-    lambda a: np.frombuffer(a, dtype=np.float64).reshape(-1, 2),  # what unpickling builds on it
-    lambda a: memoryview(a)[100:],
-    lambda a: a[10:20],
-], ids=["frombuffer", "memoryview", "slice"])
-def test_a_value_built_on_the_buffer_keeps_the_memory(derive: Callable[[np.ndarray], object]) -> None:
+@pytest.mark.parametrize(
+    "derive",
+    [
+        lambda a: np.frombuffer(a, dtype=np.float64).reshape(-1, 2),  # what unpickling builds on it
+        lambda a: memoryview(a)[100:],
+        lambda a: a[10:20],
+    ],
+    ids=["frombuffer", "memoryview", "slice"],
+)
+def test_a_value_built_on_the_buffer_keeps_the_memory(
+    derive: Callable[[np.ndarray], object],
+) -> None:
     p = BufferPool()
     a = p.take(8 * MB)
     first = _addr(a)

@@ -18,8 +18,14 @@ PY = sys.executable
 def run(args: list[str], env: dict[str, str] | None = None, stdin: str = "", timeout: float = 120):
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([PY, "-m", "parnet", *args], input=stdin, capture_output=True, text=True,
-                          env=e, timeout=timeout)
+    return subprocess.run(
+        [PY, "-m", "parnet", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=timeout,
+    )
 
 
 def test_help_and_unknown_command() -> None:
@@ -63,7 +69,9 @@ def test_pconnect_user_prompts_for_password(monkeypatch) -> None:
         finally:
             sclose(c)
         assert asked and USER in asked[0]
-        monkeypatch.setattr("parnet.client.api.getpass.getpass", lambda prompt="": "wrong password!")
+        monkeypatch.setattr(
+            "parnet.client.api.getpass.getpass", lambda prompt="": "wrong password!"
+        )
         with pytest.raises(AuthenticationError):
             cl.connect(user=USER)
     finally:
@@ -81,7 +89,11 @@ def test_api_names_present() -> None:
 
 def test_demo_end_to_end(tmp_path) -> None:
     """`parnet demo` starts TLS servers, runs the doc examples and a real map, stops them."""
-    r = run(["demo", "--calls", "4", "--port", "31502"], env={"XDG_RUNTIME_DIR": str(tmp_path)}, timeout=180)
+    r = run(
+        ["demo", "--calls", "4", "--port", "31502"],
+        env={"XDG_RUNTIME_DIR": str(tmp_path)},
+        timeout=180,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "'some data'" in r.stdout
     assert "results in order and correct" in r.stdout

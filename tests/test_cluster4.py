@@ -65,8 +65,9 @@ def _acked(fd: int) -> int:
 
 def client_sent(c: Connections) -> list[int]:
     """Bytes the client's links (command + data) to each server have delivered so far."""
-    return [sum(_acked(link.fileno()) for link in (node.cmd, node.data))
-            for node in c.network.nodes[1:]]
+    return [
+        sum(_acked(link.fileno()) for link in (node.cmd, node.data)) for node in c.network.nodes[1:]
+    ]
 
 
 SERVER_SENT = """
@@ -133,7 +134,9 @@ def test_mesh_of_four_between_every_pair(c4: Connections) -> None:
     )
     for k in range(1, N + 1):
         got = precv(c4[k], timeout=120)
-        want = {0: "from-client"} | {j: (j, k, (j * 10 + k) * 1000) for j in range(1, N + 1) if j != k}
+        want = {0: "from-client"} | {
+            j: (j, k, (j * 10 + k) * 1000) for j in range(1, N + 1) if j != k
+        }
         assert got == want, k
 
 
@@ -184,8 +187,9 @@ def doomed4(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 
 
 @pytest.mark.kills_workers
-def test_map_rerun_over_several_survivors(doomed4: Cluster, tmp_path: Path,
-                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_map_rerun_over_several_survivors(
+    doomed4: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """kill -9 of one of 4 servers' workers mid-map: its unfinished jobs are rerun and the map
     finishes over the 3 survivors, each of which keeps running jobs after the kill."""
     c = doomed4.connect()
@@ -206,8 +210,11 @@ def test_map_rerun_over_several_survivors(doomed4: Cluster, tmp_path: Path,
 
         def killer() -> None:
             def victim_started() -> int:
-                return sum(1 for p in marks.iterdir() if p.name.startswith("s-")
-                           and p.name.split("-")[2] == str(victim))
+                return sum(
+                    1
+                    for p in marks.iterdir()
+                    if p.name.startswith("s-") and p.name.split("-")[2] == str(victim)
+                )
 
             wait_until(lambda: victim_started() >= 3, 120, "the victim to run jobs")
             killed_at.append(time.time_ns())

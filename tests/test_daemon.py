@@ -46,10 +46,18 @@ QUICK = 3.0  # seconds: "at once" for refusals and mismatches on loopback
 
 
 # -- helpers ---------------------------------------------------------------------------
-def run_parnet(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_parnet(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
     """``parnet ARGS`` as a subprocess; its output as text."""
-    return subprocess.run([*PARNET, *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*PARNET, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def accepts(ip: str, port: int) -> bool:
@@ -70,7 +78,9 @@ def server_opts(ip: str | None, port: int, tls: bool) -> list[str]:
     return opts
 
 
-def cli_start(ip: str | None, tls: bool, *extra: str) -> tuple[int, int, subprocess.CompletedProcess]:
+def cli_start(
+    ip: str | None, tls: bool, *extra: str
+) -> tuple[int, int, subprocess.CompletedProcess]:
     """``parnet server`` on a free random port pair; returns (pid, port, completed process)."""
     for _ in range(5):
         port = free_port_pair()
@@ -89,8 +99,9 @@ def api_start(ip: str, tls: bool, **kw: object) -> tuple[int, int]:
     for _ in range(5):
         port = free_port_pair()
         try:
-            return start_background(use_tls=tls, cmd_port=port, data_port=port + 1, bind=ip,
-                                    allow_root=True, **kw), port
+            return start_background(
+                use_tls=tls, cmd_port=port, data_port=port + 1, bind=ip, allow_root=True, **kw
+            ), port
         except ParnetError as e:
             if "in use" not in str(e):
                 raise
@@ -173,7 +184,10 @@ def test_pserver_start_and_kill(spawned: list[int]) -> None:
     for _ in range(5):
         port = free_port_pair()
         try:
-            assert pserver(use_tls=False, cmd_port=port, data_port=port + 1, bind=ip, allow_root=True) is None
+            assert (
+                pserver(use_tls=False, cmd_port=port, data_port=port + 1, bind=ip, allow_root=True)
+                is None
+            )
             break
         except ParnetError as e:
             if "in use" not in str(e):
@@ -199,14 +213,30 @@ def test_foreground_stays_and_exits_0_on_sigterm(tmp_path: Path, spawned: list[i
     log = tmp_path / "fg.log"
     for _ in range(5):
         port = free_port_pair()
-        proc = subprocess.Popen([*PARNET, "server", "--foreground", "--log-file", str(log),
-                                 *server_opts(ip, port, tls=False)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            [
+                *PARNET,
+                "server",
+                "--foreground",
+                "--log-file",
+                str(log),
+                *server_opts(ip, port, tls=False),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         spawned.append(proc.pid)
         # ready: listening, pid file written, and SIGTERM handled (not the default action)
-        wait_until(lambda: proc.poll() is not None or (accepts(ip, port) and catches(proc.pid, signal.SIGTERM)),  # noqa: B023
-                   30, "the foreground server to listen")
+        wait_until(
+            lambda: (
+                proc.poll() is not None  # noqa: B023
+                or (accepts(ip, port) and catches(proc.pid, signal.SIGTERM))  # noqa: B023
+            ),
+            30,
+            "the foreground server to listen",
+        )
         if proc.poll() is None:
             break
         err = proc.stderr.read()  # type: ignore[union-attr]
@@ -246,8 +276,12 @@ def test_sigterm_between_listen_and_serve_stops_cleanly(tmp_path: Path, spawned:
     ip = "127.0.0.32"
     port = unused_port(ip)
     pid_file = Path(pid_file_path(ip, port))
-    proc = subprocess.Popen([sys.executable, "-c", PREPARED, str(port), ip, str(tmp_path / "log")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PREPARED, str(port), ip, str(tmp_path / "log")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     spawned.append(proc.pid)
     try:
         assert proc.stdout.readline().strip() == b"prepared"  # type: ignore[union-attr]
@@ -311,7 +345,9 @@ def test_stale_pid_file_is_replaced(spawned: list[int]) -> None:
         assert not path.exists()
         # a new server replaces a stale pid file
         path.write_text(f"{dead.pid}\n")
-        pid = start_background(use_tls=False, cmd_port=port, data_port=port + 1, bind=ip, allow_root=True)
+        pid = start_background(
+            use_tls=False, cmd_port=port, data_port=port + 1, bind=ip, allow_root=True
+        )
         spawned.append(pid)
         assert path.read_text().strip() == str(pid)
     finally:
@@ -341,7 +377,9 @@ def test_refuses_root_without_allow_root() -> None:
     ip = "127.0.0.31"
     port = unused_port(ip)
     t = time.monotonic()
-    r = run_parnet("server", "--no-tls", "--bind", ip, "--cmd-port", str(port), "--data-port", str(port + 1))
+    r = run_parnet(
+        "server", "--no-tls", "--bind", ip, "--cmd-port", str(port), "--data-port", str(port + 1)
+    )
     assert r.returncode != 0
     assert "root" in r.stderr.lower()
     assert time.monotonic() - t < 30
@@ -392,7 +430,9 @@ def test_tls_without_auth_data_refuses_naming_the_file(tmp_path: Path) -> None:
 
 # -- the log -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
-def test_log_file_has_one_line_per_connection_event(tls: bool, tmp_path: Path, spawned: list[int]) -> None:
+def test_log_file_has_one_line_per_connection_event(
+    tls: bool, tmp_path: Path, spawned: list[int]
+) -> None:
     ip = "127.0.0.37"
     log = tmp_path / "server.log"
     pid, port = api_start(ip, tls, log_file=str(log))
@@ -405,7 +445,9 @@ def test_log_file_has_one_line_per_connection_event(tls: bool, tmp_path: Path, s
         assert precv(c[1], timeout=20) == 1
     finally:
         sclose(c)
-    wait_until(lambda: f"worker {wpid} exited" in log.read_text(), 15, "the worker's exit in the log")
+    wait_until(
+        lambda: f"worker {wpid} exited" in log.read_text(), 15, "the worker's exit in the log"
+    )
     lines = log.read_text().splitlines()
     started = [x for x in lines if f"worker {wpid} for network {c.network.id_str[:8]}" in x]
     exited = [x for x in lines if f"worker {wpid} exited (status 0)" in x]
@@ -459,7 +501,9 @@ def _raw_preamble(ip: str, port: int, pre: handshake.Preamble) -> tuple[int, str
 @pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
 def test_protocol_version_mismatch(tls: bool, servers) -> None:
     ip, port, pid = servers[tls]
-    bad = handshake.Preamble(PROTOCOL_VERSION + 1, handshake.KIND_CMD, tls, uuid.uuid4().bytes, 0, 1)
+    bad = handshake.Preamble(
+        PROTOCOL_VERSION + 1, handshake.KIND_CMD, tls, uuid.uuid4().bytes, 0, 1
+    )
     t = time.monotonic()
     status, reason = _raw_preamble(ip, port, bad)
     assert status == handshake.STATUS_ERROR
@@ -492,7 +536,9 @@ def test_server_reply_with_other_version() -> None:
         s, _ = ls.accept()
         with s:
             s.recv(handshake.PREAMBLE.size)
-            s.sendall(handshake.REPLY.pack(MAGIC, PROTOCOL_VERSION + 1, handshake.STATUS_OK, port, 0))
+            s.sendall(
+                handshake.REPLY.pack(MAGIC, PROTOCOL_VERSION + 1, handshake.STATUS_OK, port, 0)
+            )
             s.recv(1)
 
     th = threading.Thread(target=fake, daemon=True)

@@ -49,8 +49,9 @@ def test_up_status_down_idempotent(port: int, tmp_path) -> None:
     d = remote_home / "srp" / "server"
     assert (d.stat().st_mode & 0o777) == 0o700 and (remote_home / "srp").stat().st_mode & 0o077 == 0
     assert (d / "passwd").stat().st_mode & 0o777 == 0o600
-    assert (d / "passwd").read_bytes() == open(os.path.join(os.environ["PARNET_HOME"], "srp", "server",
-                                                            "passwd"), "rb").read()
+    assert (d / "passwd").read_bytes() == open(
+        os.path.join(os.environ["PARNET_HOME"], "srp", "server", "passwd"), "rb"
+    ).read()
     [again] = run("up", env=env, copy_keys=True, cmd_port=port, data_port=port + 1)
     assert again.state == "running" and again.pid == s.pid
     assert "keys identical" in again.note and "already running" in again.note
@@ -104,19 +105,29 @@ def test_pure_parts(tmp_path) -> None:
     hf = tmp_path / "hosts"
     hf.write_text("# cluster\nnode1\n\n  alice@node2   # second\n")
     assert deploy.read_hostfile(hf) == ["node1", "alice@node2"]
-    assert deploy.ssh_reason("alice@x: Permission denied (publickey).").startswith("ssh: authentication failed")
-    assert deploy.ssh_reason("ssh: connect to host x port 22: No route to host").startswith("ssh: unreachable")
-    assert deploy.ssh_reason("ssh: Could not resolve hostname nope: Name or service not known").startswith(
-        "ssh: unknown host")
+    assert deploy.ssh_reason("alice@x: Permission denied (publickey).").startswith(
+        "ssh: authentication failed"
+    )
+    assert deploy.ssh_reason("ssh: connect to host x port 22: No route to host").startswith(
+        "ssh: unreachable"
+    )
+    assert deploy.ssh_reason(
+        "ssh: Could not resolve hostname nope: Name or service not known"
+    ).startswith("ssh: unknown host")
     argv = deploy.ssh_argv("h", "python3 -", ssh_config="cfg", ssh_opts=["BatchMode=no"])
-    assert argv[:6] == ["ssh", "-T", "-F", "cfg", "-o", "BatchMode=no"] and argv[-2:] == ["h", "python3 -"]
+    assert argv[:6] == ["ssh", "-T", "-F", "cfg", "-o", "BatchMode=no"] and argv[-2:] == [
+        "h",
+        "python3 -",
+    ]
     with pytest.raises(ValueError):
         deploy.run("up", [])
 
 
 def test_cli_bad_input(tmp_path) -> None:
     def cli(*args: str):
-        return subprocess.run([PY, "-m", "parnet", *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [PY, "-m", "parnet", *args], capture_output=True, text=True, timeout=60
+        )
 
     r = cli("up")
     assert r.returncode == 2 and "no hosts" in r.stderr

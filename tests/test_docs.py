@@ -17,7 +17,11 @@ def _type_checking_imports() -> dict[str, str]:
     """``{name: module}`` of the imports under ``if TYPE_CHECKING:`` in ``parnet/__init__.py``."""
     out: dict[str, str] = {}
     for node in ast.parse(INIT.read_text()).body:
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+        if (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Name)
+            and node.test.id == "TYPE_CHECKING"
+        ):
             for imp in node.body:
                 assert isinstance(imp, ast.ImportFrom) and imp.level == 1
                 for alias in imp.names:
@@ -30,7 +34,8 @@ def test_lazy_names_are_visible_to_static_tools() -> None:
     imported public name needs the same import under ``TYPE_CHECKING``."""
     lazy = {name: mod for name, (mod, _) in parnet._LAZY.items()}
     assert _type_checking_imports() == lazy, (
-        "parnet/__init__.py: give every _LAZY name the same import under `if TYPE_CHECKING:`")
+        "parnet/__init__.py: give every _LAZY name the same import under `if TYPE_CHECKING:`"
+    )
 
 
 def test_api_reference_covers_every_public_name() -> None:
@@ -52,7 +57,7 @@ def _documented_args(doc: str) -> list[str]:
         if line.strip() != "Args:":
             continue
         indent = None
-        for entry in lines[i + 1:]:
+        for entry in lines[i + 1 :]:
             if not entry.strip():
                 break
             width = len(entry) - len(entry.lstrip())
@@ -72,8 +77,11 @@ def _public_callables() -> list[tuple[str, object]]:
         if inspect.isclass(obj):
             if "__init__" in vars(obj) and inspect.isfunction(obj.__init__):
                 out.append((name, obj))  # the class docstring's Args are __init__'s
-            out += [(f"{name}.{m}", f) for m, f in vars(obj).items()
-                    if inspect.isfunction(f) and (not m.startswith("_") or m == "__init__")]
+            out += [
+                (f"{name}.{m}", f)
+                for m, f in vars(obj).items()
+                if inspect.isfunction(f) and (not m.startswith("_") or m == "__init__")
+            ]
         elif callable(obj):
             out.append((name, obj))
     return out
@@ -88,4 +96,6 @@ def test_docstring_args_name_real_parameters() -> None:
         for arg in _documented_args(fn.__doc__ and inspect.cleandoc(fn.__doc__) or ""):
             if arg.lstrip("*") not in params:
                 bad.append(f"{name}: {arg!r}")
-    assert not bad, "Args entries that are not one parameter each (write one line per name): " + ", ".join(bad)
+    assert not bad, (
+        "Args entries that are not one parameter each (write one line per name): " + ", ".join(bad)
+    )

@@ -53,7 +53,10 @@ def test_rfeval_nout_and_isout_checked_before_sending(conns) -> None:
     with pytest.raises(ValueError, match="local machine"):
         rfeval(lambda: 1, connection=conns[0])
     # none of these reached the server: it answers the next call at once, in order
-    assert rfeval(lambda: (1, 2, 3), connection=conns[1], nout=3, isout=[True, False, True]) == [1, 3]
+    assert rfeval(lambda: (1, 2, 3), connection=conns[1], nout=3, isout=[True, False, True]) == [
+        1,
+        3,
+    ]
     assert rfeval(lambda: (1, 2), connection=conns[1], nout=2) == [1, 2]
 
 
@@ -67,28 +70,34 @@ def test_rfeval_nout_not_returned_is_a_remote_error(conns) -> None:
 
 
 # -- host parsing -------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec, want", [
-    ("node7", ("node7", CMD_PORT)),
-    (" node7:23456 ", ("node7", 23456)),
-    ("[::1]:23456", ("::1", 23456)),
-    ("[fe80::1%eth0]:2000", ("fe80::1%eth0", 2000)),
-    ("[::1]", ("::1", CMD_PORT)),
-    ("::1", ("::1", CMD_PORT)),
-    ("2001:db8::7", ("2001:db8::7", CMD_PORT)),
-])
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ("node7", ("node7", CMD_PORT)),
+        (" node7:23456 ", ("node7", 23456)),
+        ("[::1]:23456", ("::1", 23456)),
+        ("[fe80::1%eth0]:2000", ("fe80::1%eth0", 2000)),
+        ("[::1]", ("::1", CMD_PORT)),
+        ("::1", ("::1", CMD_PORT)),
+        ("2001:db8::7", ("2001:db8::7", CMD_PORT)),
+    ],
+)
 def test_parse_host(spec: str, want: tuple[str, int]) -> None:
     assert parse_host(spec) == want
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("[::1", r"expected '\[address\]'"),
-    ("[]:2000", r"expected '\[address\]'"),
-    ("[::1]2000", r"expected '\[address\]'"),
-    (":2000", "no host name"),
-    ("   ", "empty host name"),
-    ("[::1]:0", "port"),
-    ("[::1]:http", "port"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("[::1", r"expected '\[address\]'"),
+        ("[]:2000", r"expected '\[address\]'"),
+        ("[::1]2000", r"expected '\[address\]'"),
+        (":2000", "no host name"),
+        ("   ", "empty host name"),
+        ("[::1]:0", "port"),
+        ("[::1]:http", "port"),
+    ],
+)
 def test_parse_host_refuses(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_host(spec)
@@ -177,10 +186,16 @@ def test_kill_with_several_pid_files_and_unreadable_ones() -> None:
     try:
         for f in files:
             Path(f).write_text(f"{os.getpid()}\n")
-        r = subprocess.run([PY, "-m", "parnet", "server", "--kill", "--cmd-port", str(port)],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [PY, "-m", "parnet", "server", "--kill", "--cmd-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode != 0
-        assert "several servers use port" in r.stderr and "give bind= to choose" in r.stderr, r.stderr
+        assert "several servers use port" in r.stderr and "give bind= to choose" in r.stderr, (
+            r.stderr
+        )
         assert all(os.path.exists(f) for f in files)  # nothing was touched
         Path(files[0]).write_text("not a pid\n")
         with pytest.raises(ParnetError, match="unreadable pid file"):
@@ -201,10 +216,18 @@ def test_kill_escalates_to_sigkill() -> None:
     """A process that ignores SIGTERM behind a pid file is killed with SIGKILL."""
     port = _free_port()
     path = pid_file_path("127.0.0.93", port)
-    p = subprocess.Popen([PY, "-c", "import signal, sys, time\n"
-                          "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                          "print('ready', flush=True)\n"
-                          "time.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            PY,
+            "-c",
+            "import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         Path(path).write_text(f"{p.pid}\n")
@@ -223,18 +246,30 @@ def test_kill_escalates_to_sigkill() -> None:
 def test_keygen_error_exit(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = subprocess.run([PY, "-m", "parnet", "keygen", "alice", "--dir", str(blocker / "srp")],
-                       input="a-long-enough-password\n", capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [PY, "-m", "parnet", "keygen", "alice", "--dir", str(blocker / "srp")],
+        input="a-long-enough-password\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and r.stderr.startswith("parnet keygen: error:"), r.stderr
-    r = subprocess.run([PY, "-m", "parnet", "keygen", "a:b", "--dir", str(tmp_path / "d")],
-                       input="\n", capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [PY, "-m", "parnet", "keygen", "a:b", "--dir", str(tmp_path / "d")],
+        input="\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and "must not contain ':'" in r.stderr, r.stderr
     assert not (tmp_path / "d" / "server" / "passwd").exists()
     r = subprocess.run([PY, "-m", "parnet", "keygen"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "USERNAME" in r.stderr
 
 
-def _pty_session(argv: list[str], answers: list[tuple[str, str]], timeout: float = 120) -> tuple[int, str]:
+def _pty_session(
+    argv: list[str], answers: list[tuple[str, str]], timeout: float = 120
+) -> tuple[int, str]:
     """Runs ``argv`` on a new terminal; answers each prompt (a text it waits for) with a line.
     Returns (exit status, everything it wrote)."""
     pid, fd = pty.fork()
@@ -266,15 +301,24 @@ def _pty_session(argv: list[str], answers: list[tuple[str, str]], timeout: float
 
 def test_keygen_prompts_at_a_terminal(tmp_path: Path) -> None:
     argv = [PY, "-m", "parnet", "keygen", "carol", "--dir", str(tmp_path / "a")]
-    code, out = _pty_session(argv, [("Password for carol", "terminal-password-1"),
-                                    ("Repeat the password", "terminal-password-1")])
+    code, out = _pty_session(
+        argv,
+        [
+            ("Password for carol", "terminal-password-1"),
+            ("Repeat the password", "terminal-password-1"),
+        ],
+    )
     assert code == 0, out
     assert "terminal-password-1" not in out  # not echoed
-    assert (tmp_path / "a" / "client" / "user_passwd").read_text().strip() == "carol:terminal-password-1"
+    assert (
+        tmp_path / "a" / "client" / "user_passwd"
+    ).read_text().strip() == "carol:terminal-password-1"
     # two different passwords: refused, nothing written
     argv = [PY, "-m", "parnet", "keygen", "dave", "--dir", str(tmp_path / "b")]
-    code, out = _pty_session(argv, [("Password for dave", "one-password-here"),
-                                    ("Repeat the password", "another-password")])
+    code, out = _pty_session(
+        argv,
+        [("Password for dave", "one-password-here"), ("Repeat the password", "another-password")],
+    )
     assert code == 1 and "do not match" in out, out
     assert not (tmp_path / "b" / "server" / "passwd").exists()
 
@@ -301,8 +345,9 @@ def test_open_network_closed_at_exit(tmp_path: Path) -> None:
 
     cl = Cluster(2, True, first_ip=94)
     try:
-        r = subprocess.run([PY, "-c", AT_EXIT, "1", *cl.hosts], capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run(
+            [PY, "-c", AT_EXIT, "1", *cl.hosts], capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
         workers, state = r.stdout.splitlines()
         assert state == "closed", r.stdout

@@ -41,22 +41,40 @@ def _make(orig: BaseException) -> RemoteError:
     return remote_error("srv", 1, type(orig).__name__, str(orig), "Traceback ...", orig)
 
 
-@pytest.mark.parametrize("orig", [KeyError("k"), ValueError("v"), ZeroDivisionError("z"),
-                                  OddInit(1, 2, code=7), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"),
-                                  SyntaxError("s", ("f", 1, 2, "x y", 1, 3)), LookupError("l")],
-                         ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "orig",
+    [
+        KeyError("k"),
+        ValueError("v"),
+        ZeroDivisionError("z"),
+        OddInit(1, 2, code=7),
+        UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"),
+        SyntaxError("s", ("f", 1, 2, "x y", 1, 3)),
+        LookupError("l"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
 def test_mixed_in_type(orig: BaseException) -> None:
     err = _make(orig)
     assert isinstance(err, RemoteError) and isinstance(err, type(orig))
     assert type(err).__name__ == f"RemoteError[{type(orig).__name__}]"
     assert err.args == orig.args and err.original is orig
-    assert (err.host, err.node, err.exc_type, err.message) == ("srv", 1, type(orig).__name__, str(orig))
+    assert (err.host, err.node, err.exc_type, err.message) == (
+        "srv",
+        1,
+        type(orig).__name__,
+        str(orig),
+    )
     assert str(err).startswith(f"on srv (node 1): {type(orig).__name__}: ")
     assert type(_make(orig)) is type(err)  # one class per type
     back = pickle.loads(cloudpickle.dumps(err))
     assert type(back) is type(err) and back.args == orig.args and back.original is None
-    assert (back.host, back.node, back.exc_type, back.remote_traceback) == ("srv", 1, type(orig).__name__,
-                                                                         "Traceback ...")
+    assert (back.host, back.node, back.exc_type, back.remote_traceback) == (
+        "srv",
+        1,
+        type(orig).__name__,
+        "Traceback ...",
+    )
 
 
 def test_oserror_fields_and_attributes() -> None:
@@ -64,16 +82,27 @@ def test_oserror_fields_and_attributes() -> None:
     assert isinstance(err, FileNotFoundError) and isinstance(err, OSError)
     assert (err.errno, err.strerror, err.filename) == (errno.ENOENT, "no such file", "/x")
     back = pickle.loads(pickle.dumps(err))
-    assert (back.errno, back.filename) == (errno.ENOENT, "/x") and isinstance(back, FileNotFoundError)
+    assert (back.errno, back.filename) == (errno.ENOENT, "/x") and isinstance(
+        back, FileNotFoundError
+    )
     odd = _make(OddInit(1, 2, code=7))
     assert odd.code == 7 and pickle.loads(pickle.dumps(odd)).code == 7
 
 
-@pytest.mark.parametrize("orig", [KeyboardInterrupt(), SystemExit(3), GeneratorExit(), StopIteration(5),
-                                  StopAsyncIteration(),
-                                  ExceptionGroup("g", [ValueError()]), NewWithArg(1),
-                                  ConnectionClosed("gone")],
-                         ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "orig",
+    [
+        KeyboardInterrupt(),
+        SystemExit(3),
+        GeneratorExit(),
+        StopIteration(5),
+        StopAsyncIteration(),
+        ExceptionGroup("g", [ValueError()]),
+        NewWithArg(1),
+        ConnectionClosed("gone"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
 def test_not_mixed_in(orig: BaseException) -> None:
     err = _make(orig)
     assert type(err) is RemoteError and err.original is orig
@@ -86,7 +115,9 @@ def test_type_found_by_name_without_original() -> None:
     assert isinstance(err, KeyError) and err.args == ("'k'",)
     import json  # noqa: F401 - the type is looked up among imported modules only
 
-    assert isinstance(remote_error("srv", 2, "json.decoder.JSONDecodeError", "m", "", None), ValueError)
+    assert isinstance(
+        remote_error("srv", 2, "json.decoder.JSONDecodeError", "m", "", None), ValueError
+    )
     assert type(remote_error("srv", 2, "no_such_module_xyz.Err", "m", "", None)) is RemoteError
     assert type(remote_error("srv", 2, "MadeUpError", "m", "", None)) is RemoteError
 
@@ -164,7 +195,7 @@ def test_remote_traceback_drops_parnet_frames(conns: Connections) -> None:
     with pytest.raises(IndexError) as ei:
         reval("psend(1, sockets[7])", conns[1], wait=True)
     tb = ei.value.remote_traceback
-    assert tb.startswith("Traceback (most recent call last):\n  File \"<reval-")
+    assert tb.startswith('Traceback (most recent call last):\n  File "<reval-')
     assert "psend(1, sockets[7])" in tb and "site-packages" not in tb and "/parnet/" not in tb
     with pytest.raises(SyntaxError) as si:
         reval("x = 1\ny = 1 +* 2", conns[2], wait=True)
@@ -177,8 +208,10 @@ def test_remote_traceback_drops_parnet_frames(conns: Connections) -> None:
 def test_fill_source_only_where_missing() -> None:
     path = "/nonexistent-parnet-client-dir/mod.py"
     linecache.cache[path] = (10, None, ["a = 1\n", "b = a / 0\n"], path)
-    text = (f'Traceback (most recent call last):\n  File "{path}", line 2, in <module>\n'
-            f'  File "/srv/lib.py", line 5, in g\n    server_line()\nZeroDivisionError: x\n')
+    text = (
+        f'Traceback (most recent call last):\n  File "{path}", line 2, in <module>\n'
+        f'  File "/srv/lib.py", line 5, in g\n    server_line()\nZeroDivisionError: x\n'
+    )
     out = fill_source(text)
     assert out == text.replace("in <module>\n", "in <module>\n    b = a / 0\n")
     assert fill_source(out) == out
@@ -203,7 +236,9 @@ def test_code_by_value_keeps_its_file_and_is_marked(tmp_path) -> None:
     except ZeroDivisionError as e:
         text = format_remote(e)
     assert f'File "{path}", line 3, in boom\nZeroDivisionError' in text.replace("\n  ", "\n")
-    assert "server_line" not in text and "test_errors.py" in text  # this test's frame is no parnet's
+    assert (
+        "server_line" not in text and "test_errors.py" in text
+    )  # this test's frame is no parnet's
 
 
 def test_concurrent_rfeval_each_gets_its_own_outcome(cluster) -> None:

@@ -79,8 +79,15 @@ def test_example(name: str, tmp_path: Path) -> None:
     env = dict(os.environ, XDG_RUNTIME_DIR=str(run_dir))
     env.pop("PARNET_HOME", None)  # the example makes its own
     try:
-        proc = subprocess.run([sys.executable, str(EXAMPLES / name)], cwd=tmp_path, env=env,
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=100)
+        proc = subprocess.run(
+            [sys.executable, str(EXAMPLES / name)],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=100,
+        )
     finally:
         left = _live_servers(run_dir)
         for pid in left:

@@ -41,7 +41,9 @@ def test_submit_map_and_futures_api(conns) -> None:
     with Executor(conns) as ex:
         assert ex.submit(lambda a, b=0: a * base + b, 4, b=2).result(timeout=60) == 42
         assert list(ex.map(lambda x: x * x, range(20))) == [x * x for x in range(20)]
-        assert list(ex.map(pow, range(10), range(10), chunksize=3)) == [pow(x, x) for x in range(10)]
+        assert list(ex.map(pow, range(10), range(10), chunksize=3)) == [
+            pow(x, x) for x in range(10)
+        ]
         fs = [ex.submit(abs, -i) for i in range(50)]
         assert sorted(f.result() for f in as_completed(fs, timeout=60)) == list(range(50))
         done, not_done = wait(fs, timeout=60)
@@ -66,7 +68,9 @@ def test_calls_run_at_once_per_server_and_on_both(conns, cluster) -> None:
         by_server[_server_of(cluster, pid, ppid)].append((t0, t1))
     for k, iv in by_server.items():
         assert iv, f"server {k} ran no call"
-        overlap = any(a0 < b1 and b0 < a1 for i, (a0, a1) in enumerate(iv) for b0, b1 in iv[i + 1:])
+        overlap = any(
+            a0 < b1 and b0 < a1 for i, (a0, a1) in enumerate(iv) for b0, b1 in iv[i + 1 :]
+        )
         assert overlap, f"calls ran one at a time on server {k}: {iv}"
 
 

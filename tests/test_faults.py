@@ -192,8 +192,9 @@ class _Ordered:
         return getattr(self._real, name)
 
 
-def fault_while_precv_waits(c: Connections, k: int, fault: Callable[[], None],
-                            first: str | None = None) -> tuple[BaseException | None, float]:
+def fault_while_precv_waits(
+    c: Connections, k: int, fault: Callable[[], None], first: str | None = None
+) -> tuple[BaseException | None, float]:
     """``precv(c[k])`` (nothing will come) while another thread runs ``fault`` as soon as that
     precv waits in its poll; ``first``: "cmd" or "data", the link whose end precv sees first.
     Returns (what precv raised, seconds from the fault to the raise)."""
@@ -229,7 +230,9 @@ def fault_while_precv_waits(c: Connections, k: int, fault: Callable[[], None],
     return raised, done - at[0]
 
 
-GONE = r"connection closed by the peer|Connection reset by peer|command link closed|data link closed"
+GONE = (
+    r"connection closed by the peer|Connection reset by peer|command link closed|data link closed"
+)
 SHUTTING = r"the server is shutting down \(notice from {host}\)"
 NAMED = r"{host} \(node 1"
 
@@ -237,17 +240,47 @@ NAMED = r"{host} \(node 1"
 PRECV_FAULTS = [
     pytest.param("SIGKILL", "server", None, ConnectionClosed, GONE, PROMPT, id="kill-server"),
     pytest.param("SIGKILL", "worker", None, ConnectionClosed, GONE, PROMPT, id="kill-worker"),
-    pytest.param("SIGKILL", "worker", "data", ConnectionClosed, NAMED, PROMPT, id="kill-worker-data-first"),
-    pytest.param("SIGKILL", "worker", "cmd", ConnectionClosed, NAMED, PROMPT, id="kill-worker-cmd-first"),
-    pytest.param("SIGTERM", "server", "cmd", ConnectionClosed, SHUTTING, PROMPT, id="sigterm-server-cmd-first"),
-    pytest.param("SIGTERM", "server", "data", ConnectionClosed, SHUTTING, PROMPT, id="sigterm-server-data-first"),
-    pytest.param("--kill", "server", "cmd", ConnectionClosed, SHUTTING, PROMPT, id="cli-kill-cmd-first"),
+    pytest.param(
+        "SIGKILL", "worker", "data", ConnectionClosed, NAMED, PROMPT, id="kill-worker-data-first"
+    ),
+    pytest.param(
+        "SIGKILL", "worker", "cmd", ConnectionClosed, NAMED, PROMPT, id="kill-worker-cmd-first"
+    ),
+    pytest.param(
+        "SIGTERM",
+        "server",
+        "cmd",
+        ConnectionClosed,
+        SHUTTING,
+        PROMPT,
+        id="sigterm-server-cmd-first",
+    ),
+    pytest.param(
+        "SIGTERM",
+        "server",
+        "data",
+        ConnectionClosed,
+        SHUTTING,
+        PROMPT,
+        id="sigterm-server-data-first",
+    ),
+    pytest.param(
+        "--kill", "server", "cmd", ConnectionClosed, SHUTTING, PROMPT, id="cli-kill-cmd-first"
+    ),
 ]
 
 
-def check_peer_fault_while_precv_waits(tls: bool, how: str, where: str, first: str | None, exc: type,
-                                       pattern: str, within: float,
-                                       shared: Callable[[bool], Cluster], reaper: list[int]) -> None:
+def check_peer_fault_while_precv_waits(
+    tls: bool,
+    how: str,
+    where: str,
+    first: str | None,
+    exc: type,
+    pattern: str,
+    within: float,
+    shared: Callable[[bool], Cluster],
+    reaper: list[int],
+) -> None:
     """One row: server 1 fails while the client waits in precv on it."""
     own = where == "server"  # the daemon dies: a cluster of its own
     cl = Cluster(2, tls, first_ip=DOOMED_IP[tls]) if own else shared(tls)
@@ -266,9 +299,23 @@ def check_peer_fault_while_precv_waits(tls: bool, how: str, where: str, first: s
                 elif how == "SIGTERM":
                     os.kill(daemon, signal.SIGTERM)
                 else:
-                    subprocess.run([sys.executable, "-m", "parnet", "server", "--kill", "--bind", ip,
-                                    "--cmd-port", str(cl.port)], check=True, timeout=20,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "parnet",
+                            "server",
+                            "--kill",
+                            "--bind",
+                            ip,
+                            "--cmd-port",
+                            str(cl.port),
+                        ],
+                        check=True,
+                        timeout=20,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
 
             raised, took = fault_while_precv_waits(c, 1, fault, first)
             assert isinstance(raised, exc), f"expected {exc.__name__}, got {raised!r}"
@@ -298,15 +345,24 @@ def check_peer_fault_while_precv_waits(tls: bool, how: str, where: str, first: s
 @pytest.mark.kills_workers
 @pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("how, where, first, exc, pattern, within", PRECV_FAULTS)
-def test_peer_fault_while_precv_waits(tls: bool, how: str, where: str, first: str | None, exc: type,
-                                      pattern: str, within: float, shared: Callable[[bool], Cluster],
-                                      reaper: list[int]) -> None:
+def test_peer_fault_while_precv_waits(
+    tls: bool,
+    how: str,
+    where: str,
+    first: str | None,
+    exc: type,
+    pattern: str,
+    within: float,
+    shared: Callable[[bool], Cluster],
+    reaper: list[int],
+) -> None:
     check_peer_fault_while_precv_waits(tls, how, where, first, exc, pattern, within, shared, reaper)
 
 
 # == 4: a pool process killed during a map ===================================================
-def _kill_a_pool_process_mid_map(cl: Cluster, c: Connections, mk: Path,
-                                 reaper: list[int]) -> tuple[RemoteError, list[int]]:
+def _kill_a_pool_process_mid_map(
+    cl: Cluster, c: Connections, mk: Path, reaper: list[int]
+) -> tuple[RemoteError, list[int]]:
     """Runs a map of slow jobs over both servers (2 local jobs each) and kill -9s a pool
     process of server 1 while it runs a job. Returns the map's error and every process that
     was below the workers before the kill."""
@@ -316,8 +372,11 @@ def _kill_a_pool_process_mid_map(cl: Cluster, c: Connections, mk: Path,
     victim: list[int] = []
 
     def killer() -> None:
-        p = wait_until(lambda: next(iter(started_by(mk) & set(pool_processes(w1))), None), 30,
-                       "a pool process of server 1 to run a job")
+        p = wait_until(
+            lambda: next(iter(started_by(mk) & set(pool_processes(w1))), None),
+            30,
+            "a pool process of server 1 to run a job",
+        )
         before.extend(descendants(w1) + descendants(w2))
         reaper.extend(before)
         victim.append(p)
@@ -335,8 +394,9 @@ def _kill_a_pool_process_mid_map(cl: Cluster, c: Connections, mk: Path,
 
 
 @pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
-def test_pool_process_killed_mid_map(tls: bool, shared: Callable[[bool], Cluster], tmp_path: Path,
-                                     reaper: list[int]) -> None:
+def test_pool_process_killed_mid_map(
+    tls: bool, shared: Callable[[bool], Cluster], tmp_path: Path, reaper: list[int]
+) -> None:
     cl = shared(tls)
     base = Baseline(cl)
     c = cl.connect(heartbeat=HB)
@@ -345,7 +405,9 @@ def test_pool_process_killed_mid_map(tls: bool, shared: Callable[[bool], Cluster
         # parnet's answer: the map fails, naming the server and how its pool process died
         assert err.host == cl.hosts[0] and err.node == 1
         assert err.exc_type.endswith("WorkerDiedError")
-        assert re.search(r"local pool died .*exit codes \{SIGKILL\(-9\)\}", err.message), err.message
+        assert re.search(r"local pool died .*exit codes \{SIGKILL\(-9\)\}", err.message), (
+            err.message
+        )
         # the network stays usable
         assert all(i.open for i in network_get_info(c))
         assert rfeval(lambda: 5, connection=c[1]) == 5
@@ -401,8 +463,11 @@ def test_pool_restart_spares_later_chunks(tmp_path: Path, reaper: list[int]) -> 
     try:
         submit_next()
         submit_next()
-        procs = wait_until(lambda: len(started_by(mk)) == 2 and started_by(mk), 60,
-                           "two chunks to run in two pool processes")
+        procs = wait_until(
+            lambda: len(started_by(mk)) == 2 and started_by(mk),
+            60,
+            "two chunks to run in two pool processes",
+        )
         reaper += list(procs)
         os.kill(min(procs), signal.SIGKILL)
         wait_until(lambda: len(outcome) == n, 60, f"every chunk to end ({outcome})")
@@ -412,7 +477,8 @@ def test_pool_restart_spares_later_chunks(tmp_path: Path, reaper: list[int]) -> 
         pool.shutdown(kill=True)
     wait_until(lambda: all(gone(p) for p in seen), 15, "the pool processes to end")
     assert sorted(outcome.items()) == [(0, "WorkerDiedError"), (1, "WorkerDiedError")] + [
-        (i, "ok") for i in range(2, n)], outcome
+        (i, "ok") for i in range(2, n)
+    ], outcome
 
 
 # == 5: the client dies or freezes =============================================================
@@ -442,8 +508,14 @@ CLIENT_FAULTS = [
 
 @pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("sig, within", CLIENT_FAULTS, ids=[r[0] for r in CLIENT_FAULTS])
-def test_client_fault_ends_its_workers(tls: bool, sig: str, within: float, shared: Callable[[bool], Cluster],
-                                       tmp_path: Path, reaper: list[int]) -> None:
+def test_client_fault_ends_its_workers(
+    tls: bool,
+    sig: str,
+    within: float,
+    shared: Callable[[bool], Cluster],
+    tmp_path: Path,
+    reaper: list[int],
+) -> None:
     cl = shared(tls)
     base = Baseline(cl)
     proc = ClientProc(CLIENT_MAPPING, "1" if cl.tls else "0", str(tmp_path), str(HB), *cl.hosts)
@@ -452,14 +524,20 @@ def test_client_fault_ends_its_workers(tls: bool, sig: str, within: float, share
         wpids = [int(p) for p in proc.expect("workers", 60).split()]
         reaper += wpids
         proc.expect("waiting", 10)
-        wait_until(lambda: all(started_by(tmp_path) & set(pool_processes(w)) for w in wpids), 30,
-                   "pool processes on both servers to run jobs")
+        wait_until(
+            lambda: all(started_by(tmp_path) & set(pool_processes(w)) for w in wpids),
+            30,
+            "pool processes on both servers to run jobs",
+        )
         procs = wpids + [p for w in wpids for p in descendants(w)]
         reaper += procs
         os.kill(proc.pid, getattr(signal, sig))
-        wait_until(lambda: all(gone(p) for p in procs), within,
-                   f"the workers of the {sig} client and their pools to exit "
-                   f"({[(p, cmdline(p)[:60]) for p in procs if not gone(p)]})")
+        wait_until(
+            lambda: all(gone(p) for p in procs),
+            within,
+            f"the workers of the {sig} client and their pools to exit "
+            f"({[(p, cmdline(p)[:60]) for p in procs if not gone(p)]})",
+        )
     finally:
         proc.stop()
     base.check(gone_pids=procs)
@@ -482,14 +560,22 @@ NEXT_CALLS: dict[str, Callable[[Connections], Any]] = {
     "rfeval": lambda c: rfeval(lambda: 1, connection=c[1]),
 }
 # mode, the client's next call involving server 1
-MID_FRAME_ROWS = [pytest.param(tls, name, id=f"{mid}-{name}") for tls, mid in zip(MODES, MODE_IDS, strict=True)
-                  for name in ("precv", "psend", "reval", "rfeval")]
+MID_FRAME_ROWS = [
+    pytest.param(tls, name, id=f"{mid}-{name}")
+    for tls, mid in zip(MODES, MODE_IDS, strict=True)
+    for name in ("precv", "psend", "reval", "rfeval")
+]
 
 
 @pytest.mark.parametrize("tls, next_call", MID_FRAME_ROWS)
-def test_link_closed_mid_frame(tls: bool, next_call: str, shared: Callable[[bool], Cluster],
-                               tmp_path: Path, capfd: pytest.CaptureFixture[str],
-                               reaper: list[int]) -> None:
+def test_link_closed_mid_frame(
+    tls: bool,
+    next_call: str,
+    shared: Callable[[bool], Cluster],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    reaper: list[int],
+) -> None:
     cl = shared(tls)
     base = Baseline(cl)
     logs = [server_log(cl, k) for k in (0, 1)]
@@ -531,11 +617,15 @@ def test_link_closed_mid_frame(tls: bool, next_call: str, shared: Callable[[bool
         if report.exists():
             wait_until(lambda: report.read_text() or reaped(w1), 5, "the worker's report")
             saw = report.read_text()
-            assert not saw or (saw.startswith("ConnectionClosed") and "in the middle of a message" in saw), saw
+            assert not saw or (
+                saw.startswith("ConnectionClosed") and "in the middle of a message" in saw
+            ), saw
         # the client: the next call involving server 1 says it is gone, once the client has
         # seen the cut: at once when psend still wrote, else when its writer thread next writes
         dl = c.network.nodes[1].data
-        wait_until(lambda: not dl.usable or not c.network.nodes[1].open, 10, "the client to see the cut")
+        wait_until(
+            lambda: not dl.usable or not c.network.nodes[1].open, 10, "the client to see the cut"
+        )
         with pytest.raises(ConnectionClosed, match=re.escape(cl.hosts[0])):
             NEXT_CALLS[next_call](c)
         with pytest.raises(ConnectionClosed):  # and server 1 stays lost, for every call
@@ -681,23 +771,47 @@ print("closed", flush=True)
 # blocked in, what the server runs, when Ctrl-C comes, SIGINTs sent
 CTRL_C_ROWS = [
     pytest.param("precv", "reval sleeping 60 s", "started", 1, id="precv"),
-    pytest.param("peer-precv", "reval waiting in precv from server 2", "started", 1, id="peer-precv"),
+    pytest.param(
+        "peer-precv", "reval waiting in precv from server 2", "started", 1, id="peer-precv"
+    ),
     pytest.param("rfeval", "a function sleeping 60 s", "started", 1, id="rfeval"),
-    pytest.param("netcellfun", "40 jobs of 3 s CPU, 2 local jobs", "first job in the worker", 1,
-                 id="netcellfun-first-job"),
-    pytest.param("netcellfun", "40 jobs of 3 s CPU, 2 local jobs", "every job in the pool", 1,
-                 id="netcellfun-pool-jobs"),
-    pytest.param("stubborn", "reval that swallows KeyboardInterrupt", "started", 2, id="second-ctrl-c"),
+    pytest.param(
+        "netcellfun",
+        "40 jobs of 3 s CPU, 2 local jobs",
+        "first job in the worker",
+        1,
+        id="netcellfun-first-job",
+    ),
+    pytest.param(
+        "netcellfun",
+        "40 jobs of 3 s CPU, 2 local jobs",
+        "every job in the pool",
+        1,
+        id="netcellfun-pool-jobs",
+    ),
+    pytest.param(
+        "stubborn", "reval that swallows KeyboardInterrupt", "started", 2, id="second-ctrl-c"
+    ),
 ]
 
 
 @pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("mode, what, when, sigints", CTRL_C_ROWS)
-def test_ctrl_c_at_client(tls: bool, mode: str, what: str, when: str, sigints: int,
-                          shared: Callable[[bool], Cluster], tmp_path: Path, reaper: list[int]) -> None:
+def test_ctrl_c_at_client(
+    tls: bool,
+    mode: str,
+    what: str,
+    when: str,
+    sigints: int,
+    shared: Callable[[bool], Cluster],
+    tmp_path: Path,
+    reaper: list[int],
+) -> None:
     cl = shared(tls)
     base = Baseline(cl)
-    proc = ClientProc(CTRL_C_CLIENT, "1" if cl.tls else "0", mode, str(tmp_path), str(HB), *cl.hosts)
+    proc = ClientProc(
+        CTRL_C_CLIENT, "1" if cl.tls else "0", mode, str(tmp_path), str(HB), *cl.hosts
+    )
     reaper.append(proc.pid)
     try:
         wpids = [int(p) for p in proc.expect("workers", 60).split()]
@@ -709,16 +823,22 @@ def test_ctrl_c_at_client(tls: bool, mode: str, what: str, when: str, sigints: i
         elif when == "first job in the worker":
             # (it takes 3 s) and the pool warm: it runs a job too
             def first_jobs_run() -> bool:
-                return all(jobs_of(tmp_path, [w], ended=False)
-                           and jobs_of(tmp_path, pool_processes(w), ended=False) for w in wpids)
+                return all(
+                    jobs_of(tmp_path, [w], ended=False)
+                    and jobs_of(tmp_path, pool_processes(w), ended=False)
+                    for w in wpids
+                )
 
             wait_until(first_jobs_run, 20, "the first jobs to run, in the workers and their pools")
         else:  # the first job, in the worker, is over: every running job is in the pool
+
             def pool_jobs_only() -> bool:
-                return all(jobs_of(tmp_path, [w], ended=True)
-                           and not jobs_of(tmp_path, [w], ended=False)
-                           and len(jobs_of(tmp_path, pool_processes(w), ended=False)) == 2
-                           for w in wpids)
+                return all(
+                    jobs_of(tmp_path, [w], ended=True)
+                    and not jobs_of(tmp_path, [w], ended=False)
+                    and len(jobs_of(tmp_path, pool_processes(w), ended=False)) == 2
+                    for w in wpids
+                )
 
             wait_until(pool_jobs_only, 30, "two pool jobs and none in the worker on each server")
         if mode == "netcellfun":
@@ -748,8 +868,12 @@ def test_ctrl_c_at_client(tls: bool, mode: str, what: str, when: str, sigints: i
             assert not hot, f"server processes still burn CPU after the interrupt: {hot}"
             if pools:
                 n = len(jobs_of(tmp_path, pools + wpids))
-                assert not busy_pids(pools, limit=BUSY), "pool processes still run the interrupted jobs"
-                assert len(jobs_of(tmp_path, pools + wpids)) == n, "jobs started after the interrupt"
+                assert not busy_pids(pools, limit=BUSY), (
+                    "pool processes still run the interrupted jobs"
+                )
+                assert len(jobs_of(tmp_path, pools + wpids)) == n, (
+                    "jobs started after the interrupt"
+                )
         assert proc.line(20) == "closed"
         assert proc.wait(20) == 0, proc.stderr_text()
         assert "Traceback" not in proc.stderr_text(), proc.stderr_text()
@@ -821,12 +945,15 @@ print("closed", flush=True)
 
 @pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("forward", [True, False], ids=["forward", "no-forward"])
-def test_output_forwarding(tls: bool, forward: bool, shared: Callable[[bool], Cluster],
-                           reaper: list[int]) -> None:
+def test_output_forwarding(
+    tls: bool, forward: bool, shared: Callable[[bool], Cluster], reaper: list[int]
+) -> None:
     cl = shared(tls)
     base = Baseline(cl)
     log1 = server_log(cl, 0)
-    proc = ClientProc(OUTPUT_CLIENT, "1" if cl.tls else "0", "1" if forward else "0", log1, *cl.hosts)
+    proc = ClientProc(
+        OUTPUT_CLIENT, "1" if cl.tls else "0", "1" if forward else "0", log1, *cl.hosts
+    )
     reaper.append(proc.pid)
     try:
         w1, w2 = (int(p) for p in proc.expect("workers", 60).split())
@@ -845,6 +972,7 @@ def test_output_forwarding(tls: bool, forward: bool, shared: Callable[[bool], Cl
         assert "tok-" not in err, err
         assert "tok-last" in log_since(log1, 0)
     else:
+
         def has(prefix: str, token: str) -> list[str]:
             return [ln for ln in lines if ln.startswith(prefix) and token in ln]
 
@@ -867,7 +995,9 @@ def test_output_forwarding(tls: bool, forward: bool, shared: Callable[[bool], Cl
 
 # == 9: version differences ======================================================================
 @pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
-def test_version_difference_warns(tls: bool, shared: Callable[[bool], Cluster], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_version_difference_warns(
+    tls: bool, shared: Callable[[bool], Cluster], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cl = shared(tls)
     base = Baseline(cl)
     real = parnet.client.api.versions
@@ -878,7 +1008,9 @@ def test_version_difference_warns(tls: bool, shared: Callable[[bool], Cluster], 
         (w,) = [r for r in rec if "versions differ" in str(r.message)]
         text = str(w.message)
         for k, host in enumerate(cl.hosts, start=1):
-            assert re.search(rf"{re.escape(host)} \(node {k}\): python \S+ \(client 2\.7\.18\)", text), text
+            assert re.search(
+                rf"{re.escape(host)} \(node {k}\): python \S+ \(client 2\.7\.18\)", text
+            ), text
         assert "numpy" not in text  # only what differs
         assert rfeval(lambda: 5, connection=c[1]) == 5
     finally:
@@ -896,7 +1028,9 @@ VERSION_ROWS = [(hs.KIND_CMD, 99), (hs.KIND_DATA, 99), (hs.KIND_CMD, 0)]
 
 @pytest.mark.parametrize("tls", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("kind, version", VERSION_ROWS, ids=["cmd-99", "data-99", "cmd-0"])
-def test_protocol_version_mismatch_refused(tls: bool, kind: int, version: int, shared: Callable[[bool], Cluster]) -> None:
+def test_protocol_version_mismatch_refused(
+    tls: bool, kind: int, version: int, shared: Callable[[bool], Cluster]
+) -> None:
     cl = shared(tls)
     base = Baseline(cl)
     ip = cl.ips[0]
@@ -919,7 +1053,7 @@ def test_protocol_version_mismatch_refused(tls: bool, kind: int, version: int, s
         assert s.recv(4096) == b""  # and the daemon hangs up
     assert magic == MAGIC
     assert status == hs.STATUS_ERROR
-    assert buf[hs.REPLY.size:].decode() == want
+    assert buf[hs.REPLY.size :].decode() == want
     # what a client makes of it
     with pytest.raises(ConnectError, match=re.escape(f"{ip}:{port}: {want}")):
         hs.open_channel(ip, port, pre, deadline=time.monotonic() + 10, ctx=None)
@@ -946,8 +1080,11 @@ def test_unreachable_mesh_pair(tls: bool, reaper: list[int]) -> None:
         took = time.monotonic() - t
         msg = str(ei.value)
         assert took < timeout + 1, f"{took:.1f} s"
-        assert re.search(rf"server 1 \({re.escape(a_host)}\) could not reach server 2 "
-                         rf"\({re.escape(proxy_ip)}\) at {re.escape(proxy_ip)}:{cl.port + 1}", msg), msg
+        assert re.search(
+            rf"server 1 \({re.escape(a_host)}\) could not reach server 2 "
+            rf"\({re.escape(proxy_ip)}\) at {re.escape(proxy_ip)}:{cl.port + 1}",
+            msg,
+        ), msg
         assert (a_ip, cl.port + 1) in proxy.refused
         assert ("127.0.0.1", cl.port) in proxy.forwarded  # the client itself got through
         for pid in cl.pids:  # the set-up ended everywhere: the network's workers exit

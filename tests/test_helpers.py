@@ -51,6 +51,7 @@ def test_bytesio_several_values_then_eof() -> None:
 def test_pipe_fds_with_a_writer_thread() -> None:
     r, w = os.pipe()
     try:
+
         def writer() -> None:
             for v in _values():
                 fsave(w, v)

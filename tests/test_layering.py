@@ -151,7 +151,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for d in sorted(graph.get(m, ())):
             if state.get(d) == 1:
-                return [*stack[stack.index(d):], d]
+                return [*stack[stack.index(d) :], d]
             if d not in state and (c := visit(d)):
                 return c
         stack.pop()
@@ -192,7 +192,9 @@ def test_no_module_imports_private_names_of_another() -> None:
     for path in all_modules():
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("parnet")):
+            if isinstance(node, ast.ImportFrom) and (
+                node.level or (node.module or "").startswith("parnet")
+            ):
                 bad += [
                     f"{module_name(path)}: {node.module}.{a.name}"
                     for a in node.names
@@ -202,7 +204,15 @@ def test_no_module_imports_private_names_of_another() -> None:
 
 
 #: ``_private`` attributes of the standard library (and of namedtuples) that may be used.
-STDLIB_PRIVATE = {"_getframe", "_exit", "_replace", "_asdict", "_fields", "_make", "_current_frames"}
+STDLIB_PRIVATE = {
+    "_getframe",
+    "_exit",
+    "_replace",
+    "_asdict",
+    "_fields",
+    "_make",
+    "_current_frames",
+}
 
 
 def defined_private_names(tree: ast.AST) -> set[str]:
@@ -221,8 +231,11 @@ def defined_private_names(tree: ast.AST) -> set[str]:
                     elif isinstance(sub, ast.Attribute):
                         names.add(sub.attr)
             if any(isinstance(t, ast.Name) and t.id == "__slots__" for t in targets) and node.value:
-                names.update(c.value for c in ast.walk(node.value)
-                             if isinstance(c, ast.Constant) and isinstance(c.value, str))
+                names.update(
+                    c.value
+                    for c in ast.walk(node.value)
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                )
     return {n for n in names if n.startswith("_")}
 
 
@@ -233,19 +246,27 @@ def private_reaches(source: str, name: str) -> list[str]:
     own = defined_private_names(tree) | STDLIB_PRIVATE
     bad = []
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
-                and not node.attr.startswith("__") and node.attr not in own
-                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and node.attr not in own
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+        ):
             bad.append(f"{name}:{node.lineno}: .{node.attr}")
     return bad
 
 
 def test_no_module_reaches_private_members_of_another() -> None:
-    bad = [b for path in all_modules() for b in private_reaches(path.read_text(), module_name(path))]
+    bad = [
+        b for path in all_modules() for b in private_reaches(path.read_text(), module_name(path))
+    ]
     assert bad == []
 
 
 def test_the_private_member_check_sees_reaches() -> None:
-    src = ("import sys\n\nclass A:\n    def f(self, other):\n        self._x = other._x\n\n"
-           "def g(link):\n    return link._sock, sys._getframe, A()._x\n")
+    src = (
+        "import sys\n\nclass A:\n    def f(self, other):\n        self._x = other._x\n\n"
+        "def g(link):\n    return link._sock, sys._getframe, A()._x\n"
+    )
     assert private_reaches(src, "probe") == ["probe:8: ._sock"]

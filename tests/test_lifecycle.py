@@ -83,7 +83,9 @@ class _SignalOnPoll:
         return getattr(self._real, name)
 
 
-def kill_while_precv_waits(conns: Connections, k: int, pids: list[int], timeout: float = 30) -> float:
+def kill_while_precv_waits(
+    conns: Connections, k: int, pids: list[int], timeout: float = 30
+) -> float:
     """``precv(conns[k])`` (nothing will come) while another thread kill -9s ``pids`` as soon as
     that precv waits in its poll. Asserts ConnectionClosed; returns seconds from kill to raise."""
     node = conns.network.nodes[k]
@@ -121,7 +123,9 @@ def read_line(proc: subprocess.Popen, timeout: float) -> str:
         left = deadline - time.monotonic()
         r, _, _ = select.select([fd], [], [], max(0.0, left))
         if not r:
-            raise AssertionError(f"no line from the client process within {timeout} s (got {buf!r})")
+            raise AssertionError(
+                f"no line from the client process within {timeout} s (got {buf!r})"
+            )
         chunk = os.read(fd, 4096)
         if not chunk:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
@@ -190,14 +194,21 @@ def test_no_leaks_over_30_networks(idle: Cluster) -> None:
         cycle()
 
     def now() -> tuple[list[int], list[int], int]:
-        return ([fd_count(p) for p in idle.pids], [len(all_children(p)) for p in idle.pids],
-                fd_count(os.getpid()))
+        return (
+            [fd_count(p) for p in idle.pids],
+            [len(all_children(p)) for p in idle.pids],
+            fd_count(os.getpid()),
+        )
 
     try:
-        wait_until(lambda: now() == (base_fds, [0, 0], base_own), 20, "fds and children back to baseline")
+        wait_until(
+            lambda: now() == (base_fds, [0, 0], base_own), 20, "fds and children back to baseline"
+        )
     except AssertionError as e:
-        raise AssertionError(f"{e}: (server fds, server children, client fds) were "
-                             f"{(base_fds, [0, 0], base_own)}, now {now()}") from None
+        raise AssertionError(
+            f"{e}: (server fds, server children, client fds) were "
+            f"{(base_fds, [0, 0], base_own)}, now {now()}"
+        ) from None
 
 
 def test_one_clients_sclose_leaves_the_other(idle: Cluster) -> None:
@@ -237,8 +248,12 @@ time.sleep(600)
 
 def test_client_killed_workers_exit(idle: Cluster) -> None:
     other = idle.connect()
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT, "1" if idle.tls else "0", *idle.hosts],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, "1" if idle.tls else "0", *idle.hosts],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         word, *pids = read_line(proc, 60).split()
         assert word == "ready"
@@ -285,7 +300,9 @@ def test_server_killed(doomed: Cluster) -> None:
         took = kill_while_precv_waits(c, 1, victims)
         assert took < PROMPT
         _check_lost_and_other_works(c)
-        wait_until(lambda: not any(pid_alive(p) for p in victims), 10, "the server's processes to die")
+        wait_until(
+            lambda: not any(pid_alive(p) for p in victims), 10, "the server's processes to die"
+        )
     finally:
         sclose(c)
 
@@ -349,7 +366,9 @@ def test_precv_waiting_when_worker_dies(idle: Cluster) -> None:
 WHERE = "import os, tempfile; psend((os.getcwd(), tempfile.gettempdir()), sockets[0])"
 
 
-def test_worker_starts_in_client_cwd(idle: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_starts_in_client_cwd(
+    idle: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     with idle.connect() as c:
         got = ask(c[1:], WHERE)
@@ -357,8 +376,9 @@ def test_worker_starts_in_client_cwd(idle: Cluster, tmp_path: Path, monkeypatch:
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])
-def test_worker_starts_in_temp_dir_without_client_cwd(kind: str, idle: Cluster, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_starts_in_temp_dir_without_client_cwd(
+    kind: str, idle: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if kind == "missing":
         fake = str(tmp_path / "does" / "not" / "exist")
     else:

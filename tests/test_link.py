@@ -445,8 +445,12 @@ def test_heartbeat_read_with_the_last_handshake_message_is_dropped(raw_pair) -> 
     """A PING (or NOTICE) that arrives in the same read as the peer's last handshake frame
     is decoded before authentication; it must not surface as a message afterwards."""
     lk, raw = raw_pair(authenticated=False)
-    raw.sendall(frame_bytes(msg.AUTH, b"tag") + frame_bytes(msg.PING) + frame_bytes(msg.NOTICE, (3).to_bytes(8, "big"))
-                + frame_bytes(msg.PING))
+    raw.sendall(
+        frame_bytes(msg.AUTH, b"tag")
+        + frame_bytes(msg.PING)
+        + frame_bytes(msg.NOTICE, (3).to_bytes(8, "big"))
+        + frame_bytes(msg.PING)
+    )
     assert bytes(lk.recv_frame(deadline()).body) == b"tag"
     wait_until(lambda: lk.ready() and len(lk._dec.frames) == 3, 5, "the frames after the tag")
     lk.mark_authenticated()

@@ -118,8 +118,12 @@ for line in sys.stdin:
 def test_frozen_client_keeps_its_workers(cluster: Cluster) -> None:
     """A client stopped (SIGSTOP, Ctrl-Z) for 3 heartbeats is alive, not gone: its workers stay
     and it goes on once continued; killed, its workers exit."""
-    p = subprocess.Popen([sys.executable, "-c", FROZEN_CLIENT, "1" if cluster.tls else "0", str(HB),
-                          *cluster.hosts], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", FROZEN_CLIENT, "1" if cluster.tls else "0", str(HB), *cluster.hosts],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     wpids: list[int] = []
     try:
         assert p.stdout is not None and p.stdin is not None
@@ -175,13 +179,16 @@ def test_heartbeat_default_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> No
     import parnet.client.api
 
     monkeypatch.setattr(parnet.client.api, "DEFAULT_TIMEOUT", 0.0)
-    with pytest.raises(ValueError, match="PARNET_HEARTBEAT_TIMEOUT must be a number of seconds > 0"):
+    with pytest.raises(
+        ValueError, match="PARNET_HEARTBEAT_TIMEOUT must be a number of seconds > 0"
+    ):
         pconnect(["127.0.0.70:2"], use_tls=False)
 
 
 # -- the client's directory and imports -------------------------------------------------------
-def test_modules_of_the_client_directory_import_on_the_server(cluster: Cluster, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_modules_of_the_client_directory_import_on_the_server(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``rfeval(helpers.triple, ...)`` and a map of it, with ``helpers.py`` in the client's
     working directory (the servers run there: same machine)."""
     mod = f"lv_helpers_{os.getpid()}"
@@ -201,8 +208,9 @@ def test_modules_of_the_client_directory_import_on_the_server(cluster: Cluster, 
         sys.modules.pop(mod, None)
 
 
-def test_missing_module_says_where_it_must_be(cluster: Cluster, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_module_says_where_it_must_be(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A module importable at the client only (not in its working directory)."""
     mod = f"lv_only_here_{os.getpid()}"
     (tmp_path / f"{mod}.py").write_text("def f():\n    return 1\n")
@@ -214,7 +222,9 @@ def test_missing_module_says_where_it_must_be(cluster: Cluster, tmp_path: Path,
             with pytest.raises(RemoteError) as ei:
                 rfeval(only_here.f, connection=c[1])
             assert ei.value.exc_type == "ModuleNotFoundError"
-            assert "must exist here" in str(ei.value) and "register_pickle_by_value" in str(ei.value)
+            assert "must exist here" in str(ei.value) and "register_pickle_by_value" in str(
+                ei.value
+            )
         finally:
             sclose(c)
     finally:
@@ -233,15 +243,20 @@ IDLE_PRINT = textwrap.dedent(r"""
 """)
 
 
-def test_output_arrives_while_the_client_idles(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_output_arrives_while_the_client_idles(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The client makes no call after ``reval``; the line still reaches its stderr (heartbeats
     of 60 s: no periodic task of the heartbeat thread could bring it in time)."""
     monkeypatch.setenv("PARNET_HEARTBEAT_TIMEOUT", "60")
     proc = ClientProc(IDLE_PRINT, "1" if cluster.tls else "0", *cluster.hosts)
     try:
         proc.expect("sent", 60)
-        wait_until(lambda: f"[{cluster.hosts[0]}] printed remotely" in proc.stderr_text(), 10,
-                   "the remote line on the idle client's stderr")
+        wait_until(
+            lambda: f"[{cluster.hosts[0]}] printed remotely" in proc.stderr_text(),
+            10,
+            "the remote line on the idle client's stderr",
+        )
     finally:
         proc.stop()
 

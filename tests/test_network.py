@@ -66,7 +66,10 @@ def test_big_array_before_receiver_precv(conns: Connections) -> None:
     assert time.monotonic() - t < 20  # returned (the server is idle, not reading)
     a2 = a.copy()
     a[:] = -1  # the sender may reuse its buffer at once
-    reval("b = precv(sockets[0]); psend(float(b.sum()), sockets[0]); psend(b[:5], sockets[0])", conns[1])
+    reval(
+        "b = precv(sockets[0]); psend(float(b.sum()), sockets[0]); psend(b[:5], sockets[0])",
+        conns[1],
+    )
     assert precv(conns[1], timeout=60) == float(a2.sum())
     assert precv(conns[1], timeout=20).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
 
@@ -102,8 +105,11 @@ def test_remote_error_fields_and_recovery(conns: Connections) -> None:
 
 
 def test_remote_error_unpicklable_exception(conns: Connections) -> None:
-    reval("import threading\nclass E(Exception):\n    def __init__(self):\n        super().__init__('bad')\n"
-          "        self.lock = threading.Lock()\nraise E()", conns[2])
+    reval(
+        "import threading\nclass E(Exception):\n    def __init__(self):\n        super().__init__('bad')\n"
+        "        self.lock = threading.Lock()\nraise E()",
+        conns[2],
+    )
     with pytest.raises(RemoteError) as ei:
         select_sockets(conns[1:], 20)
         select_sockets(conns[1:], 20)
@@ -145,10 +151,15 @@ def test_error_right_after_a_value_is_not_missed(conns: Connections) -> None:
         assert sorted(got, key=str) == [1, "ZeroDivisionError"]
 
 
-def test_output_printed_while_precv_waits_without_timeout(cluster: Cluster, capfd: pytest.CaptureFixture[str]) -> None:
+def test_output_printed_while_precv_waits_without_timeout(
+    cluster: Cluster, capfd: pytest.CaptureFixture[str]
+) -> None:
     c = cluster.connect(forward_output=True)
     try:
-        reval("print('tok-while-waiting', flush=True); import time; time.sleep(0.5); psend(2, sockets[0])", c[1])
+        reval(
+            "print('tok-while-waiting', flush=True); import time; time.sleep(0.5); psend(2, sockets[0])",
+            c[1],
+        )
         assert precv(c[1]) == 2
         assert "tok-while-waiting" in capfd.readouterr().err  # printed during the wait
     finally:
@@ -164,11 +175,16 @@ def test_printing_server_does_not_flood_the_data_link(cluster: Cluster) -> None:
 
     c = cluster.connect(forward_output=True)
     try:
-        reval("import time\nfor i in range(200):\n    print('tok-line', i, flush=True)\n    time.sleep(0.002)", c[1])
+        reval(
+            "import time\nfor i in range(200):\n    print('tok-line', i, flush=True)\n    time.sleep(0.002)",
+            c[1],
+        )
         assert rfeval(len, "done", connection=c[1]) == 4  # the printing command has ended
         fd = c.network.nodes[1].data.fileno()
         unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
-        assert unread <= 40 * 16 + 64  # about one per 50 ms of output (and a heartbeat or two), not 200
+        assert (
+            unread <= 40 * 16 + 64
+        )  # about one per 50 ms of output (and a heartbeat or two), not 200
         reval("psend('after', sockets[0])", c[1])
         assert precv(c[1]) == "after"
     finally:
@@ -240,7 +256,10 @@ def test_timeouts_and_self(conns: Connections) -> None:
         precv(conns[0])
     with pytest.raises(ValueError):
         precv(conns[1:])
-    reval("try:\n    precv(sockets[1])\nexcept ValueError as e:\n    psend('self:' + str(e), sockets[0])", conns[1])
+    reval(
+        "try:\n    precv(sockets[1])\nexcept ValueError as e:\n    psend('self:' + str(e), sockets[0])",
+        conns[1],
+    )
     assert precv(conns[1], timeout=20).startswith("self:")
 
 

@@ -78,8 +78,9 @@ def test_notebook_end_to_end(tls_cluster, tmp_path) -> None:
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(src) for src in _cells(tls_cluster.hosts, str(marks))]
     nb.cells[4].metadata["tags"] = ["raises-exception"]
-    client = NotebookClient(nb, timeout=120, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -91,7 +92,9 @@ def test_notebook_end_to_end(tls_cluster, tmp_path) -> None:
     t = threading.Thread(target=run)
     t.start()
     try:
-        wait_until(lambda: len(os.listdir(marks)) >= 2 or not t.is_alive(), 120, "the long map to run")
+        wait_until(
+            lambda: len(os.listdir(marks)) >= 2 or not t.is_alive(), 120, "the long map to run"
+        )
         assert t.is_alive(), f"the notebook ended early: {failure}"
         started = time.monotonic()
         asyncio.run(client.km.interrupt_kernel())
@@ -110,7 +113,11 @@ def test_notebook_end_to_end(tls_cluster, tmp_path) -> None:
     assert "printed-by-rfeval" in _text(cells[1].outputs)
     assert "printed-while-idle" in _text(cells[2].outputs)
     assert not any("printed" in _text(cells[i].outputs) for i in (0, 3, 4, 5, 6))  # nowhere else
-    widgets = [o for o in cells[3].outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    widgets = [
+        o
+        for o in cells[3].outputs
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
     assert widgets, f"no progress widget: {cells[3].outputs}"
     assert "True" in _text(cells[3].outputs)
     err = [o for o in cells[4].outputs if o.get("output_type") == "error"]

@@ -30,9 +30,12 @@ from parnet import (
 
 def test_sockets_at_a_server_in_client_order_own_position_local(conns) -> None:
     """``sockets`` at a server: the client's order, its own position is the local machine."""
-    reval("from parnet import network_get_info\n"
-          "psend([(i.local_machine, i.real_node_id, i.peername == '') for i in network_get_info(sockets)], "
-          "sockets[0])", conns[1:])
+    reval(
+        "from parnet import network_get_info\n"
+        "psend([(i.local_machine, i.real_node_id, i.peername == '') for i in network_get_info(sockets)], "
+        "sockets[0])",
+        conns[1:],
+    )
     for k in (1, 2):
         info = precv(conns[k], timeout=30)
         assert [i[1] for i in info] == [0, 1, 2]
@@ -81,8 +84,11 @@ def test_sclose_of_a_subset_closes_the_whole_network(cluster) -> None:
     for k in (1, 2):
         with pytest.raises(ConnectionClosed):
             psend(1, c[k])
-    wait_until(lambda: not set(workers) & {w for k in (0, 1) for w in cluster.workers(k)}, 20,
-               "the workers of both servers to exit")
+    wait_until(
+        lambda: not set(workers) & {w for k in (0, 1) for w in cluster.workers(k)},
+        20,
+        "the workers of both servers to exit",
+    )
     sclose(c)  # idempotent
 
 
@@ -118,10 +124,20 @@ def test_default_parnet_home(tmp_path: Path) -> None:
     """Without PARNET_HOME, keys go to ~/.config/parnet/srp."""
     env = {k: v for k, v in os.environ.items() if k != "PARNET_HOME"}
     env["HOME"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "parnet", "keygen", "erin"], input="\n", env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "parnet", "keygen", "erin"],
+        input="\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / ".config" / "parnet" / "srp" / "server" / "passwd").read_text().startswith("erin:")
+    assert (
+        (tmp_path / ".config" / "parnet" / "srp" / "server" / "passwd")
+        .read_text()
+        .startswith("erin:")
+    )
     assert (tmp_path / ".config" / "parnet" / "srp" / "client" / "user_passwd").exists()
 
 
@@ -146,8 +162,13 @@ def test_heartbeat_default_from_the_environment(cluster) -> None:
     """``PARNET_HEARTBEAT_TIMEOUT=2``: a frozen server is declared dead after about 2 s of
     silence, not the 10 s default (the message names the silence)."""
     env = dict(os.environ, PARNET_HEARTBEAT_TIMEOUT="2")
-    r = subprocess.run([sys.executable, "-c", HEARTBEAT_FROM_ENV, "1" if cluster.tls else "0",
-                        *cluster.hosts], env=env, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [sys.executable, "-c", HEARTBEAT_FROM_ENV, "1" if cluster.tls else "0", *cluster.hosts],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     m = re.search(r"ConnectionClosed: .*no sign of life from .* for (\d+) s", r.stdout)
     assert m, r.stdout + r.stderr

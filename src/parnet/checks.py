@@ -22,14 +22,16 @@ def port(value: Any, what: str) -> int:
     return value
 
 
-def seconds(value: Any, what: str, *, none_ok: bool = True, negative_ok: bool = False,
-            zero_ok: bool = True) -> float | None:
+def seconds(
+    value: Any, what: str, *, none_ok: bool = True, negative_ok: bool = False, zero_ok: bool = True
+) -> float | None:
     """``value`` as a number of seconds (``None`` passes when ``none_ok``)."""
     if value is None and none_ok:
         return None
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{what} must be a number of seconds{' or None' if none_ok else ''}, "
-                        f"got {value!r}")
+        raise TypeError(
+            f"{what} must be a number of seconds{' or None' if none_ok else ''}, got {value!r}"
+        )
     v = float(value)
     if math.isnan(v) or (v < 0 and not negative_ok) or (v == 0 and not zero_ok):
         bound = "a number" if negative_ok else ("> 0" if not zero_ok else ">= 0")

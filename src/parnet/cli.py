@@ -31,16 +31,34 @@ def _log_file_problem(path: str) -> str:
 
 
 def _server(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="parnet server", description="Start (or --kill) a parnet server.")
-    ap.add_argument("--no-tls", action="store_true", help="no TLS/authentication (binds 127.0.0.1 unless --bind)")
+    ap = argparse.ArgumentParser(
+        prog="parnet server", description="Start (or --kill) a parnet server."
+    )
+    ap.add_argument(
+        "--no-tls",
+        action="store_true",
+        help="no TLS/authentication (binds 127.0.0.1 unless --bind)",
+    )
     ap.add_argument("--auth-file", help="SRP passwd file (default $PARNET_HOME/srp/server/passwd)")
-    ap.add_argument("--cmd-port", type=_port_arg, default=CMD_PORT, help=f"command port (default {CMD_PORT})")
-    ap.add_argument("--data-port", type=_port_arg, default=DATA_PORT, help=f"data port (default {DATA_PORT})")
-    ap.add_argument("--bind", help="address to listen on (default: all with TLS, 127.0.0.1 without)")
-    ap.add_argument("--foreground", action="store_true", help="do not detach (for service managers)")
-    ap.add_argument("--allow-root", action="store_true", help="run even as root (clients' code runs as root)")
+    ap.add_argument(
+        "--cmd-port", type=_port_arg, default=CMD_PORT, help=f"command port (default {CMD_PORT})"
+    )
+    ap.add_argument(
+        "--data-port", type=_port_arg, default=DATA_PORT, help=f"data port (default {DATA_PORT})"
+    )
+    ap.add_argument(
+        "--bind", help="address to listen on (default: all with TLS, 127.0.0.1 without)"
+    )
+    ap.add_argument(
+        "--foreground", action="store_true", help="do not detach (for service managers)"
+    )
+    ap.add_argument(
+        "--allow-root", action="store_true", help="run even as root (clients' code runs as root)"
+    )
     ap.add_argument("--log-file", help="log file (default: in the private runtime directory)")
-    ap.add_argument("--kill", action="store_true", help="stop the server matching --bind/--cmd-port")
+    ap.add_argument(
+        "--kill", action="store_true", help="stop the server matching --bind/--cmd-port"
+    )
     ap.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     from .errors import ParnetError
@@ -66,22 +84,37 @@ def _server(argv: list[str]) -> int:
         from .server.launch import start_background
 
         try:
-            pid = start_background(use_tls=not a.no_tls, auth_file=a.auth_file, cmd_port=a.cmd_port,
-                                   data_port=a.data_port, bind=a.bind, allow_root=a.allow_root,
-                                   log_file=a.log_file)
+            pid = start_background(
+                use_tls=not a.no_tls,
+                auth_file=a.auth_file,
+                cmd_port=a.cmd_port,
+                data_port=a.data_port,
+                bind=a.bind,
+                allow_root=a.allow_root,
+                log_file=a.log_file,
+            )
         except ParnetError as e:
             print(f"parnet server: {e}", file=sys.stderr)
             return 1
         from .server.daemon import default_log_file, effective_bind
 
         log = a.log_file or default_log_file(effective_bind(a.bind, not a.no_tls), a.cmd_port)
-        print(f"parnet server started (pid {pid}) on {a.bind or ('all addresses' if not a.no_tls else '127.0.0.1')}"
-              f", ports {a.cmd_port}/{a.data_port}, TLS {'off' if a.no_tls else 'on'}; log: {log}")
+        print(
+            f"parnet server started (pid {pid}) on {a.bind or ('all addresses' if not a.no_tls else '127.0.0.1')}"
+            f", ports {a.cmd_port}/{a.data_port}, TLS {'off' if a.no_tls else 'on'}; log: {log}"
+        )
         return 0
     from .server.daemon import Daemon
 
-    d = Daemon(use_tls=not a.no_tls, auth_file=a.auth_file, cmd_port=a.cmd_port, data_port=a.data_port,
-               bind=a.bind, allow_root=a.allow_root, log_file=a.log_file)
+    d = Daemon(
+        use_tls=not a.no_tls,
+        auth_file=a.auth_file,
+        cmd_port=a.cmd_port,
+        data_port=a.data_port,
+        bind=a.bind,
+        allow_root=a.allow_root,
+        log_file=a.log_file,
+    )
     try:
         d.prepare()
     except (ParnetError, OSError) as e:
@@ -92,7 +125,10 @@ def _server(argv: list[str]) -> int:
         print(f"parnet server: {msg}", file=sys.stderr)
         return 1
     if a.ready_fd is not None:  # warnings first: the starting terminal shows them
-        os.write(a.ready_fd, "".join(f"warn: {w}\n" for w in d.warnings).encode() + f"ok {os.getpid()}\n".encode())
+        os.write(
+            a.ready_fd,
+            "".join(f"warn: {w}\n" for w in d.warnings).encode() + f"ok {os.getpid()}\n".encode(),
+        )
         os.close(a.ready_fd)
     d.run()
     return 0
@@ -101,9 +137,11 @@ def _server(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``parnet`` console script."""
     argv = sys.argv[1:] if argv is None else argv
-    usage = ("usage: parnet {server,keygen,demo,up,down,status,forget-server} [options]   "
-             "(parnet CMD --help for each)\n"
-             "       parnet --version")
+    usage = (
+        "usage: parnet {server,keygen,demo,up,down,status,forget-server} [options]   "
+        "(parnet CMD --help for each)\n"
+        "       parnet --version"
+    )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -111,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         from .wire.messages import versions
 
         v = versions()
-        print(f"parnet {v['parnet']} (Python {v['python']}, cloudpickle {v['cloudpickle']}, numpy {v['numpy']})")
+        print(
+            f"parnet {v['parnet']} (Python {v['python']}, cloudpickle {v['cloudpickle']}, numpy {v['numpy']})"
+        )
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "server":

@@ -53,7 +53,9 @@ LISTEN_BACKLOG = 128
 
 def parnet_home() -> str:
     """``$PARNET_HOME``, default ``~/.config/parnet``."""
-    return os.environ.get("PARNET_HOME") or os.path.join(os.path.expanduser("~"), ".config", "parnet")
+    return os.environ.get("PARNET_HOME") or os.path.join(
+        os.path.expanduser("~"), ".config", "parnet"
+    )
 
 
 def default_srp_dir() -> str:

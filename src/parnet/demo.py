@@ -19,7 +19,9 @@ def _one_second(x: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Runs the demo; returns the exit status."""
     ap = argparse.ArgumentParser(prog="parnet demo", description=__doc__)
-    ap.add_argument("--calls", type=int, default=30, help="calls of the one-second function (default 30)")
+    ap.add_argument(
+        "--calls", type=int, default=30, help="calls of the one-second function (default 30)"
+    )
     ap.add_argument("--port", type=int, default=12502, help="command port (data port: port - 1)")
     a = ap.parse_args(argv)
 
@@ -50,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         for attempt in range(5):
             try:
                 for ip in ips:
-                    pids.append(start_background(use_tls=True, cmd_port=port, data_port=port - 1, bind=ip,
-                                                 allow_root=allow_root))
+                    pids.append(
+                        start_background(
+                            use_tls=True,
+                            cmd_port=port,
+                            data_port=port - 1,
+                            bind=ip,
+                            allow_root=allow_root,
+                        )
+                    )
                 break
             except ParnetError as e:
                 for pid in pids:
@@ -65,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"started 2 servers (TLS 1.3 + SRP): {', '.join(hosts)}  pids {pids}")
         t = time.perf_counter()
         conns = pconnect(hosts)
-        print(f"pconnect: full mesh of 3 nodes, authenticated, in {(time.perf_counter() - t) * 1e3:.0f} ms")
+        print(
+            f"pconnect: full mesh of 3 nodes, authenticated, in {(time.perf_counter() - t) * 1e3:.0f} ms"
+        )
         print(conns)
 
         print("\n1) data through all machines (the pconnect example of the reference doc):")
@@ -82,16 +93,24 @@ def main(argv: list[str] | None = None) -> int:
         n = a.calls
         ideal = math.ceil(n / cores) * 1.0
         print(f"\n2) the reference Example: netcellfun over {n} calls of a one-second function,")
-        print(f"   on 2 servers x their cores ({cores} local processes in all): ideal {ideal:.0f} s")
+        print(
+            f"   on 2 servers x their cores ({cores} local processes in all): ideal {ideal:.0f} s"
+        )
         t = time.perf_counter()
         res = netcellfun(conns, _one_second, range(1, n + 1), verbose=1)
         took = time.perf_counter() - t
         ok = res.tolist() == list(range(1, n + 1))
-        print(f"   results {'in order and correct' if ok else 'WRONG'}: {res[:5].tolist()} ... {res[-3:].tolist()}")
-        print(f"   took {took:.2f} s against the ideal {ideal:.0f} s: overhead {(took - ideal) * 1e3:.0f} ms")
-        print(f"   (Octave's parallel package takes about 110 s for 2000 trivial calls; try "
-              f"netcellfun(conns, lambda x: x * 2, range(2000)) -> "
-              f"{_time_trivial(conns, netcellfun):.1f} ms here)")
+        print(
+            f"   results {'in order and correct' if ok else 'WRONG'}: {res[:5].tolist()} ... {res[-3:].tolist()}"
+        )
+        print(
+            f"   took {took:.2f} s against the ideal {ideal:.0f} s: overhead {(took - ideal) * 1e3:.0f} ms"
+        )
+        print(
+            f"   (Octave's parallel package takes about 110 s for 2000 trivial calls; try "
+            f"netcellfun(conns, lambda x: x * 2, range(2000)) -> "
+            f"{_time_trivial(conns, netcellfun):.1f} ms here)"
+        )
         sclose(conns)
         print("\nclosed the network; stopping the servers")
         return 0 if ok else 1

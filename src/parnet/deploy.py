@@ -164,8 +164,9 @@ class DeployError(ParnetError):
     def __init__(self, statuses: list[HostStatus]) -> None:
         self.statuses = statuses
         bad = [s for s in statuses if not s.ok]
-        super().__init__(f"{len(bad)} of {len(statuses)} hosts failed:\n"
-                         + "\n".join(s.line() for s in bad))
+        super().__init__(
+            f"{len(bad)} of {len(statuses)} hosts failed:\n" + "\n".join(s.line() for s in bad)
+        )
 
 
 @dataclass
@@ -226,7 +227,9 @@ def read_hostfile(path: str | os.PathLike[str]) -> list[str]:
 
 def ssh_reason(stderr: str) -> str:
     """A short explanation of an ssh failure (exit status 255) from its stderr."""
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith("Warning:")]
+    lines = [
+        ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith("Warning:")
+    ]
     last = lines[-1] if lines else "ssh failed"
     low = stderr.lower()
     if "permission denied" in low or "too many authentication failures" in low:
@@ -235,8 +238,16 @@ def ssh_reason(stderr: str) -> str:
         return f"ssh: unknown host ({last})"
     if "host key verification failed" in low or "remote host identification has changed" in low:
         return f"ssh: host key not trusted ({last})"
-    for s in ("connection refused", "no route to host", "timed out", "network is unreachable",
-              "connection closed", "connection reset", "broken pipe", "banner exchange"):
+    for s in (
+        "connection refused",
+        "no route to host",
+        "timed out",
+        "network is unreachable",
+        "connection closed",
+        "connection reset",
+        "broken pipe",
+        "banner exchange",
+    ):
         if s in low:
             return f"ssh: unreachable ({last})"
     return f"ssh: {last}"
@@ -248,8 +259,14 @@ def _remote_python(python: str) -> str:
     return shlex.quote(python)
 
 
-def ssh_argv(host: str, command: str, *, ssh_config: str | None = None,
-             ssh_opts: Sequence[str] = (), ssh: str = "ssh") -> list[str]:
+def ssh_argv(
+    host: str,
+    command: str,
+    *,
+    ssh_config: str | None = None,
+    ssh_opts: Sequence[str] = (),
+    ssh: str = "ssh",
+) -> list[str]:
     """The ssh command line that runs ``command`` on ``host`` (user options first: they win)."""
     argv = [ssh, "-T"]
     if ssh_config:
@@ -264,45 +281,78 @@ def _parse(host: str, name: str, python: str, proc_rc: int, stdout: str, stderr:
     for line in reversed(stdout.splitlines()):
         if line.startswith(_MARK):
             try:
-                d = json.loads(line[len(_MARK):])
+                d = json.loads(line[len(_MARK) :])
             except ValueError:
                 break
-            return HostStatus(host, name, d["state"], d.get("pid"), d.get("version"),
-                              d.get("kind", ""), d.get("reason", ""), d.get("note", ""))
+            return HostStatus(
+                host,
+                name,
+                d["state"],
+                d.get("pid"),
+                d.get("version"),
+                d.get("kind", ""),
+                d.get("reason", ""),
+                d.get("note", ""),
+            )
     if proc_rc == 255:
         return HostStatus(host, name, "failed", kind="ssh", reason=ssh_reason(stderr))
     err = stderr.strip().splitlines()
     if proc_rc == 127 or (err and ("not found" in err[-1] or "No such file" in err[-1])):
-        return HostStatus(host, name, "failed", kind="python",
-                          reason=f"Python not found there: {python} (give --python PATH)")
+        return HostStatus(
+            host,
+            name,
+            "failed",
+            kind="python",
+            reason=f"Python not found there: {python} (give --python PATH)",
+        )
     tail = err[-1] if err else f"exit status {proc_rc}"
     return HostStatus(host, name, "failed", kind="other", reason=f"{python} failed: {tail}")
 
 
-def _one(host: str, op: str, params: dict[str, object], *, python: str, ssh_config: str | None,
-         ssh_opts: Sequence[str], timeout: float, runner: Sequence[str] | None) -> HostStatus:
+def _one(
+    host: str,
+    op: str,
+    params: dict[str, object],
+    *,
+    python: str,
+    ssh_config: str | None,
+    ssh_opts: Sequence[str],
+    timeout: float,
+    runner: Sequence[str] | None,
+) -> HostStatus:
     name = connect_name(host, int(params["cmd_port"]))  # type: ignore[call-overload]
     command = f"{_remote_python(python)} -"
-    argv = ([*runner, command] if runner is not None
-            else ssh_argv(host, command, ssh_config=ssh_config, ssh_opts=ssh_opts))
-    script = f"P = {json.dumps({**params, 'op': op})!r}\nimport json as _j\nP = _j.loads(P)\n{_REMOTE}"
+    argv = (
+        [*runner, command]
+        if runner is not None
+        else ssh_argv(host, command, ssh_config=ssh_config, ssh_opts=ssh_opts)
+    )
+    script = (
+        f"P = {json.dumps({**params, 'op': op})!r}\nimport json as _j\nP = _j.loads(P)\n{_REMOTE}"
+    )
     try:
         p = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return HostStatus(host, name, "failed", kind="timeout", reason=f"no answer within {timeout:g} s")
+        return HostStatus(
+            host, name, "failed", kind="timeout", reason=f"no answer within {timeout:g} s"
+        )
     except OSError as e:
         return HostStatus(host, name, "failed", kind="ssh", reason=f"cannot run ssh: {e}")
     return _parse(host, name, python, p.returncode, p.stdout, p.stderr)
 
 
 def _local_keys() -> dict[str, str]:
-    home = os.environ.get("PARNET_HOME") or os.path.join(os.path.expanduser("~"), ".config", "parnet")
+    home = os.environ.get("PARNET_HOME") or os.path.join(
+        os.path.expanduser("~"), ".config", "parnet"
+    )
     d = os.path.join(home, "srp", "server")
     try:
         names = sorted(n for n in os.listdir(d) if os.path.isfile(os.path.join(d, n)))
     except OSError as e:
-        raise ParnetError(f"--copy-keys: no server key files in {d} ({e.strerror}); "
-                          f"make them with `parnet keygen USER`") from None
+        raise ParnetError(
+            f"--copy-keys: no server key files in {d} ({e.strerror}); "
+            f"make them with `parnet keygen USER`"
+        ) from None
     if "passwd" not in names:
         raise ParnetError(f"--copy-keys: {d}/passwd is missing; make it with `parnet keygen USER`")
     out = {}
@@ -312,10 +362,21 @@ def _local_keys() -> dict[str, str]:
     return out
 
 
-def run(op: str, hosts: Iterable[str], *, python: str = "python3", copy_keys: bool = False,
-        ssh_config: str | None = None, ssh_opts: Sequence[str] = (), use_tls: bool = True,
-        cmd_port: int = CMD_PORT, data_port: int = DATA_PORT, allow_root: bool = False,
-        timeout: float = HOST_TIMEOUT, _runner: Sequence[str] | None = None) -> list[HostStatus]:
+def run(
+    op: str,
+    hosts: Iterable[str],
+    *,
+    python: str = "python3",
+    copy_keys: bool = False,
+    ssh_config: str | None = None,
+    ssh_opts: Sequence[str] = (),
+    use_tls: bool = True,
+    cmd_port: int = CMD_PORT,
+    data_port: int = DATA_PORT,
+    allow_root: bool = False,
+    timeout: float = HOST_TIMEOUT,
+    _runner: Sequence[str] | None = None,
+) -> list[HostStatus]:
     """Runs ``op`` (``up``, ``down``, ``status``) on every host in parallel; never raises for a host.
 
     ``_runner`` (tests only) replaces the ssh command: the remote command is appended to it.
@@ -325,12 +386,30 @@ def run(op: str, hosts: Iterable[str], *, python: str = "python3", copy_keys: bo
         raise ValueError("no hosts given")
     if op not in ("up", "down", "status"):
         raise ValueError(f"unknown operation {op!r}")
-    params = {"version": __version__, "cmd_port": cmd_port, "data_port": data_port, "tls": use_tls,
-              "allow_root": allow_root, "timeout": max(5.0, timeout - CONNECT_TIMEOUT),
-              "keys": _local_keys() if copy_keys and op == "up" else None}
+    params = {
+        "version": __version__,
+        "cmd_port": cmd_port,
+        "data_port": data_port,
+        "tls": use_tls,
+        "allow_root": allow_root,
+        "timeout": max(5.0, timeout - CONNECT_TIMEOUT),
+        "keys": _local_keys() if copy_keys and op == "up" else None,
+    }
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as ex:
-        futs = [ex.submit(_one, h, op, params, python=python, ssh_config=ssh_config,
-                          ssh_opts=ssh_opts, timeout=timeout, runner=_runner) for h in hosts]
+        futs = [
+            ex.submit(
+                _one,
+                h,
+                op,
+                params,
+                python=python,
+                ssh_config=ssh_config,
+                ssh_opts=ssh_opts,
+                timeout=timeout,
+                runner=_runner,
+            )
+            for h in hosts
+        ]
         return [f.result() for f in futs]
 
 
@@ -340,10 +419,19 @@ def _checked(statuses: list[HostStatus]) -> list[HostStatus]:
     return statuses
 
 
-def up(hosts: Iterable[str], *, python: str = "python3", copy_keys: bool = False,
-       ssh_config: str | None = None, ssh_opts: Sequence[str] = (), use_tls: bool = True,
-       cmd_port: int = CMD_PORT, data_port: int = DATA_PORT, allow_root: bool = False,
-       timeout: float = HOST_TIMEOUT) -> list[str]:
+def up(
+    hosts: Iterable[str],
+    *,
+    python: str = "python3",
+    copy_keys: bool = False,
+    ssh_config: str | None = None,
+    ssh_opts: Sequence[str] = (),
+    use_tls: bool = True,
+    cmd_port: int = CMD_PORT,
+    data_port: int = DATA_PORT,
+    allow_root: bool = False,
+    timeout: float = HOST_TIMEOUT,
+) -> list[str]:
     """Starts ``parnet server`` on each ssh destination ``[user@]host`` (as ``parnet up``).
 
     Returns the names to pass to ``pconnect`` (``host``, or ``host:port`` for another command
@@ -367,15 +455,35 @@ def up(hosts: Iterable[str], *, python: str = "python3", copy_keys: bool = False
             the servers that did start keep running).
         ParnetError: ``copy_keys`` without local server key files.
     """
-    return [s.name for s in _checked(run("up", hosts, python=python, copy_keys=copy_keys,
-                                         ssh_config=ssh_config, ssh_opts=ssh_opts, use_tls=use_tls,
-                                         cmd_port=cmd_port, data_port=data_port,
-                                         allow_root=allow_root, timeout=timeout))]
+    return [
+        s.name
+        for s in _checked(
+            run(
+                "up",
+                hosts,
+                python=python,
+                copy_keys=copy_keys,
+                ssh_config=ssh_config,
+                ssh_opts=ssh_opts,
+                use_tls=use_tls,
+                cmd_port=cmd_port,
+                data_port=data_port,
+                allow_root=allow_root,
+                timeout=timeout,
+            )
+        )
+    ]
 
 
-def down(hosts: Iterable[str], *, python: str = "python3", ssh_config: str | None = None,
-         ssh_opts: Sequence[str] = (), cmd_port: int = CMD_PORT,
-         timeout: float = HOST_TIMEOUT) -> list[HostStatus]:
+def down(
+    hosts: Iterable[str],
+    *,
+    python: str = "python3",
+    ssh_config: str | None = None,
+    ssh_opts: Sequence[str] = (),
+    cmd_port: int = CMD_PORT,
+    timeout: float = HOST_TIMEOUT,
+) -> list[HostStatus]:
     """Stops the server on each host (as ``parnet down``); a host without one is not an error.
 
     Args:
@@ -392,13 +500,28 @@ def down(hosts: Iterable[str], *, python: str = "python3", ssh_config: str | Non
     Raises:
         DeployError: some host could not be reached or its server not stopped.
     """
-    return _checked(run("down", hosts, python=python, ssh_config=ssh_config, ssh_opts=ssh_opts,
-                        cmd_port=cmd_port, timeout=timeout))
+    return _checked(
+        run(
+            "down",
+            hosts,
+            python=python,
+            ssh_config=ssh_config,
+            ssh_opts=ssh_opts,
+            cmd_port=cmd_port,
+            timeout=timeout,
+        )
+    )
 
 
-def status(hosts: Iterable[str], *, python: str = "python3", ssh_config: str | None = None,
-           ssh_opts: Sequence[str] = (), cmd_port: int = CMD_PORT,
-           timeout: float = HOST_TIMEOUT) -> list[HostStatus]:
+def status(
+    hosts: Iterable[str],
+    *,
+    python: str = "python3",
+    ssh_config: str | None = None,
+    ssh_opts: Sequence[str] = (),
+    cmd_port: int = CMD_PORT,
+    timeout: float = HOST_TIMEOUT,
+) -> list[HostStatus]:
     """Reports each host's server (as ``parnet status``): ``running`` with its pid, or ``not running``.
 
     Args:
@@ -415,30 +538,53 @@ def status(hosts: Iterable[str], *, python: str = "python3", ssh_config: str | N
     Raises:
         DeployError: some host could not be reached or asked.
     """
-    return _checked(run("status", hosts, python=python, ssh_config=ssh_config, ssh_opts=ssh_opts,
-                        cmd_port=cmd_port, timeout=timeout))
+    return _checked(
+        run(
+            "status",
+            hosts,
+            python=python,
+            ssh_config=ssh_config,
+            ssh_opts=ssh_opts,
+            cmd_port=cmd_port,
+            timeout=timeout,
+        )
+    )
 
 
 def main(op: str, argv: list[str]) -> int:
     """``parnet up|down|status``: one line per host; exit 1 if any host failed, 2 on bad usage."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog=f"parnet {op}", description={
-        "up": "Start parnet servers on hosts over ssh.",
-        "down": "Stop parnet servers on hosts over ssh.",
-        "status": "Report parnet servers on hosts over ssh."}[op])
+    ap = argparse.ArgumentParser(
+        prog=f"parnet {op}",
+        description={
+            "up": "Start parnet servers on hosts over ssh.",
+            "down": "Stop parnet servers on hosts over ssh.",
+            "status": "Report parnet servers on hosts over ssh.",
+        }[op],
+    )
     ap.add_argument("hosts", nargs="*", metavar="HOST", help="ssh destination [user@]host")
     ap.add_argument("--hostfile", help="file with one HOST per line (# comments)")
     ap.add_argument("--python", default="python3", help="Python on the hosts (default: python3)")
     ap.add_argument("--ssh-config", help="ssh configuration file (ssh -F)")
-    ap.add_argument("--ssh-opt", action="append", default=[], metavar="OPTION",
-                    help="ssh option (ssh -o), repeatable")
+    ap.add_argument(
+        "--ssh-opt",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="ssh option (ssh -o), repeatable",
+    )
     ap.add_argument("--cmd-port", type=int, default=CMD_PORT)
     ap.add_argument("--timeout", type=float, default=HOST_TIMEOUT, help="seconds per host")
     if op == "up":
-        ap.add_argument("--copy-keys", action="store_true",
-                        help="copy $PARNET_HOME/srp/server to each host first")
-        ap.add_argument("--no-tls", action="store_true", help="servers without TLS (isolated networks)")
+        ap.add_argument(
+            "--copy-keys",
+            action="store_true",
+            help="copy $PARNET_HOME/srp/server to each host first",
+        )
+        ap.add_argument(
+            "--no-tls", action="store_true", help="servers without TLS (isolated networks)"
+        )
         ap.add_argument("--data-port", type=int, default=DATA_PORT)
         ap.add_argument("--allow-root", action="store_true", help="let servers run as root")
     a = ap.parse_args(argv)
@@ -453,11 +599,23 @@ def main(op: str, argv: list[str]) -> int:
         ap.error("no hosts given (HOST... or --hostfile)")
     extra = {}
     if op == "up":
-        extra = dict(copy_keys=a.copy_keys, use_tls=not a.no_tls, data_port=a.data_port,
-                     allow_root=a.allow_root)
+        extra = dict(
+            copy_keys=a.copy_keys,
+            use_tls=not a.no_tls,
+            data_port=a.data_port,
+            allow_root=a.allow_root,
+        )
     try:
-        statuses = run(op, hosts, python=a.python, ssh_config=a.ssh_config, ssh_opts=a.ssh_opt,
-                       cmd_port=a.cmd_port, timeout=a.timeout, **extra)
+        statuses = run(
+            op,
+            hosts,
+            python=a.python,
+            ssh_config=a.ssh_config,
+            ssh_opts=a.ssh_opt,
+            cmd_port=a.cmd_port,
+            timeout=a.timeout,
+            **extra,
+        )
     except ParnetError as e:
         print(f"parnet {op}: {e}", file=sys.stderr)
         return 2

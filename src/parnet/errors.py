@@ -94,13 +94,23 @@ class RemoteError(ParnetError):
             state.update(errno=self.errno, strerror=self.strerror, filename=self.filename)
         return (
             _rebuild_remote_error,
-            (cause, self.host, self.node, self.exc_type, self.message, self.remote_traceback, self.more,
-             self.args),
+            (
+                cause,
+                self.host,
+                self.node,
+                self.exc_type,
+                self.message,
+                self.remote_traceback,
+                self.more,
+                self.args,
+            ),
             state or None,
         )
 
 
-_OWN_FIELDS = frozenset(("host", "node", "exc_type", "message", "remote_traceback", "original", "more"))
+_OWN_FIELDS = frozenset(
+    ("host", "node", "exc_type", "message", "remote_traceback", "original", "more")
+)
 _mixed: dict[type, type | None] = {}  # remote exception type -> RemoteError[type] (None: cannot)
 _MIXED_MAX = 512
 
@@ -115,16 +125,25 @@ def _mixed_class(t: type) -> type | None:
     # look like one here, nor a StopIteration (it would end the caller's loop silently);
     # exception groups construct differently; a remote parnet error (a server's own link
     # closed) is not this client's, so it stays a plain RemoteError.
-    if (isinstance(t, type) and issubclass(t, Exception)
-            and not issubclass(t, (ParnetError, BaseExceptionGroup, StopIteration, StopAsyncIteration))):
+    if (
+        isinstance(t, type)
+        and issubclass(t, Exception)
+        and not issubclass(t, (ParnetError, BaseExceptionGroup, StopIteration, StopAsyncIteration))
+    ):
         try:
-            cls = type(f"RemoteError[{t.__qualname__}]", (RemoteError, t), {
-                "__module__": __name__,
-                "__repr__": _mixed_repr,
-                "__getattr__": _delegate,
-                "_cause": t,
-            })
-            cls("h", 1, "T", "m")  # some types cannot be made this way (a __new__ wanting arguments)
+            cls = type(
+                f"RemoteError[{t.__qualname__}]",
+                (RemoteError, t),
+                {
+                    "__module__": __name__,
+                    "__repr__": _mixed_repr,
+                    "__getattr__": _delegate,
+                    "_cause": t,
+                },
+            )
+            cls(
+                "h", 1, "T", "m"
+            )  # some types cannot be made this way (a __new__ wanting arguments)
         except Exception:  # noqa: BLE001 - any failure means: use a plain RemoteError
             cls = None
     if len(_mixed) < _MIXED_MAX:
@@ -144,8 +163,16 @@ def _delegate(self: RemoteError, name: str) -> Any:
     return getattr(original, name)
 
 
-def _rebuild_remote_error(cause: type | None, host: str, node: int, exc_type: str, message: str,
-                          remote_traceback: str, more: int, args: tuple | None = None) -> RemoteError:
+def _rebuild_remote_error(
+    cause: type | None,
+    host: str,
+    node: int,
+    exc_type: str,
+    message: str,
+    remote_traceback: str,
+    more: int,
+    args: tuple | None = None,
+) -> RemoteError:
     err = remote_error(host, node, exc_type, message, remote_traceback, None, more, cause=cause)
     if args is not None:
         err.args = args
@@ -172,9 +199,17 @@ def _type_by_name(name: str) -> type | None:
     return obj if isinstance(obj, type) and issubclass(obj, BaseException) else None
 
 
-def remote_error(host: str, node: int, exc_type: str, message: str, remote_traceback: str = "",
-                 original: BaseException | None = None, more: int = 0, *,
-                 cause: type | None = None) -> RemoteError:
+def remote_error(
+    host: str,
+    node: int,
+    exc_type: str,
+    message: str,
+    remote_traceback: str = "",
+    original: BaseException | None = None,
+    more: int = 0,
+    *,
+    cause: type | None = None,
+) -> RemoteError:
     """The ``RemoteError`` for a failure at a server: a ``RemoteError[T]`` when the remote
     type ``T`` (of ``original``, else ``cause``, else looked up by ``exc_type``) exists here
     and can be mixed in; a plain ``RemoteError`` otherwise. Raise it ``from original``."""
@@ -191,7 +226,11 @@ def remote_error(host: str, node: int, exc_type: str, message: str, remote_trace
         if original is not None:
             err.args = original.args
             if isinstance(original, OSError):
-                err.errno, err.strerror, err.filename = original.errno, original.strerror, original.filename
+                err.errno, err.strerror, err.filename = (
+                    original.errno,
+                    original.strerror,
+                    original.filename,
+                )
             for k, v in getattr(original, "__dict__", {}).items():
                 if k not in _OWN_FIELDS and not k.startswith("__"):
                     err.__dict__.setdefault(k, v)
@@ -206,7 +245,9 @@ def remote_message(e: BaseException) -> str:
     """``str(e)`` as a server reports it: a missing module says where it must be."""
     text = str(e)
     if isinstance(e, ModuleNotFoundError):
-        text += (" (on this server: the module must exist here, importable from the working "
-                 "directory or sys.path, or be sent by value with "
-                 "cloudpickle.register_pickle_by_value(module) at the client)")
+        text += (
+            " (on this server: the module must exist here, importable from the working "
+            "directory or sys.path, or be sent by value with "
+            "cloudpickle.register_pickle_by_value(module) at the client)"
+        )
     return text

@@ -62,8 +62,9 @@ def _writer(file: Any) -> Callable[[memoryview], int | None]:
         return lambda mv: os.write(file, mv)
     write = getattr(file, "write", None)
     if write is None:
-        raise TypeError(f"fsave needs a binary stream with write() or an int fd, got "
-                        f"{type(file).__name__}")
+        raise TypeError(
+            f"fsave needs a binary stream with write() or an int fd, got {type(file).__name__}"
+        )
     if isinstance(file, io.TextIOBase):
         raise TypeError("fsave needs a binary stream, got a text stream")
     return write
@@ -105,8 +106,10 @@ def fsave(file: _Writable | int, value: Any) -> None:
             raws.append(memoryview(bytes(memoryview(b))))
     total = len(body) + sum(r.nbytes for r in raws)
     if total > MAX_FRAME or len(raws) > MAX_BUFFERS:
-        raise ValueError(f"fsave: value of {total} bytes in {len(raws)} buffers exceeds the "
-                         f"limits ({MAX_FRAME} bytes, {MAX_BUFFERS} buffers)")
+        raise ValueError(
+            f"fsave: value of {total} bytes in {len(raws)} buffers exceeds the "
+            f"limits ({MAX_FRAME} bytes, {MAX_BUFFERS} buffers)"
+        )
     head = bytearray(_HEAD.pack(_MAGIC, len(raws), len(body)))
     for r in raws:
         head += _LEN.pack(r.nbytes)
@@ -145,8 +148,9 @@ def _reader(file: Any) -> tuple[Callable[[memoryview], int | None], Callable[[],
     return readinto_via_read, lambda: None
 
 
-def _read_exactly(readinto: Callable[[memoryview], int | None], n: int,
-                  at_start: bool = False) -> bytearray:
+def _read_exactly(
+    readinto: Callable[[memoryview], int | None], n: int, at_start: bool = False
+) -> bytearray:
     buf = bytearray(n)
     mv = memoryview(buf)
     got = 0
@@ -157,8 +161,7 @@ def _read_exactly(readinto: Callable[[memoryview], int | None], n: int,
         if k == 0:
             if at_start and got == 0:
                 raise EOFError("fload: end of stream")
-            raise ProtocolError(f"fload: truncated frame (stream ended after {got} of {n} "
-                                f"bytes)")
+            raise ProtocolError(f"fload: truncated frame (stream ended after {got} of {n} bytes)")
         got += k
     return buf
 
@@ -187,20 +190,30 @@ def fload(file: _Readable | int) -> Any:
         if magic != _MAGIC:
             raise ProtocolError(f"fload: not an fsave frame (magic {bytes(magic)!r})")
         if nbuf > MAX_BUFFERS or plen > MAX_FRAME:
-            raise ProtocolError(f"fload: frame header over the limits ({nbuf} buffers, "
-                                f"pickle of {plen} bytes)")
+            raise ProtocolError(
+                f"fload: frame header over the limits ({nbuf} buffers, pickle of {plen} bytes)"
+            )
         lens = struct.unpack(f"!{nbuf}Q", _read_exactly(readinto, 8 * nbuf)) if nbuf else ()
         if plen + sum(lens) > MAX_FRAME:
-            raise ProtocolError(f"fload: frame of {plen + sum(lens)} bytes over the limit "
-                                f"{MAX_FRAME}")
+            raise ProtocolError(
+                f"fload: frame of {plen + sum(lens)} bytes over the limit {MAX_FRAME}"
+            )
         body = _read_exactly(readinto, plen)
         buffers = [_read_exactly(readinto, ln) for ln in lens]
     finally:
         close()
     try:
         return pickle.loads(body, buffers=buffers)
-    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError,
-            struct.error, MemoryError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        IndexError,
+        KeyError,
+        TypeError,
+        struct.error,
+        MemoryError,
+    ) as e:
         raise ProtocolError(f"fload: garbled frame: {type(e).__name__}: {e}") from e
 
 
@@ -211,9 +224,13 @@ def _fd(x: int | _HasFileno) -> int:
     return fd
 
 
-def select(read_fds: Sequence[int | _HasFileno], write_fds: Sequence[int | _HasFileno],
-           except_fds: Sequence[int | _HasFileno], timeout: float | None,
-           nfds: int | None = None) -> tuple[int, list[int], list[int], list[int]]:
+def select(
+    read_fds: Sequence[int | _HasFileno],
+    write_fds: Sequence[int | _HasFileno],
+    except_fds: Sequence[int | _HasFileno],
+    timeout: float | None,
+    nfds: int | None = None,
+) -> tuple[int, list[int], list[int], list[int]]:
     """Waits until some of the given descriptors are ready (Octave's ``select``).
 
     Readiness is that of the descriptor: data buffered inside a Python file object is not
@@ -235,17 +252,18 @@ def select(read_fds: Sequence[int | _HasFileno], write_fds: Sequence[int | _HasF
         ValueError: a descriptor is negative, not an fd, or not below ``nfds``.
         OSError: a descriptor is not open (``EBADF``).
     """
-    lists = [[_fd(x) for x in read_fds], [_fd(x) for x in write_fds],
-             [_fd(x) for x in except_fds]]
+    lists = [[_fd(x) for x in read_fds], [_fd(x) for x in write_fds], [_fd(x) for x in except_fds]]
     if nfds is not None:
         for fds in lists:
             for fd in fds:
                 if fd >= nfds:
                     raise ValueError(f"select: descriptor {fd} is not below nfds={nfds}")
     wanted = (_select.POLLIN | _select.POLLPRI, _select.POLLOUT, _select.POLLPRI)
-    ready = (_select.POLLIN | _select.POLLHUP | _select.POLLERR,
-             _select.POLLOUT | _select.POLLERR | _select.POLLHUP,
-             _select.POLLPRI)
+    ready = (
+        _select.POLLIN | _select.POLLHUP | _select.POLLERR,
+        _select.POLLOUT | _select.POLLERR | _select.POLLHUP,
+        _select.POLLPRI,
+    )
     masks: dict[int, int] = {}
     for fds, w in zip(lists, wanted, strict=True):
         for fd in fds:
@@ -261,6 +279,8 @@ def select(read_fds: Sequence[int | _HasFileno], write_fds: Sequence[int | _HasF
     for fd, ev in events.items():
         if ev & _select.POLLNVAL:
             raise OSError(9, f"select: descriptor {fd} is not open")
-    out = [[i for i, fd in enumerate(fds) if events.get(fd, 0) & r]
-           for fds, r in zip(lists, ready, strict=True)]
+    out = [
+        [i for i, fd in enumerate(fds) if events.get(fd, 0) & r]
+        for fds, r in zip(lists, ready, strict=True)
+    ]
     return sum(len(x) for x in out), out[0], out[1], out[2]

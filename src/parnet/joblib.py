@@ -28,6 +28,7 @@ from .network import Connections, Network
 
 __all__ = ["ParnetBackend"]
 
+
 def _nothing() -> None:
     """Called at a server: loading it there imports ``parnet.joblib``, and so joblib."""
 
@@ -64,19 +65,30 @@ class ParnetBackend(AutoBatchingMixin, ParallelBackendBase):
     supports_sharedmem = False
     default_n_jobs = -1
 
-    def __init__(self, connections: Connections | None = None, nesting_level: int | None = None,
-                 inner_max_num_threads: int | None = None, **kwargs: Any) -> None:
-        super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **kwargs)
+    def __init__(
+        self,
+        connections: Connections | None = None,
+        nesting_level: int | None = None,
+        inner_max_num_threads: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **kwargs
+        )
         if connections is not None and not isinstance(connections, Connections):
-            raise TypeError(f"parnet joblib backend: connections must be a Connections object, "
-                            f"got {type(connections).__name__}")
+            raise TypeError(
+                f"parnet joblib backend: connections must be a Connections object, "
+                f"got {type(connections).__name__}"
+            )
         self.connections = connections
         self._executor: Executor | None = None
 
     def _conns(self) -> Connections:
         if self.connections is None:
-            raise ValueError('the "parnet" joblib backend needs the network: '
-                             'joblib.parallel_config(backend="parnet", connections=conns)')
+            raise ValueError(
+                'the "parnet" joblib backend needs the network: '
+                'joblib.parallel_config(backend="parnet", connections=conns)'
+            )
         return self.connections
 
     def _slots(self) -> int:
@@ -94,8 +106,14 @@ class ParnetBackend(AutoBatchingMixin, ParallelBackendBase):
             return max(1, self._slots() + 1 + n_jobs)
         return n_jobs
 
-    def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: Any = None, require: Any = None,
-                  **backend_kwargs: Any) -> int:
+    def configure(
+        self,
+        n_jobs: int = 1,
+        parallel: Any = None,
+        prefer: Any = None,
+        require: Any = None,
+        **backend_kwargs: Any,
+    ) -> int:
         """Starts the executor for one ``Parallel`` call; returns its number of workers."""
         self.parallel = parallel
         n = self.effective_n_jobs(n_jobs)

@@ -78,7 +78,6 @@ class Node:
         return () if self.data is None else (self.data,)
 
 
-
 class Network:
     """The nodes of one client network, from this process's side.
 
@@ -91,7 +90,9 @@ class Network:
     def __init__(self, netid: bytes, hosts: Sequence[str], self_index: int) -> None:
         self.netid = netid
         self.self_index = self_index
-        self.nodes = [self.make_node(0, "")] + [self.make_node(k + 1, h) for k, h in enumerate(hosts)]
+        self.nodes = [self.make_node(0, "")] + [
+            self.make_node(k + 1, h) for k, h in enumerate(hosts)
+        ]
         self.closed = False
         self.on_close: list[Callable[[], None]] = []
         self._singles: dict[int, Connections] = {}
@@ -254,7 +255,9 @@ class Network:
             if f.code == code:
                 return f
             if f.code != msg.VALUE:
-                raise ProtocolError(f"unexpected message {f.code} on the data link from {self.name(k)}")
+                raise ProtocolError(
+                    f"unexpected message {f.code} on the data link from {self.name(k)}"
+                )
             self.nodes[k].stash.append(f)
 
     def on_link_dead(self, k: int) -> Callable[[Link, str], None]:
@@ -348,8 +351,10 @@ class Connections:
         if isinstance(key, slice):
             return Connections(self._net, idx[key])
         if isinstance(key, (str, bytes)) or not isinstance(key, Iterable):
-            raise TypeError(f"Connections index must be an int, a slice, or a list of ints or bools, "
-                            f"got {type(key).__name__} {key!r:.40}")
+            raise TypeError(
+                f"Connections index must be an int, a slice, or a list of ints or bools, "
+                f"got {type(key).__name__} {key!r:.40}"
+            )
         keys = list(key)
         if keys and all(isinstance(b, bool) for b in keys):
             if len(keys) != len(idx):
@@ -363,15 +368,19 @@ class Connections:
         return Connections(self._net, picked)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Connections) and other._net is self._net and other._idx == self._idx
+        return (
+            isinstance(other, Connections) and other._net is self._net and other._idx == self._idx
+        )
 
     def __hash__(self) -> int:
         return hash((id(self._net), self._idx))
 
     def __str__(self) -> str:
         net = self._net
-        lines = [f"parnet network {net.id_str} ({len(self._idx)} of {len(net.nodes)} nodes"
-                 f"{', closed' if net.closed else ''}):"]
+        lines = [
+            f"parnet network {net.id_str} ({len(self._idx)} of {len(net.nodes)} nodes"
+            f"{', closed' if net.closed else ''}):"
+        ]
         for k in self._idx:
             node = net.nodes[k]
             if k == net.self_index:
@@ -463,7 +472,9 @@ def precv(single_connection: Connections, timeout: float | None = None) -> Any:
     return single_connection.network.precv(k, timeout)
 
 
-def select_sockets(connections: Connections, timeout: float | None, nfds: int | None = None) -> list[int]:
+def select_sockets(
+    connections: Connections, timeout: float | None, nfds: int | None = None
+) -> list[int]:
     """Positions (0-based, into ``connections``) of the nodes ``precv`` can read at once.
 
     Args:
@@ -478,6 +489,8 @@ def select_sockets(connections: Connections, timeout: float | None, nfds: int | 
         RemoteError: (client) a server among ``connections`` reported a failed command.
     """
     if not isinstance(connections, Connections):
-        raise TypeError(f"select_sockets: expected a Connections object, got {type(connections).__name__}")
+        raise TypeError(
+            f"select_sockets: expected a Connections object, got {type(connections).__name__}"
+        )
     timeout = check_seconds(timeout, "select_sockets: timeout", negative_ok=True)
     return connections.network.select(connections.indices, timeout)

@@ -37,16 +37,25 @@ def _frames(stack: traceback.StackSummary, tb: TracebackType | None) -> tracebac
         if _own(fs.filename):
             continue
         if code is not None and is_client_code(code):
-            fs = traceback.FrameSummary(fs.filename, fs.lineno, fs.name, lookup_line=False, line="",
-                                        end_lineno=fs.end_lineno, colno=fs.colno, end_colno=fs.end_colno)
+            fs = traceback.FrameSummary(
+                fs.filename,
+                fs.lineno,
+                fs.name,
+                lookup_line=False,
+                line="",
+                end_lineno=fs.end_lineno,
+                colno=fs.colno,
+                end_colno=fs.end_colno,
+            )
         out.append(fs)
     return traceback.StackSummary.from_list(out)
 
 
 def format_remote(e: BaseException, tb: TracebackType | None = None, limit: int = 64 * 1024) -> str:
     """The traceback text of ``e`` (from ``tb``, default its own) as a server reports it."""
-    te = traceback.TracebackException(type(e), e, tb if tb is not None else e.__traceback__,
-                                      lookup_lines=False)
+    te = traceback.TracebackException(
+        type(e), e, tb if tb is not None else e.__traceback__, lookup_lines=False
+    )
     seen: set[int] = set()
 
     def fix(t: Any, exc: BaseException | None, tb_: TracebackType | None) -> None:
@@ -56,8 +65,9 @@ def format_remote(e: BaseException, tb: TracebackType | None = None, limit: int 
         t.stack = _frames(t.stack, tb_)
         fix(t.__cause__, exc.__cause__, getattr(exc.__cause__, "__traceback__", None))
         fix(t.__context__, exc.__context__, getattr(exc.__context__, "__traceback__", None))
-        for sub_t, sub_e in zip(getattr(t, "exceptions", None) or (), getattr(exc, "exceptions", ()),
-                                strict=False):
+        for sub_t, sub_e in zip(
+            getattr(t, "exceptions", None) or (), getattr(exc, "exceptions", ()), strict=False
+        ):
             fix(sub_t, sub_e, sub_e.__traceback__)
 
     try:

@@ -168,9 +168,7 @@ def test_keygen_refuses_unsafe_existing_passwd(srp_dir: Path) -> None:
     passwd = srp_dir / "server" / "passwd"
     os.chmod(passwd, 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
-        keygen.parallel_generate_srp_data(
-            "bob", password="a fine long password", directory=srp_dir
-        )
+        keygen.parallel_generate_srp_data("bob", password="a fine long password", directory=srp_dir)
 
 
 def test_fake_secret_stable_and_repr_hides_secrets(

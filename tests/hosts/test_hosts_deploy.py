@@ -16,7 +16,7 @@ def lines(r) -> dict[str, str]:
 
 def test_up_status_down_and_bad_hosts(bed) -> None:
     c = bed.client
-    assert c.parnet("down", "h1", "h2", "h3").returncode == 0   # whatever earlier tests left
+    assert c.parnet("down", "h1", "h2", "h3").returncode == 0  # whatever earlier tests left
     for h in ("h1", "h2"):
         bed.host(h).run("rm -rf ~/.config/parnet", check=True)
     r = c.parnet("up", "h1", "h2", "unreach", "nosuchuser@h1", "h4", "--copy-keys")
@@ -28,10 +28,14 @@ def test_up_status_down_and_bad_hosts(bed) -> None:
     assert "ssh: authentication failed" in out["nosuchuser@h1"]
     assert "parnet is not installed" in out["h4"]
     pids = {h: int(out[h].split("pid ")[1].split()[0]) for h in ("h1", "h2")}
-    assert sorted(bed.host("h1").server_pids() + bed.host("h2").server_pids()) == sorted(pids.values())
+    assert sorted(bed.host("h1").server_pids() + bed.host("h2").server_pids()) == sorted(
+        pids.values()
+    )
     # the keys really arrived in each host user's own home, private
     for h in ("h1", "h2"):
-        r = bed.host(h).run("stat -c '%a %U' ~/.config/parnet/srp/server ~/.config/parnet/srp/server/passwd")
+        r = bed.host(h).run(
+            "stat -c '%a %U' ~/.config/parnet/srp/server ~/.config/parnet/srp/server/passwd"
+        )
         assert r.stdout.split() == ["700", bed.host(h).user, "600", bed.host(h).user], r.stdout
 
     # idempotent: the same servers, said so
@@ -49,17 +53,27 @@ def test_up_status_down_and_bad_hosts(bed) -> None:
     r = c.parnet("down", "h1", "h2", "h3")
     out = lines(r)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert " stopped " in out["h1"] and " stopped " in out["h2"] and "no server was running" in out["h3"]
-    wait_until(lambda: not bed.host("h1").server_pids() and not bed.host("h2").server_pids(), 10,
-               "the servers to exit")
+    assert (
+        " stopped " in out["h1"]
+        and " stopped " in out["h2"]
+        and "no server was running" in out["h3"]
+    )
+    wait_until(
+        lambda: not bed.host("h1").server_pids() and not bed.host("h2").server_pids(),
+        10,
+        "the servers to exit",
+    )
 
 
 def test_hostfile_ssh_config_and_python(bed, tmp_path) -> None:
     c = bed.client
     # a host file and an ssh config of the client's own, passed by option
-    c.run(f"printf '# bed\\nalias1   # h1 by another name\\n' > ~/hosts && "
-          f"printf 'Host alias1\\n  HostName h1\\n  User {bed.host('h1').user}\\n"
-          f"  UserKnownHostsFile ~/.ssh/known_hosts\\n  HostKeyAlias h1\\n' > ~/alt_config", check=True)
+    c.run(
+        f"printf '# bed\\nalias1   # h1 by another name\\n' > ~/hosts && "
+        f"printf 'Host alias1\\n  HostName h1\\n  User {bed.host('h1').user}\\n"
+        f"  UserKnownHostsFile ~/.ssh/known_hosts\\n  HostKeyAlias h1\\n' > ~/alt_config",
+        check=True,
+    )
     r = c.parnet("status", "--hostfile", f"{c.home}/hosts", "--ssh-config", f"{c.home}/alt_config")
     assert r.returncode == 0 and r.stdout.split()[0] == "alias1", r.stdout + r.stderr
     assert r.stdout.split()[1] in ("running", "not"), r.stdout
@@ -67,7 +81,9 @@ def test_hostfile_ssh_config_and_python(bed, tmp_path) -> None:
     r = c.parnet("status", "h4", "--python", bed.python)
     assert r.returncode == 0 and " not running " in r.stdout, r.stdout + r.stderr
     r = c.parnet("status", "h1", "--python", "/nonexistent/python3")
-    assert r.returncode == 1 and "Python not found there: /nonexistent/python3" in r.stdout, r.stdout
+    assert r.returncode == 1 and "Python not found there: /nonexistent/python3" in r.stdout, (
+        r.stdout
+    )
 
 
 def test_python_form(bed) -> None:
@@ -85,5 +101,8 @@ print([s.state for s in parnet.down(["h1", "h3"], cmd_port=20502)])
 """
     r = bed.client.python_code(code, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.splitlines() == ["['h1:20502', 'h3:20502'] 42", "DeployError ['running', 'failed']",
-                                     "['stopped', 'stopped']"], r.stdout
+    assert r.stdout.splitlines() == [
+        "['h1:20502', 'h3:20502'] 42",
+        "DeployError ['running', 'failed']",
+        "['stopped', 'stopped']",
+    ], r.stdout

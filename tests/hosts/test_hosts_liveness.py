@@ -36,8 +36,10 @@ def test_gil_held_for_4_heartbeats_across_hosts(bed, up) -> None:
     d = json.loads(r.stdout.splitlines()[-1])
     assert d["call"] == 0 and d["map"] == [1, 2, 3] and d["open"] == [True, True, True], d
     assert d["call_s"] >= 4 * HB and d["map_s"] >= 4 * HB, d  # the GIL really was held
-    print(f"GIL held {4 * HB} s with heartbeat {HB} s: call {d['call_s']:.1f} s, map {d['map_s']:.1f} s, "
-          "no node declared dead")
+    print(
+        f"GIL held {4 * HB} s with heartbeat {HB} s: call {d['call_s']:.1f} s, map {d['map_s']:.1f} s, "
+        "no node declared dead"
+    )
 
 
 # The client waits on h1 while the test cuts h1's cable; it prints when the wait ended
@@ -78,8 +80,12 @@ def _cut_reported(bed, how: str) -> float:
     h1 = bed.host("h1")
     daemons = h1.server_pids()
     assert daemons
-    wait_until(lambda: not any(children(d) for d in daemons), 30, "no worker left on h1 from before")
-    p = bed.client.popen([bed.python, "-c", CUT, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(
+        lambda: not any(children(d) for d in daemons), 30, "no worker left on h1 from before"
+    )
+    p = bed.client.popen(
+        [bed.python, "-c", CUT, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         assert p.stdout.readline().strip() == "waiting", p.stderr.read()
         bed.cut("h1")
@@ -103,6 +109,8 @@ def _cut_reported(bed, how: str) -> float:
 def test_cut_cable_reported_within_the_heartbeat(bed, up) -> None:
     idle = _cut_reported(bed, "idle")
     busy = _cut_reported(bed, "busy")
-    print(f"cable pulled, heartbeat {HB} s: reported after {idle:.2f} s (idle link), "
-          f"{busy:.2f} s (data in flight)")
+    print(
+        f"cable pulled, heartbeat {HB} s: reported after {idle:.2f} s (idle link), "
+        f"{busy:.2f} s (data in flight)"
+    )
     assert idle <= HB + 0.5 and busy <= HB + 0.5, (idle, busy)

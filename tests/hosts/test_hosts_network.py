@@ -71,8 +71,12 @@ def test_host_cut_mid_map(bed, up) -> None:
 
     h2 = bed.host("h2")
     h2.run("rm -f ~/mapping")
-    p = bed.client.popen([bed.python, "-c", CUT_MAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    p = bed.client.popen(
+        [bed.python, "-c", CUT_MAP],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert p.stdout.readline().strip() == "mapping"
         wait_until(lambda: (h2.home / "mapping").exists(), 30, "h2 to run a job")
@@ -81,7 +85,9 @@ def test_host_cut_mid_map(bed, up) -> None:
         line = p.stdout.readline()
         assert line, p.stderr.read()
         d = json.loads(line)
-        print(f"map done {time.monotonic() - t_cut:.1f} s after the cut (whole map {d['seconds']:.1f} s)")
+        print(
+            f"map done {time.monotonic() - t_cut:.1f} s after the cut (whole map {d['seconds']:.1f} s)"
+        )
         assert d["ok"] and d["open"] == [True, False, True], d
         bed.restore("h2")
         r = bed.client.parnet("up", "h1", "h2", "h3")
@@ -94,7 +100,7 @@ def test_host_cut_mid_map(bed, up) -> None:
         p.stdin.close()
         err = p.stderr.read()
         assert p.wait(60) == 0, err
-        assert "h2" in err and "rerunning" in err, err   # the cut host is reported
+        assert "h2" in err and "rerunning" in err, err  # the cut host is reported
     finally:
         if p.poll() is None:
             p.kill()
@@ -122,8 +128,12 @@ except Exception as e:
 def test_partition_between_two_servers(bed, up) -> None:
     import subprocess
 
-    p = bed.client.popen([bed.python, "-c", PARTITION], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    p = bed.client.popen(
+        [bed.python, "-c", PARTITION],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert p.stdout.readline().strip() == "connected"
         bed.cut("h1", "h2")

@@ -170,8 +170,9 @@ def test_run_chunk_error_handler_gets_maperr() -> None:
         seen.append((err, args))
         return -1
 
-    res = run_chunk(ChunkTask(lambda a, b: a / b, [[1, 2, 3, 4], [1, 0, 1, 0]], 5,
-                              error_handler=handler))
+    res = run_chunk(
+        ChunkTask(lambda a, b: a / b, [[1, 2, 3, 4], [1, 0, 1, 0]], 5, error_handler=handler)
+    )
     assert res.outputs == [[1.0, -1, 3.0, -1]]
     assert [(e.index, e.identifier, e.message, a) for e, a in seen] == [
         (6, "ZeroDivisionError", "division by zero", (2, 0)),
@@ -199,8 +200,11 @@ def test_run_chunk_nout() -> None:
     res = run_chunk(ChunkTask(lambda x: (x,) if x == 2 else (x, x), [[1, 2]], 0, nout=2))
     assert res.error is not None and res.error[:2] == (1, "ValueError")
     assert "2 values" in res.error[2]
-    res = run_chunk(ChunkTask(lambda x: x, [[1, 2]], 0, nout=2,
-                              error_handler=lambda e, x: (e.index, e.identifier)))
+    res = run_chunk(
+        ChunkTask(
+            lambda x: x, [[1, 2]], 0, nout=2, error_handler=lambda e, x: (e.index, e.identifier)
+        )
+    )
     assert res.outputs == [[0, 1], ["ValueError", "ValueError"]]
     res = run_chunk(ChunkTask(lambda x: (x, x), [[]], 0, nout=2))
     assert res.outputs == [[], []]
@@ -210,14 +214,25 @@ def test_run_chunk_cum_func() -> None:
     res = run_chunk(ChunkTask(lambda x: x, [list(range(10))], 0, cum_func=lambda a, b: a + b))
     assert (res.has_cum, res.cum, res.outputs) == (True, 45, None)
     # nout=2: cum_func(acc1, acc2, x1, x2) -> 2-tuple (Octave's convention)
-    res = run_chunk(ChunkTask(lambda x: (x, x), [[3, 1, 2]], 0, nout=2,
-                              cum_func=lambda a1, a2, x1, x2: (a1 + x1, max(a2, x2))))
+    res = run_chunk(
+        ChunkTask(
+            lambda x: (x, x),
+            [[3, 1, 2]],
+            0,
+            nout=2,
+            cum_func=lambda a1, a2, x1, x2: (a1 + x1, max(a2, x2)),
+        )
+    )
     assert res.cum == (6, 3)
-    res = run_chunk(ChunkTask(lambda x: x, [[1, 2, 3]], 7,
-                              cum_func=lambda a, b: a + b if b < 3 else 1 / 0))
+    res = run_chunk(
+        ChunkTask(lambda x: x, [[1, 2, 3]], 7, cum_func=lambda a, b: a + b if b < 3 else 1 / 0)
+    )
     assert res.error is not None and res.error[:2] == (9, "ZeroDivisionError")
-    res = run_chunk(ChunkTask(_fails_at_3, [[1, 3]], 0, cum_func=lambda a, b: a + b,
-                              error_handler=lambda e, x: 10))
+    res = run_chunk(
+        ChunkTask(
+            _fails_at_3, [[1, 3]], 0, cum_func=lambda a, b: a + b, error_handler=lambda e, x: 10
+        )
+    )
     assert res.cum == 11
     res = run_chunk(ChunkTask(lambda x: x, [[]], 0, cum_func=lambda a, b: a + b))
     assert res.has_cum is False
@@ -229,8 +244,9 @@ def test_run_chunk_vectorized() -> None:
     assert np.array_equal(res.outputs[0], 2 * a)  # type: ignore[index]
     res = run_chunk(ChunkTask(lambda x: (x, -x), [a], 0, vectorized=True, nout=2))
     assert np.array_equal(res.outputs[1], -a)  # type: ignore[index]
-    res = run_chunk(ChunkTask(lambda x: x.sum(), [a], 0, vectorized=True,
-                              cum_func=lambda p, q: p + q))
+    res = run_chunk(
+        ChunkTask(lambda x: x.sum(), [a], 0, vectorized=True, cum_func=lambda p, q: p + q)
+    )
     assert res.has_cum and res.cum == 15.0
     res = run_chunk(ChunkTask(lambda x: x[:2], [a], 12, vectorized=True))
     assert res.error is not None and res.error[:2] == (12, "ValueError")
@@ -362,14 +378,18 @@ def test_assembler_uniform_errors_name_the_index() -> None:
 
 
 def test_assembler_cum_func() -> None:
-    chunks = _chunks(lambda x: x, [list(range(100))], [30, 30, 40],
-                     cum_func=lambda a, b: a + b)
+    chunks = _chunks(lambda x: x, [list(range(100))], [30, 30, 40], cum_func=lambda a, b: a + b)
     asm = Assembler(100, cum_func=lambda a, b: a + b)
     for c in reversed(chunks):
         asm.add(c)
     assert asm.result() == 4950
-    chunks = _chunks(lambda x: (x, -x), [list(range(10))], [3, 7], nout=2,
-                     cum_func=lambda a1, a2, x1, x2: (max(a1, x1), min(a2, x2)))
+    chunks = _chunks(
+        lambda x: (x, -x),
+        [list(range(10))],
+        [3, 7],
+        nout=2,
+        cum_func=lambda a1, a2, x1, x2: (max(a1, x1), min(a2, x2)),
+    )
     asm = Assembler(10, nout=2, cum_func=lambda a1, a2, x1, x2: (max(a1, x1), min(a2, x2)))
     for c in chunks:
         asm.add(c)

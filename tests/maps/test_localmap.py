@@ -13,8 +13,9 @@ from parnet.maps.common import MapElementError, MapErr
 from parnet.maps.localmap import available_cores
 from parnet.maps.pool import WorkerDiedError
 
-multicore = pytest.mark.skipif(available_cores() < 2,
-                               reason="needs 2 cores (nproc is cut to the cores)")
+multicore = pytest.mark.skipif(
+    available_cores() < 2, reason="needs 2 cores (nproc is cut to the cores)"
+)
 
 
 @multicore
@@ -36,8 +37,9 @@ def test_nout_and_not_uniform() -> None:
     assert q.tolist() == [x // 3 for x in range(10)] and r.tolist() == [x % 3 for x in range(10)]
     out = parcellfun(2, lambda x: "ab"[: x % 3], range(7), uniform_output=False)
     assert out == ["", "a", "ab", "", "a", "ab", ""]
-    words, lens = parcellfun(2, lambda w: (w.upper(), len(w)), ["x", "yy"], nout=2,
-                             uniform_output=False)
+    words, lens = parcellfun(
+        2, lambda w: (w.upper(), len(w)), ["x", "yy"], nout=2, uniform_output=False
+    )
     assert words == ["X", "YY"] and lens == [1, 2]
 
 
@@ -45,16 +47,31 @@ def test_error_handler() -> None:
     def handler(err: MapErr, a: float, b: float) -> tuple[str, int, str]:
         return (err.identifier, err.index, err.message)
 
-    out = parcellfun(2, lambda a, b: a / b, [1, 2, 3, 4], [1, 0, 1, 0],
-                     error_handler=handler, uniform_output=False)
-    assert out == [1.0, ("ZeroDivisionError", 1, "division by zero"), 3.0,
-                   ("ZeroDivisionError", 3, "division by zero")]
+    out = parcellfun(
+        2,
+        lambda a, b: a / b,
+        [1, 2, 3, 4],
+        [1, 0, 1, 0],
+        error_handler=handler,
+        uniform_output=False,
+    )
+    assert out == [
+        1.0,
+        ("ZeroDivisionError", 1, "division by zero"),
+        3.0,
+        ("ZeroDivisionError", 3, "division by zero"),
+    ]
 
 
 def test_cum_func() -> None:
     assert parcellfun(2, lambda x: x, range(1000), cum_func=lambda a, b: a + b) == 499500
-    lo, hi = parcellfun(2, lambda x: (x, x), range(1, 101), nout=2,
-                        cum_func=lambda a1, a2, x1, x2: (min(a1, x1), max(a2, x2)))
+    lo, hi = parcellfun(
+        2,
+        lambda x: (x, x),
+        range(1, 101),
+        nout=2,
+        cum_func=lambda a1, a2, x1, x2: (min(a1, x1), max(a2, x2)),
+    )
     assert (lo, hi) == (1, 100)
     assert parcellfun(2, lambda x: x, [], cum_func=lambda a, b: a + b) is None
 
@@ -76,14 +93,22 @@ def test_pararrayfun_vectorized() -> None:
     assert calls.shape == (3, 4) and set(calls.ravel().tolist()) <= {6.0, 12.0}
     out = pararrayfun(2, lambda x, y: x * y, a, a, vectorized=True, chunks_per_proc=3)
     assert np.array_equal(out, a * a)
-    sizes = pararrayfun(2, lambda x: np.full(len(x), len(x)), np.arange(12), vectorized=True,
-                        chunks_per_proc=3)
+    sizes = pararrayfun(
+        2, lambda x: np.full(len(x), len(x)), np.arange(12), vectorized=True, chunks_per_proc=3
+    )
     assert sizes.tolist() == [2] * 12  # 2 processes x 3 chunks of 2
-    total = pararrayfun(2, lambda x: x.sum(), a, vectorized=True, chunks_per_proc=2,
-                        cum_func=lambda p, q: p + q)
+    total = pararrayfun(
+        2, lambda x: x.sum(), a, vectorized=True, chunks_per_proc=2, cum_func=lambda p, q: p + q
+    )
     assert total == a.sum()
-    fixed = pararrayfun(2, lambda x: 1 / 0, np.arange(4), vectorized=True, chunks_per_proc=1,
-                        error_handler=lambda err, x: np.full(len(x), err.index))
+    fixed = pararrayfun(
+        2,
+        lambda x: 1 / 0,
+        np.arange(4),
+        vectorized=True,
+        chunks_per_proc=1,
+        error_handler=lambda err, x: np.full(len(x), err.index),
+    )
     assert fixed.tolist() == [0, 0, 2, 2]
 
 
@@ -127,8 +152,7 @@ def test_unpicklable_argument_and_result() -> None:
         parcellfun(2, lambda x: 1, [threading.Lock(), threading.Lock()])
     assert any("pickling the chunk" in n for n in info.value.__notes__)
     with pytest.raises(TypeError, match="element 3 cannot be sent back"):
-        parcellfun(2, lambda x: threading.Lock() if x == 3 else x, range(6),
-                   uniform_output=False)
+        parcellfun(2, lambda x: threading.Lock() if x == 3 else x, range(6), uniform_output=False)
 
 
 def test_nproc_cut_and_validation() -> None:

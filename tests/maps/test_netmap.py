@@ -28,8 +28,9 @@ def test_order_and_uniform_output(conns) -> None:
     r = netcellfun(conns, lambda x: x * 2, range(2000))
     assert isinstance(r, np.ndarray) and r.tolist() == [2 * x for x in range(2000)]
     for cs in (1, 7, 100, 5000):
-        assert netcellfun(conns, lambda x, y: x - y, range(50), range(0, 100, 2), chunk_size=cs).tolist() == [
-            x - 2 * x for x in range(50)]
+        assert netcellfun(
+            conns, lambda x, y: x - y, range(50), range(0, 100, 2), chunk_size=cs
+        ).tolist() == [x - 2 * x for x in range(50)]
 
 
 def test_local_machine_ignored_and_subsets(conns) -> None:
@@ -55,22 +56,32 @@ def test_nout(conns) -> None:
 
 
 def test_cum_func(conns) -> None:
-    assert netcellfun(conns, lambda x: x, range(1001), cum_func=lambda a, b: a + b) == sum(range(1001))
-    assert netcellfun(conns, lambda x: x, range(1, 7), cum_func=lambda a, b: a * b, chunk_size=2) == 720
+    assert netcellfun(conns, lambda x: x, range(1001), cum_func=lambda a, b: a + b) == sum(
+        range(1001)
+    )
+    assert (
+        netcellfun(conns, lambda x: x, range(1, 7), cum_func=lambda a, b: a * b, chunk_size=2)
+        == 720
+    )
 
 
 def test_vectorized(conns) -> None:
     a = np.arange(103.0)
     seen = netarrayfun(conns, lambda v: np.full(len(v), len(v)), a, vectorized=True, chunk_size=10)
     assert seen.max() <= 10 and seen.shape == (103,)
-    assert netarrayfun(conns, lambda v: v ** 2, a, vectorized=True, chunk_size=16).tolist() == (a ** 2).tolist()
+    assert (
+        netarrayfun(conns, lambda v: v**2, a, vectorized=True, chunk_size=16).tolist()
+        == (a**2).tolist()
+    )
 
 
 def test_error_handler(conns) -> None:
     def handler(err, x):
         return (err.identifier, err.index, "zero" in err.message)
 
-    r = netcellfun(conns, lambda x: 1 / x, [1, 0, 2, 0], error_handler=handler, uniform_output=False)
+    r = netcellfun(
+        conns, lambda x: 1 / x, [1, 0, 2, 0], error_handler=handler, uniform_output=False
+    )
     assert r[0] == 1.0 and r[2] == 0.5
     assert r[1] == ("ZeroDivisionError", 1, True) and r[3] == ("ZeroDivisionError", 3, True)
 
@@ -121,7 +132,9 @@ def test_trivial_map_starts_no_pool(conns) -> None:
     workers = [rfeval(os.getpid, connection=conns[k]) for k in (1, 2)]
     r = netcellfun(conns, lambda x: os.getpid(), range(3000), uniform_output=False)
     assert set(r) <= set(workers), "a trivial call ran outside the workers"
-    assert [children(w) for w in workers] == [[], []], "a worker started processes for trivial calls"
+    assert [children(w) for w in workers] == [[], []], (
+        "a worker started processes for trivial calls"
+    )
 
 
 def test_slow_map_spreads_over_every_server(tmp_path) -> None:

@@ -30,8 +30,9 @@ def test_submit_and_reuse(pool: Pool) -> None:
     res = pool.submit(_task(lambda x: x + 1, range(5), 10)).result(60)
     assert isinstance(res, ChunkResult)
     assert (res.start, res.count, res.outputs) == (10, 5, [[1, 2, 3, 4, 5]])
-    pids = {pool.submit(_task(lambda x: os.getpid(), [0])).result(60).outputs[0][0]
-            for _ in range(20)}
+    pids = {
+        pool.submit(_task(lambda x: os.getpid(), [0])).result(60).outputs[0][0] for _ in range(20)
+    }
     assert os.getpid() not in pids and 1 <= len(pids) <= 2  # the same processes, reused
 
 
@@ -169,15 +170,18 @@ def test_workers_exit_when_the_owner_is_killed() -> None:
     import sys
     import time
 
-    code = ("import os\n"
-            "from parnet.maps.pool import Pool\n"
-            "from parnet.maps.common import ChunkTask\n"
-            "p = Pool(2)\n"
-            "fs = [p.submit(ChunkTask(lambda x: os.getpid(), [[0]], 0)) for _ in range(8)]\n"
-            "print(' '.join(str(f.result().outputs[0][0]) for f in fs), flush=True)\n"
-            "import time; time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    code = (
+        "import os\n"
+        "from parnet.maps.pool import Pool\n"
+        "from parnet.maps.common import ChunkTask\n"
+        "p = Pool(2)\n"
+        "fs = [p.submit(ChunkTask(lambda x: os.getpid(), [[0]], 0)) for _ in range(8)]\n"
+        "print(' '.join(str(f.result().outputs[0][0]) for f in fs), flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         pids = {int(x) for x in proc.stdout.readline().split()}  # type: ignore[union-attr]
         assert pids and all(_alive(p) for p in pids)

@@ -211,8 +211,13 @@ def test_split_two_frames_at_every_offset() -> None:
 def test_dropped_codes_and_the_note_at_every_offset() -> None:
     """Dropped frames (heartbeats, notices) never reach the queue; the latest notice's u64
     count is kept in ``note``, however the bytes are split."""
-    data = (frame_bytes(23) + frame_bytes(27, (5).to_bytes(8, "big")) + frame_bytes(30, b"value")
-            + frame_bytes(27, (7).to_bytes(8, "big")) + frame_bytes(23))
+    data = (
+        frame_bytes(23)
+        + frame_bytes(27, (5).to_bytes(8, "big"))
+        + frame_bytes(30, b"value")
+        + frame_bytes(27, (7).to_bytes(8, "big"))
+        + frame_bytes(23)
+    )
     for offset in range(len(data) + 1):
         dec = FrameDecoder(max_frame=4096)
         dec.skip = frozenset((23, 27))

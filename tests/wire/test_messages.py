@@ -12,7 +12,18 @@ from parnet.errors import ProtocolError, RemoteError
 from parnet.wire import messages as msg
 
 SAMPLES = [
-    msg.Setup(1, ["h1", "h2"], [("h1", 1), ("h2", 2)], "/tmp", {0: b"k" * 32}, 2, 5.0, False, 3.0, {"a": "1"}),
+    msg.Setup(
+        1,
+        ["h1", "h2"],
+        [("h1", 1), ("h2", 2)],
+        "/tmp",
+        {0: b"k" * 32},
+        2,
+        5.0,
+        False,
+        3.0,
+        {"a": "1"},
+    ),
     msg.Ready(4, 1234, {"python": "3.11"}),
     msg.SetupFailed("no route"),
     msg.Call(7, len, ("abc",), {}, None, None, True),
@@ -49,7 +60,9 @@ def test_decode_refuses_a_frame_that_does_not_carry_its_class() -> None:
     with pytest.raises(ProtocolError, match="SETUP: malformed Setup"):
         msg.decode(msg.SETUP, body)  # a Shutdown's fields are not a Setup's
     with pytest.raises(ProtocolError, match="CALL carries no payload of its kind"):
-        msg.decode(msg.CALL, msg.serialize.dumps((1, len, (), {}, None, None, True))[0])  # the old tuple
+        msg.decode(
+            msg.CALL, msg.serialize.dumps((1, len, (), {}, None, None, True))[0]
+        )  # the old tuple
     with pytest.raises(ProtocolError, match="ERROR carries no payload of its kind"):
         msg.decode(msg.ERROR, msg.serialize.dumps({"type": "KeyError"})[0])
 

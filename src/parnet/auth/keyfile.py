@@ -173,8 +173,9 @@ def _conf_group(
         )
 
 
-def verifier_line(username: str, password: str, salt: bytes,
-                  index: int = DEFAULT_GROUP_INDEX) -> str:
+def verifier_line(
+    username: str, password: str, salt: bytes, index: int = DEFAULT_GROUP_INDEX
+) -> str:
     """The ``tpasswd`` line (no newline) for ``username`` with ``password`` and ``salt``."""
     N, g = GROUPS[index]
     verifier = compute_verifier(username, password, salt, N, g)
@@ -268,7 +269,9 @@ def _fake_user_secret(passwd: Path) -> bytes:
         publish_file(path, secrets.token_bytes(32), 0o600)  # a lost race keeps the winner's
     data = read_secret_file(path, "fake-user secret")
     if len(data) != 32:
-        raise ConfigError(f"{path}: not a parnet fake-user secret (32 bytes); remove it to make a new one")
+        raise ConfigError(
+            f"{path}: not a parnet fake-user secret (32 bytes); remove it to make a new one"
+        )
     return data
 
 

@@ -80,7 +80,9 @@ def pin(where: str, cb: bytes) -> None:
         if where in _read():
             return
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         try:
             os.write(fd, f"{where} {_fingerprint(cb)}\n".encode())
         finally:
@@ -114,8 +116,10 @@ def forget_main(argv: list[str]) -> int:
     import sys
 
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: parnet forget-server HOST[:PORT] ...\n"
-              f"Removes the pinned certificates of these servers from {known_servers_path()}.")
+        print(
+            "usage: parnet forget-server HOST[:PORT] ...\n"
+            f"Removes the pinned certificates of these servers from {known_servers_path()}."
+        )
         return 0 if argv else 2
     code = 0
     for where in argv:

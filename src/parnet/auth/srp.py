@@ -197,6 +197,7 @@ MAX_MESSAGE = MAX_PREAUTH_FRAME
 
 _VERSION = 1
 
+
 @dataclass(frozen=True)
 class VerifierEntry:
     """One user's line of a ``tpasswd`` file.

@@ -114,7 +114,10 @@ def _cert_matches(cert_path: Path, key: ec.EllipticCurvePrivateKey) -> bool:
 
 def host_dir_name() -> str:
     """This machine's host name, safe as a directory name."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "localhost").lstrip(".") or "localhost"
+    return (
+        re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "localhost").lstrip(".")
+        or "localhost"
+    )
 
 
 def ensure_server_identity(
@@ -134,7 +137,9 @@ def ensure_server_identity(
         ConfigError: the key file is unsafe (symlink, not ours, readable by others, ...) or
             unreadable; the message says how to fix it.
     """
-    base = Path(directory) if directory is not None else Path(parnet_home()) / "tls" / host_dir_name()
+    base = (
+        Path(directory) if directory is not None else Path(parnet_home()) / "tls" / host_dir_name()
+    )
     make_private_dir(base)
     key_path = base / KEY_NAME
     cert_path = base / CERT_NAME

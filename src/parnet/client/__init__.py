@@ -12,5 +12,13 @@ from .api import (
     sclose,
 )
 
-__all__ = ["install_vars", "network_get_info", "network_set", "parse_host", "pconnect", "reval",
-           "rfeval", "sclose"]
+__all__ = [
+    "install_vars",
+    "network_get_info",
+    "network_set",
+    "parse_host",
+    "pconnect",
+    "reval",
+    "rfeval",
+    "sclose",
+]

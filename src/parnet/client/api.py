@@ -75,7 +75,9 @@ def _is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
         return False
-    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
+    return bool(infos) and all(
+        ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos
+    )
 
 
 def _check_hosts(hosts: Sequence[str]) -> list[tuple[str, int]]:
@@ -87,8 +89,10 @@ def _check_hosts(hosts: Sequence[str]) -> list[tuple[str, int]]:
     loop = [_is_loopback(h) for h, _ in addrs]
     if any(loop[1:]) and not all(loop):
         bad = [hosts[k] for k in range(1, len(hosts)) if loop[k]]
-        raise ValueError(f"a loopback name ({', '.join(bad)}) is accepted only as the first server, or when "
-                         "every server is on this machine: the other servers must reach it by that name")
+        raise ValueError(
+            f"a loopback name ({', '.join(bad)}) is accepted only as the first server, or when "
+            "every server is on this machine: the other servers must reach it by that name"
+        )
     return addrs
 
 
@@ -99,18 +103,29 @@ def _credentials(password_file: str | None, user: str | None) -> tuple[str, str]
         try:
             return user, getpass.getpass(f"parnet password for {user}: ")
         except EOFError:
-            raise ConnectError(f"pconnect(user={user!r}): no terminal to ask for the password (standard "
-                               "input is at its end); use password_file= instead") from None
+            raise ConnectError(
+                f"pconnect(user={user!r}): no terminal to ask for the password (standard "
+                "input is at its end); use password_file= instead"
+            ) from None
     if password_file is not None and not isinstance(password_file, (str, os.PathLike)):
-        raise TypeError(f"pconnect: password_file must be a path, got {type(password_file).__name__}")
+        raise TypeError(
+            f"pconnect: password_file must be a path, got {type(password_file).__name__}"
+        )
     from ..auth.keyfile import read_client_password
 
     return read_client_password(password_file)
 
 
-def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str | None = None,  # noqa: C901
-             user: str | None = None, timeout: float = 30.0, forward_output: bool = True,
-             heartbeat: float | None = None) -> Connections:
+def pconnect(  # noqa: C901
+    hosts: Sequence[str],
+    *,
+    use_tls: bool = True,
+    password_file: str | None = None,
+    user: str | None = None,
+    timeout: float = 30.0,
+    forward_output: bool = True,
+    heartbeat: float | None = None,
+) -> Connections:
     """Connects to the servers ``hosts`` and sets up the full mesh between all of them.
 
     Args:
@@ -140,8 +155,11 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
     timeout = check_seconds(timeout, "pconnect: timeout", none_ok=False, zero_ok=False)  # type: ignore[assignment]
     if heartbeat is not None:
         heartbeat = check_seconds(heartbeat, "pconnect: heartbeat", zero_ok=False)
-    hb = (check_timeout(DEFAULT_TIMEOUT, "PARNET_HEARTBEAT_TIMEOUT") if heartbeat is None
-          else check_timeout(heartbeat, "pconnect: heartbeat"))  # also finite
+    hb = (
+        check_timeout(DEFAULT_TIMEOUT, "PARNET_HEARTBEAT_TIMEOUT")
+        if heartbeat is None
+        else check_timeout(heartbeat, "pconnect: heartbeat")
+    )  # also finite
     deadline = time.monotonic() + timeout
     username = password = ""
     ctx = None
@@ -159,6 +177,7 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
     pool = ThreadPoolExecutor(max_workers=min(32, n))
     certs: dict[int, bytes] = {}  # node -> its command link's certificate hash
     try:
+
         def login(k: int) -> tuple[Link, int]:
             host, port = addrs[k - 1]
             pre = handshake.Preamble(PROTOCOL_VERSION, handshake.KIND_CMD, use_tls, netid, 0, k)
@@ -194,8 +213,18 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
                 from ..auth.pairkeys import pair_key
 
                 keys = {j: pair_key(master, netid, k, j) for j in range(n + 1) if j != k}
-            setup = msg.Setup(k, names, data_addrs, os.getcwd(), keys, 0, max(0.5, deadline - time.monotonic()),
-                              forward_output, hb, versions())
+            setup = msg.Setup(
+                k,
+                names,
+                data_addrs,
+                os.getcwd(),
+                keys,
+                0,
+                max(0.5, deadline - time.monotonic()),
+                forward_output,
+                hb,
+                versions(),
+            )
             net.nodes[k].cmd.send_frame(*msg.encode(setup))  # type: ignore[union-attr]
 
         def data_link(k: int) -> Link:
@@ -210,9 +239,19 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
                 cb = peer_binding(sock)
                 if cb != certs[k]:
                     link.close()
-                    raise ConnectError(f"{names[k - 1]}: its data port presented another certificate than its "
-                                       "command port (a redirect to another server?)")
-                handshake.tags_initiator(link, pair_key(master, netid, 0, k), netid, 0, k, cb, deadline)  # type: ignore[arg-type]
+                    raise ConnectError(
+                        f"{names[k - 1]}: its data port presented another certificate than its "
+                        "command port (a redirect to another server?)"
+                    )
+                handshake.tags_initiator(
+                    link,
+                    pair_key(master, netid, 0, k),  # type: ignore[arg-type]
+                    netid,
+                    0,
+                    k,
+                    cb,
+                    deadline,
+                )
             return link
 
         for k, link in enumerate(_gather(pool, data_link, range(1, n + 1), names), start=1):
@@ -236,7 +275,9 @@ def pconnect(hosts: Sequence[str], *, use_tls: bool = True, password_file: str |
     return Connections(net, range(n + 1))
 
 
-def _gather(pool: ThreadPoolExecutor, fn: Callable[[int], Any], ks: range, names: list[str]) -> list[Any]:
+def _gather(
+    pool: ThreadPoolExecutor, fn: Callable[[int], Any], ks: range, names: list[str]
+) -> list[Any]:
     """Runs ``fn(k)`` for every k at once; on any failure closes what the others opened."""
     futs = [pool.submit(fn, k) for k in ks]
     out: list[Any] = []
@@ -261,7 +302,9 @@ def _await_ready(net: ClientSession, k: int, deadline: float) -> None:
     try:
         f = node.cmd.recv_frame(deadline)
     except TimeoutError:
-        raise ConnectError(f"{node.host}: the server did not finish setting up the network in time") from None
+        raise ConnectError(
+            f"{node.host}: the server did not finish setting up the network in time"
+        ) from None
     except (ConnectionClosed, ProtocolError) as e:
         raise ConnectError(f"{node.host}: {e}") from e
     if f.code not in (msg.SETUP_FAILED, msg.READY):
@@ -283,12 +326,20 @@ def _warn_versions(net: ClientSession) -> None:
     diffs = []
     for node in net.nodes[1:]:
         theirs = node.versions
-        d = [f"{key} {theirs.get(key, '?')} (client {mine[key]})" for key in mine if theirs.get(key) != mine[key]]
+        d = [
+            f"{key} {theirs.get(key, '?')} (client {mine[key]})"
+            for key in mine
+            if theirs.get(key) != mine[key]
+        ]
         if d:
             diffs.append(f"{node.host} (node {node.index}): " + ", ".join(d))
     if diffs:
-        warnings.warn("parnet: versions differ between nodes; values or functions may not travel: "
-                      + "; ".join(diffs), RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "parnet: versions differ between nodes; values or functions may not travel: "
+            + "; ".join(diffs),
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 _reval_frames: dict[str, bytes] = {}  # encoded REVAL frames of recent command strings
@@ -307,7 +358,9 @@ def servers_of(connections: Connections, what: str) -> tuple[ClientSession, list
     return net, [k for k in connections.indices if k != 0]
 
 
-def _send_cmd(net: ClientSession, k: int, code: int, body: bytes, bufs: Sequence = (), flags: int = 0) -> None:
+def _send_cmd(
+    net: ClientSession, k: int, code: int, body: bytes, bufs: Sequence = (), flags: int = 0
+) -> None:
     """Sends a command frame to server ``k`` after raising its pending errors (``code`` 0:
     ``body`` is a whole encoded frame)."""
     node = net.nodes[k]
@@ -388,8 +441,15 @@ def _barrier(net: ClientSession, ks: Sequence[int]) -> None:
     _call_and_wait(net, {k: next(_req_ids) for k in ks}, msg.Call(0, int, (), {}, None, None, True))
 
 
-def rfeval(func: Callable[..., Any], *args: Any, connection: Connections, nout: int | None = None,
-           isout: Sequence[bool] | None = None, wait: bool = True, **kwargs: Any) -> Any:
+def rfeval(
+    func: Callable[..., Any],
+    *args: Any,
+    connection: Connections,
+    nout: int | None = None,
+    isout: Sequence[bool] | None = None,
+    wait: bool = True,
+    **kwargs: Any,
+) -> Any:
     """Calls ``func(*args, **kwargs)`` at the one server ``connection``.
 
     Args:
@@ -490,14 +550,25 @@ def network_get_info(connections: Connections) -> list[NodeInfo]:
         One ``NodeInfo`` per node, in the order of ``connections``.
     """
     if not isinstance(connections, Connections):
-        raise TypeError(f"network_get_info: expected a Connections object, got {type(connections).__name__}")
+        raise TypeError(
+            f"network_get_info: expected a Connections object, got {type(connections).__name__}"
+        )
     net = connections.network
     out = []
     for k in connections.indices:
         node = net.nodes[k]
         if k == net.self_index:
-            out.append(NodeInfo(True, len(os.sched_getaffinity(0)), node.nlocaljobs, "", not net.closed,
-                                net.id_str, k))
+            out.append(
+                NodeInfo(
+                    True,
+                    len(os.sched_getaffinity(0)),
+                    node.nlocaljobs,
+                    "",
+                    not net.closed,
+                    net.id_str,
+                    k,
+                )
+            )
             continue
         if isinstance(net, ClientSession) and not net.closed:
             net.pump_cmd(k)

@@ -116,8 +116,16 @@ class _CallStream(MapSession):
         self.interrupt_done = threading.Event()
         self.interrupted: list[Future] = []
         self._rr = 0
-        spec = {"fun": call_packed, "nout": 1, "vectorized": False, "chunk_size": 1, "n": 0,
-                "error_handler": None, "cum_func": None, "stream": True}
+        spec = {
+            "fun": call_packed,
+            "nout": 1,
+            "vectorized": False,
+            "chunk_size": 1,
+            "n": 0,
+            "error_handler": None,
+            "cum_func": None,
+            "stream": True,
+        }
         self.register()
         self.alive = [k for k in self.alive if self._send(k, msg.MapStart(self.map_id, spec))]
         self.out = {k: {} for k in self.alive}
@@ -166,7 +174,12 @@ class _CallStream(MapSession):
                     self._fail_all(self.broken)
                     return
                 self._dispatch()
-                if self.stopping and not self.queue and not self.retry and not any(self.out.values()):
+                if (
+                    self.stopping
+                    and not self.queue
+                    and not self.retry
+                    and not any(self.out.values())
+                ):
                     return
         except BaseException as e:  # noqa: BLE001 - no future may hang on a bug here
             log.exception("Executor: the dispatcher failed")
@@ -292,16 +305,24 @@ class _CallStream(MapSession):
             for call in calls:
                 call.lost += 1
                 if call.lost >= 2:
-                    err = msg.remote_error(net.nodes[k].host, k, "ConnectionClosed",
-                                           f"Executor: a call of {_fn_name(call)} was lost with two servers "
-                                           "that died while running it; not retried again")
+                    err = msg.remote_error(
+                        net.nodes[k].host,
+                        k,
+                        "ConnectionClosed",
+                        f"Executor: a call of {_fn_name(call)} was lost with two servers "
+                        "that died while running it; not retried again",
+                    )
                     _set_exception(call.fut, err)
                 else:
                     again.append(call)
             self.retry.extendleft(reversed(again))
             if calls:
-                log.warning("Executor: %s is gone (%s); rerunning %d calls elsewhere", net.name(k),
-                            net.nodes[k].closed_reason, len(again))
+                log.warning(
+                    "Executor: %s is gone (%s); rerunning %d calls elsewhere",
+                    net.name(k),
+                    net.nodes[k].closed_reason,
+                    len(again),
+                )
         if not self.alive:
             self.broken = ConnectionClosed("Executor: every server has gone")
 
@@ -316,7 +337,9 @@ class _CallStream(MapSession):
         self.want_interrupt = False
         self._cancel_queued()
         while self.retry:
-            _set_exception(self.retry.popleft().fut, CancelledError("interrupted (Ctrl-C at the client)"))
+            _set_exception(
+                self.retry.popleft().fut, CancelledError("interrupted (Ctrl-C at the client)")
+            )
         ks = [k for k in self.alive if self.out[k]]
         self.interrupted = [c.fut for k in ks for c in self.out[k].values()]
         for k in ks:
@@ -328,7 +351,9 @@ class _CallStream(MapSession):
 
     def _fail_all(self, e: BaseException) -> None:
         exc = e if isinstance(e, Exception) else ConnectionClosed(f"Executor: {e!r}")
-        for call in list(self.queue) + list(self.retry) + [c for d in self.out.values() for c in d.values()]:
+        for call in (
+            list(self.queue) + list(self.retry) + [c for d in self.out.values() for c in d.values()]
+        ):
             if call.sent or call.fut.set_running_or_notify_cancel():
                 _set_exception(call.fut, exc)
         self.queue.clear()
@@ -376,15 +401,20 @@ class Executor(concurrent.futures.Executor):
     """
 
     def __init__(self, connections: Connections, *, max_workers: int | None = None) -> None:
-        if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
-                                        or max_workers < 1):
-            raise ValueError(f"Executor: max_workers must be an int >= 1 or None, got {max_workers!r}")
+        if max_workers is not None and (
+            isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
+        ):
+            raise ValueError(
+                f"Executor: max_workers must be an int >= 1 or None, got {max_workers!r}"
+            )
         self._stream = _CallStream(connections, max_workers)
         self._lock = threading.Lock()
         self._shutdown = False
         self._ids = itertools.count()
         self._fns: dict[int, tuple[Any, Shared]] = {}
-        self._thread = threading.Thread(target=self._stream.run, name="parnet-executor", daemon=True)
+        self._thread = threading.Thread(
+            target=self._stream.run, name="parnet-executor", daemon=True
+        )
         self._thread.start()
         weakref.finalize(self, _CallStream.stop, self._stream)  # forgotten without shutdown
 
@@ -400,8 +430,10 @@ class Executor(concurrent.futures.Executor):
         s = self._stream
         running = sum(len(d) for d in s.out.values())
         state = "shut down" if self._shutdown else ("broken" if s.broken else "open")
-        return (f"<parnet.Executor {state}: servers {list(s.alive)}, {running} calls out, "
-                f"{len(s.queue)} queued>")
+        return (
+            f"<parnet.Executor {state}: servers {list(s.alive)}, {running} calls out, "
+            f"{len(s.queue)} queued>"
+        )
 
     def _pack(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         got = self._fns.get(id(fn))
@@ -432,7 +464,9 @@ class Executor(concurrent.futures.Executor):
         try:
             blob = self._pack(fn, args, kwargs)
         except Exception as e:  # noqa: BLE001 - reported on the future
-            e.add_note(f"while pickling a call of {getattr(fn, '__qualname__', fn)!r} for the Executor")
+            e.add_note(
+                f"while pickling a call of {getattr(fn, '__qualname__', fn)!r} for the Executor"
+            )
             fut.set_exception(e)
             return fut
         with self._lock:
@@ -444,8 +478,13 @@ class Executor(concurrent.futures.Executor):
         s.wake()
         return fut
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
         """``fn`` over the iterables, results in order; ``chunksize`` calls travel as one.
 
         Raises:

@@ -76,10 +76,17 @@ _map_ids = itertools.count(1)
 # client side
 
 
-def netcellfun(connections: Connections, fun: Callable[..., Any], *iterables: Iterable[Any],
-               uniform_output: bool = True, error_handler: Callable[..., Any] | None = None,
-               verbose: int = 0, chunk_size: int = 1, cum_func: Callable[..., Any] | None = None,
-               nout: int = 1) -> Any:
+def netcellfun(
+    connections: Connections,
+    fun: Callable[..., Any],
+    *iterables: Iterable[Any],
+    uniform_output: bool = True,
+    error_handler: Callable[..., Any] | None = None,
+    verbose: int = 0,
+    chunk_size: int = 1,
+    cum_func: Callable[..., Any] | None = None,
+    nout: int = 1,
+) -> Any:
     """Maps ``fun`` over equal-length iterables on the servers of ``connections``.
 
     ``fun(a[i], b[i], ...)`` runs on the servers (the local machine, if in ``connections``,
@@ -122,15 +129,36 @@ def netcellfun(connections: Connections, fun: Callable[..., Any], *iterables: It
         TypeError: ``fun`` is not callable.
     """
     n, cols = cell_columns(iterables)
-    return NetMap(connections, fun, cols, n, None, "cell", uniform_output=uniform_output,
-                  error_handler=error_handler, verbose=verbose, chunk_size=chunk_size,
-                  cum_func=cum_func, nout=nout, vectorized=False, name="netcellfun").run()
+    return NetMap(
+        connections,
+        fun,
+        cols,
+        n,
+        None,
+        "cell",
+        uniform_output=uniform_output,
+        error_handler=error_handler,
+        verbose=verbose,
+        chunk_size=chunk_size,
+        cum_func=cum_func,
+        nout=nout,
+        vectorized=False,
+        name="netcellfun",
+    ).run()
 
 
-def netarrayfun(connections: Connections, fun: Callable[..., Any], *arrays: Any,
-                uniform_output: bool = True, error_handler: Callable[..., Any] | None = None,
-                verbose: int = 0, chunk_size: int = 1, cum_func: Callable[..., Any] | None = None,
-                vectorized: bool = False, nout: int = 1) -> Any:
+def netarrayfun(
+    connections: Connections,
+    fun: Callable[..., Any],
+    *arrays: Any,
+    uniform_output: bool = True,
+    error_handler: Callable[..., Any] | None = None,
+    verbose: int = 0,
+    chunk_size: int = 1,
+    cum_func: Callable[..., Any] | None = None,
+    vectorized: bool = False,
+    nout: int = 1,
+) -> Any:
     """Maps ``fun`` element-wise over equal-shape array-likes on the servers; keeps the shape.
 
     Works as ``netcellfun``; elements are taken in C order and the results keep the
@@ -155,9 +183,22 @@ def netarrayfun(connections: Connections, fun: Callable[..., Any], *arrays: Any,
             ``netcellfun``.
     """
     shape, n, cols = array_columns(arrays)
-    return NetMap(connections, fun, cols, n, shape, "array", uniform_output=uniform_output,
-                  error_handler=error_handler, verbose=verbose, chunk_size=chunk_size,
-                  cum_func=cum_func, nout=nout, vectorized=vectorized, name="netarrayfun").run()
+    return NetMap(
+        connections,
+        fun,
+        cols,
+        n,
+        shape,
+        "array",
+        uniform_output=uniform_output,
+        error_handler=error_handler,
+        verbose=verbose,
+        chunk_size=chunk_size,
+        cum_func=cum_func,
+        nout=nout,
+        vectorized=vectorized,
+        name="netarrayfun",
+    ).run()
 
 
 class MapSession:
@@ -202,17 +243,38 @@ class MapSession:
         the message (e.g. "netcellfun: element 3")."""
         assert res.error is not None
         index, identifier, message, tb = res.error
-        return msg.remote_error(self.net.nodes[k].host, k, identifier, f"{what} raised {identifier}: {message}",
-                                tb, res.exception, index=index)
+        return msg.remote_error(
+            self.net.nodes[k].host,
+            k,
+            identifier,
+            f"{what} raised {identifier}: {message}",
+            tb,
+            res.exception,
+            index=index,
+        )
 
 
 class NetMap(MapSession):
     """One network map in progress (see the module docstring)."""
 
-    def __init__(self, connections: Connections, fun: Callable[..., Any], cols: Sequence[Any],
-                 n: int, shape: tuple[int, ...] | None, kind: str, *, uniform_output: bool,
-                 error_handler: Callable[..., Any] | None, verbose: int, chunk_size: int,
-                 cum_func: Callable[..., Any] | None, nout: int, vectorized: bool, name: str) -> None:
+    def __init__(
+        self,
+        connections: Connections,
+        fun: Callable[..., Any],
+        cols: Sequence[Any],
+        n: int,
+        shape: tuple[int, ...] | None,
+        kind: str,
+        *,
+        uniform_output: bool,
+        error_handler: Callable[..., Any] | None,
+        verbose: int,
+        chunk_size: int,
+        cum_func: Callable[..., Any] | None,
+        nout: int,
+        vectorized: bool,
+        name: str,
+    ) -> None:
         if not callable(fun):
             raise TypeError(f"{name}: fun must be callable")
         if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -220,11 +282,15 @@ class NetMap(MapSession):
         if not isinstance(nout, int) or nout < 1:
             raise ValueError(f"{name}: nout must be an int >= 1")
         if not isinstance(verbose, int):
-            raise TypeError(f"{name}: verbose must be an int (0: quiet, 1: progress bar), got {verbose!r:.40}")
+            raise TypeError(
+                f"{name}: verbose must be an int (0: quiet, 1: progress bar), got {verbose!r:.40}"
+            )
         net, ks = servers_of(connections, name)
         if not ks:
-            raise ValueError(f"{name}: no servers in these connections (node 0 is this machine; "
-                             "use connections[1:])")
+            raise ValueError(
+                f"{name}: no servers in these connections (node 0 is this machine; "
+                "use connections[1:])"
+            )
         super().__init__(net)
         self.servers = [k for k in ks if self.net.nodes[k].open]
         if not self.servers:
@@ -234,8 +300,15 @@ class NetMap(MapSession):
         self.error_handler, self.cum_func = error_handler, cum_func
         self.cs = chunk_size
         self.njobs = -(-n // chunk_size)
-        self.asm = Assembler(n, shape=shape, nout=nout, uniform_output=uniform_output,
-                             cum_func=cum_func, kind=kind, name=name)  # type: ignore[arg-type]
+        self.asm = Assembler(
+            n,
+            shape=shape,
+            nout=nout,
+            uniform_output=uniform_output,
+            cum_func=cum_func,
+            kind=kind,  # type: ignore[arg-type]
+            name=name,
+        )
         self.verbose = verbose
         self.work_time = 0.0  # measured run time of the jobs back so far, and their count
         self.work_jobs = 0
@@ -263,10 +336,15 @@ class NetMap(MapSession):
     def _run(self, bar: Any) -> Any:  # noqa: C901
         net = self.net
         cs, njobs = self.cs, self.njobs
-        spec = {"fun": Shared(self.fun), "nout": self.nout, "vectorized": self.vectorized,
-                "chunk_size": cs, "n": self.n,
-                "error_handler": Shared(self.error_handler) if self.error_handler else None,
-                "cum_func": Shared(self.cum_func) if self.cum_func else None}
+        spec = {
+            "fun": Shared(self.fun),
+            "nout": self.nout,
+            "vectorized": self.vectorized,
+            "chunk_size": cs,
+            "n": self.n,
+            "error_handler": Shared(self.error_handler) if self.error_handler else None,
+            "cum_func": Shared(self.cum_func) if self.cum_func else None,
+        }
         self.spec = spec
         alive = list(self.servers)
         # Job j covers elements [j*cs, min(n, (j+1)*cs)). Bookkeeping is per job range, in
@@ -288,7 +366,12 @@ class NetMap(MapSession):
                 if not self.inbox:
                     links = [net.nodes[k].cmd for k in alive]
                     deadline = time.monotonic() + 1.0
-                    if len(self.active) < len(alive) and self.npending and not self.work_jobs and not self.slow:
+                    if (
+                        len(self.active) < len(alive)
+                        and self.npending
+                        and not self.work_jobs
+                        and not self.slow
+                    ):
                         deadline = min(deadline, self.t0 + FANOUT_AFTER)
                     ready = wait_links(links, deadline)  # type: ignore[arg-type]
                     for pos in ready:
@@ -406,14 +489,23 @@ class NetMap(MapSession):
             twice = lost[self.lost_with[lost] >= 2]
             if twice.size:
                 idx = int(twice[0]) * self.cs
-                raise msg.remote_error(self.net.nodes[k].host, k, "ConnectionClosed",
-                                  f"{self.name}: the job at element {idx} was lost with two servers "
-                                  "that died while running it; not retried again")
+                raise msg.remote_error(
+                    self.net.nodes[k].host,
+                    k,
+                    "ConnectionClosed",
+                    f"{self.name}: the job at element {idx} was lost with two servers "
+                    "that died while running it; not retried again",
+                )
             for j0, j1 in reversed(_runs(lost.tolist())):
                 self.pending.appendleft((j0, j1))
             self.npending += lost.size
             if lost.size:
-                log.warning("%s: %s died; rerunning %d jobs elsewhere", self.name, self.net.name(k), lost.size)
+                log.warning(
+                    "%s: %s died; rerunning %d jobs elsewhere",
+                    self.name,
+                    self.net.name(k),
+                    lost.size,
+                )
         if not self.alive:
             raise ConnectionClosed(f"{self.name}: every server has gone")
         if not self.active:

@@ -51,7 +51,9 @@ class ServerNode(Node):
         self.cmd: Link | None = None
         self.errors: deque[msg.ErrorReport] = deque()
         self.results: dict[int, Any] = {}  # rfeval results that came on the command link
-        self.calls: set[int] = set()  # requests whose caller waits for the answer (its own error too)
+        self.calls: set[int] = (
+            set()
+        )  # requests whose caller waits for the answer (its own error too)
         self.interrupt_pending = False  # Ctrl-C sent, not yet acknowledged
         self.told = 0  # ERROR/OUTPUT/SHUTDOWN frames read from the command link
         self.out_partial = b""  # forwarded output: the unfinished last line
@@ -117,7 +119,14 @@ class ClientSession(Network):
             return None
         node = self.nodes[k]
         link = node.data
-        if not node.open or node.stash or node.errors or node.cmd is None or link is None or link.tls:
+        if (
+            not node.open
+            or node.stash
+            or node.errors
+            or node.cmd is None
+            or link is None
+            or link.tls
+        ):
             return None
         f = link.take_frame()
         if f is None:
@@ -133,7 +142,9 @@ class ClientSession(Network):
             raise ProtocolError(f"unexpected message {f.code} on the data link from {self.name(k)}")
         return f
 
-    def _wait_value(self, k: int, link: Link, deadline: float | None, timeout: float | None) -> Frame | None:
+    def _wait_value(
+        self, k: int, link: Link, deadline: float | None, timeout: float | None
+    ) -> Frame | None:
         """Waits on the data link and the command link at once (one cached poll object):
         a failure reported on the command link ends the wait."""
         node = self.nodes[k]
@@ -216,7 +227,11 @@ class ClientSession(Network):
             node.told += 1
         handler = self._handlers.get(f.code)
         if handler is None:
-            log.warning("unexpected message %s from %s", msg.NAMES.get(f.code, f.code), self.name(node.index))
+            log.warning(
+                "unexpected message %s from %s",
+                msg.NAMES.get(f.code, f.code),
+                self.name(node.index),
+            )
         else:
             handler(self, node, f)
 
@@ -248,8 +263,12 @@ class ClientSession(Network):
 
     #: Command-link frame code -> handler.
     _handlers: dict[int, Callable[[ClientSession, ServerNode, Frame], None]] = {
-        msg.OUTPUT: _on_output, msg.ERROR: _on_error, msg.INTERRUPT: _on_interrupt_done,
-        msg.SHUTDOWN: _on_shutdown, msg.RESULT: _on_result, msg.MAP_RESULT: _on_map_result,
+        msg.OUTPUT: _on_output,
+        msg.ERROR: _on_error,
+        msg.INTERRUPT: _on_interrupt_done,
+        msg.SHUTDOWN: _on_shutdown,
+        msg.RESULT: _on_result,
+        msg.MAP_RESULT: _on_map_result,
     }
 
     def _print_output(self, node: ServerNode, data: bytes) -> None:

@@ -124,8 +124,14 @@ class MapElementError(ParnetError):
         remote_traceback: the formatted traceback where it ran ("" if none).
     """
 
-    def __init__(self, index: int, identifier: str, message: str, remote_traceback: str = "",
-                 where: str = "map") -> None:
+    def __init__(
+        self,
+        index: int,
+        identifier: str,
+        message: str,
+        remote_traceback: str = "",
+        where: str = "map",
+    ) -> None:
         self.index = index
         self.identifier = identifier
         self.message = message
@@ -140,8 +146,10 @@ class MapElementError(ParnetError):
         return text
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.index, self.identifier, self.message, self.remote_traceback,
-                             self.where))
+        return (
+            type(self),
+            (self.index, self.identifier, self.message, self.remote_traceback, self.where),
+        )
 
 
 class JobInterrupted(ParnetError):
@@ -303,7 +311,9 @@ def chunk_ranges(n: int, chunk_size: int) -> list[range]:
     return [range(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
 
 
-def guided_ranges(n: int, nproc: int, *, factor: int = 2, min_size: int | None = None) -> list[range]:
+def guided_ranges(
+    n: int, nproc: int, *, factor: int = 2, min_size: int | None = None
+) -> list[range]:
     """Cuts ``range(n)`` into shrinking ranges for self-scheduling ("guided" chunks).
 
     Each chunk is ``ceil(remaining / (factor * nproc))`` elements, never fewer than
@@ -337,8 +347,15 @@ class GuidedChunker:
         target: seconds a chunk should take at least, once the cost is known.
     """
 
-    def __init__(self, n: int, nproc: int, *, factor: int = 2, min_size: int | None = None,
-                 target: float = 0.005) -> None:
+    def __init__(
+        self,
+        n: int,
+        nproc: int,
+        *,
+        factor: int = 2,
+        min_size: int | None = None,
+        target: float = 0.005,
+    ) -> None:
         if n < 0 or nproc < 1 or factor < 1:
             raise ValueError(f"need n >= 0, nproc >= 1, factor >= 1; got {n}, {nproc}, {factor}")
         self.n = n
@@ -413,8 +430,10 @@ class ChunkTask:
 
     def __repr__(self) -> str:
         count = len(self.args[0]) if self.args else 0
-        return (f"ChunkTask(start={self.start}, count={count}, nargs={len(self.args)}, "
-                f"nout={self.nout}, vectorized={self.vectorized})")
+        return (
+            f"ChunkTask(start={self.start}, count={count}, nargs={len(self.args)}, "
+            f"nout={self.nout}, vectorized={self.vectorized})"
+        )
 
 
 @dataclass
@@ -457,9 +476,16 @@ def _portable_exception(e: BaseException) -> BaseException | None:
     return e
 
 
-def error_result(start: int, count: int, index: int, exc: BaseException, *,
-                 want_traceback: bool = True, portable: bool = True,
-                 skip_frames: int = 0) -> ChunkResult:
+def error_result(
+    start: int,
+    count: int,
+    index: int,
+    exc: BaseException,
+    *,
+    want_traceback: bool = True,
+    portable: bool = True,
+    skip_frames: int = 0,
+) -> ChunkResult:
     """Builds the ``ChunkResult`` of a chunk that failed at ``index`` with ``exc``.
 
     Args:
@@ -472,19 +498,33 @@ def error_result(start: int, count: int, index: int, exc: BaseException, *,
     """
     text = format_traceback(exc, skip_frames) if want_traceback else ""
     kept = _portable_exception(exc) if portable else exc
-    return ChunkResult(start, count, error=(index, type(exc).__name__, str(exc), text),
-                       exception=kept)
+    return ChunkResult(
+        start, count, error=(index, type(exc).__name__, str(exc), text), exception=kept
+    )
 
 
 def _failed(task: ChunkTask, count: int, index: int, exc: BaseException) -> ChunkResult:
     """``error_result`` of ``task``'s chunk, for an exception caught in a ``_run_*`` frame."""
-    return error_result(task.start, count, index, exc, want_traceback=task.want_traceback,
-                        portable=task.portable, skip_frames=1)
+    return error_result(
+        task.start,
+        count,
+        index,
+        exc,
+        want_traceback=task.want_traceback,
+        portable=task.portable,
+        skip_frames=1,
+    )
 
 
-def _stand_in(task: ChunkTask, eh: Callable[..., Any] | None, exc: Exception, index: int,
-              count: int, args: Sequence[Any],
-              check: Callable[[Any], Any] | None = None) -> tuple[Any, ChunkResult | None]:
+def _stand_in(
+    task: ChunkTask,
+    eh: Callable[..., Any] | None,
+    exc: Exception,
+    index: int,
+    count: int,
+    args: Sequence[Any],
+    check: Callable[[Any], Any] | None = None,
+) -> tuple[Any, ChunkResult | None]:
     """What replaces a call that raised ``exc`` at ``index``: ``(error_handler(MapErr, *args)
     passed through check, None)``; or ``(None, the chunk's error result)`` when there is no
     ``error_handler`` or it failed too."""
@@ -530,8 +570,12 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     return res
 
 
-def _run_elements(task: ChunkTask, fun: Callable[..., Any], eh: Callable[..., Any] | None,
-                  cf: Callable[..., Any] | None) -> ChunkResult:
+def _run_elements(
+    task: ChunkTask,
+    fun: Callable[..., Any],
+    eh: Callable[..., Any] | None,
+    cf: Callable[..., Any] | None,
+) -> ChunkResult:
     if task.nout > 1:
         return _run_elements_multi(task, fun, eh, cf)
     args = task.args
@@ -574,9 +618,12 @@ def _run_elements(task: ChunkTask, fun: Callable[..., Any], eh: Callable[..., An
     return ChunkResult(start, count, cum=acc, has_cum=True)
 
 
-def _run_elements_multi(task: ChunkTask, fun: Callable[..., Any],
-                        eh: Callable[..., Any] | None,
-                        cf: Callable[..., Any] | None) -> ChunkResult:
+def _run_elements_multi(
+    task: ChunkTask,
+    fun: Callable[..., Any],
+    eh: Callable[..., Any] | None,
+    cf: Callable[..., Any] | None,
+) -> ChunkResult:
     """``nout > 1``: each result is checked to be an ``nout``-tuple."""
     args = task.args
     start = task.start
@@ -589,8 +636,9 @@ def _run_elements_multi(task: ChunkTask, fun: Callable[..., Any],
         try:
             r = _as_outputs(fun(*a), nout, "fun")
         except Exception as e:
-            r, failed = _stand_in(task, eh, e, i, count, a,
-                                  lambda x: _as_outputs(x, nout, "error_handler"))
+            r, failed = _stand_in(
+                task, eh, e, i, count, a, lambda x: _as_outputs(x, nout, "error_handler")
+            )
             if failed is not None:
                 return failed
         if cf is None:
@@ -604,8 +652,9 @@ def _run_elements_multi(task: ChunkTask, fun: Callable[..., Any],
                 return _failed(task, count, i, e)
         i += 1
     if cf is not None:
-        return ChunkResult(start, count, cum=None if acc is _NOTHING else acc,
-                           has_cum=acc is not _NOTHING)
+        return ChunkResult(
+            start, count, cum=None if acc is _NOTHING else acc, has_cum=acc is not _NOTHING
+        )
     if not out:
         return ChunkResult(start, count, outputs=[[] for _ in range(nout)])
     return ChunkResult(start, count, outputs=[list(col) for col in zip(*out, strict=True)])
@@ -614,8 +663,9 @@ def _run_elements_multi(task: ChunkTask, fun: Callable[..., Any],
 def _as_column(r: Any, count: int, who: str) -> np.ndarray:
     arr = np.asarray(r)
     if arr.size != count:
-        raise ValueError(f"vectorized {who} returned shape {arr.shape} for a chunk of "
-                         f"{count} elements")
+        raise ValueError(
+            f"vectorized {who} returned shape {arr.shape} for a chunk of {count} elements"
+        )
     return arr.reshape(count)
 
 
@@ -627,8 +677,12 @@ def _vector_outputs(r: Any, task: ChunkTask, count: int, cumulative: bool, who: 
     return [_as_column(x, count, who) for x in _as_outputs(r, task.nout, who)]
 
 
-def _run_vectorized(task: ChunkTask, fun: Callable[..., Any], eh: Callable[..., Any] | None,
-                    cf: Callable[..., Any] | None) -> ChunkResult:
+def _run_vectorized(
+    task: ChunkTask,
+    fun: Callable[..., Any],
+    eh: Callable[..., Any] | None,
+    cf: Callable[..., Any] | None,
+) -> ChunkResult:
     args = task.args
     start = task.start
     count = len(args[0])
@@ -636,8 +690,15 @@ def _run_vectorized(task: ChunkTask, fun: Callable[..., Any], eh: Callable[..., 
     try:
         r = _vector_outputs(fun(*args), task, count, cumulative, "fun")
     except Exception as e:
-        r, failed = _stand_in(task, eh, e, start, count, args,
-                              lambda x: _vector_outputs(x, task, count, cumulative, "error_handler"))
+        r, failed = _stand_in(
+            task,
+            eh,
+            e,
+            start,
+            count,
+            args,
+            lambda x: _vector_outputs(x, task, count, cumulative, "error_handler"),
+        )
         if failed is not None:
             return failed
     if cumulative:
@@ -665,12 +726,16 @@ def dumps_result(res: ChunkResult, dumps: Callable[[Any], Any] = cloudpickle.dum
                     break
             else:
                 continue
-            err = TypeError(f"output {k} of element {bad_index} cannot be sent back: "
-                            f"{type(bad_exc).__name__}: {bad_exc}")
+            err = TypeError(
+                f"output {k} of element {bad_index} cannot be sent back: "
+                f"{type(bad_exc).__name__}: {bad_exc}"
+            )
             break
         else:
-            err = TypeError(f"the result of the chunk at {res.start} cannot be sent back: "
-                            f"{type(bad_exc).__name__}: {bad_exc}")
+            err = TypeError(
+                f"the result of the chunk at {res.start} cannot be sent back: "
+                f"{type(bad_exc).__name__}: {bad_exc}"
+            )
         return dumps(error_result(res.start, res.count, bad_index, err, want_traceback=False))
 
 
@@ -723,9 +788,17 @@ class Assembler:
         name: the map's name for error messages.
     """
 
-    def __init__(self, n: int, *, shape: tuple[int, ...] | None = None, nout: int = 1,
-                 uniform_output: bool = True, cum_func: Callable[..., Any] | None = None,
-                 kind: Literal["cell", "array"] = "cell", name: str = "map") -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        shape: tuple[int, ...] | None = None,
+        nout: int = 1,
+        uniform_output: bool = True,
+        cum_func: Callable[..., Any] | None = None,
+        kind: Literal["cell", "array"] = "cell",
+        name: str = "map",
+    ) -> None:
         if kind not in ("cell", "array"):
             raise ValueError(f"kind must be 'cell' or 'array', got {kind!r}")
         self.n = n
@@ -758,8 +831,9 @@ class Assembler:
         if res.start in self._parts:
             return False
         if res.start < 0 or res.start + res.count > self.n:
-            raise ValueError(f"{self.name}: chunk {res.start}+{res.count} outside the map of "
-                             f"{self.n}")
+            raise ValueError(
+                f"{self.name}: chunk {res.start}+{res.count} outside the map of {self.n}"
+            )
         if self.cum_func is not None:
             self._parts[res.start] = []
             if res.has_cum:
@@ -767,8 +841,7 @@ class Assembler:
         else:
             if res.outputs is None or len(res.outputs) != self.nout:
                 raise ValueError(f"{self.name}: chunk at {res.start} has no {self.nout} outputs")
-            self._parts[res.start] = [self._convert(res.start, res.count, o)
-                                      for o in res.outputs]
+            self._parts[res.start] = [self._convert(res.start, res.count, o) for o in res.outputs]
         self.count_done += res.count
         return True
 
@@ -778,13 +851,17 @@ class Assembler:
         elif self.nout == 1:
             self._acc = self.cum_func(self._acc, x)  # type: ignore[misc]
         else:
-            self._acc = _as_outputs(self.cum_func(*self._acc, *x),  # type: ignore[misc]
-                                    self.nout, "cum_func")
+            self._acc = _as_outputs(
+                self.cum_func(*self._acc, *x),  # type: ignore[misc]
+                self.nout,
+                "cum_func",
+            )
 
     def _convert(self, start: int, count: int, values: Any) -> Any:
         if len(values) != count:
-            raise ValueError(f"{self.name}: chunk at {start} has {len(values)} values for "
-                             f"{count} elements")
+            raise ValueError(
+                f"{self.name}: chunk at {start} has {len(values)} values for {count} elements"
+            )
         if self.uniform_output:
             return self._uniform(start, values)
         if self.kind == "cell":
@@ -810,7 +887,8 @@ class Assembler:
                 raise ValueError(
                     f"{self.name}: all values must be scalars when uniform_output=True; the "
                     f"result at {where} is {type(v).__name__} {_short_repr(v)}; use "
-                    f"uniform_output=False")
+                    f"uniform_output=False"
+                )
         out = np.empty(len(values), dtype=object)  # numbers NumPy has no dtype for
         for j, v in enumerate(values):
             out[j] = v

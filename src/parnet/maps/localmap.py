@@ -61,10 +61,17 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def parcellfun(nproc: int, fun: Callable[..., Any], *iterables: Iterable[Any],
-               uniform_output: bool = True, error_handler: Callable[..., Any] | None = None,
-               verbose: int = 0, chunks_per_proc: int | None = None,
-               cum_func: Callable[..., Any] | None = None, nout: int = 1) -> Any:
+def parcellfun(
+    nproc: int,
+    fun: Callable[..., Any],
+    *iterables: Iterable[Any],
+    uniform_output: bool = True,
+    error_handler: Callable[..., Any] | None = None,
+    verbose: int = 0,
+    chunks_per_proc: int | None = None,
+    cum_func: Callable[..., Any] | None = None,
+    nout: int = 1,
+) -> Any:
     """Calls ``fun(a[i], b[i], ...)`` for every ``i`` in ``nproc`` local processes.
 
     Args:
@@ -95,15 +102,36 @@ def parcellfun(nproc: int, fun: Callable[..., Any], *iterables: Iterable[Any],
         WorkerDiedError: a pool process died (the pool restarts on the next call).
     """
     n, cols = cell_columns(iterables)
-    return _run_map("parcellfun", "cell", nproc, fun, cols, n, None, uniform_output,
-                    error_handler, verbose, chunks_per_proc, cum_func, False, nout)
+    return _run_map(
+        "parcellfun",
+        "cell",
+        nproc,
+        fun,
+        cols,
+        n,
+        None,
+        uniform_output,
+        error_handler,
+        verbose,
+        chunks_per_proc,
+        cum_func,
+        False,
+        nout,
+    )
 
 
-def pararrayfun(nproc: int, fun: Callable[..., Any], *arrays: Any,
-                uniform_output: bool = True, error_handler: Callable[..., Any] | None = None,
-                verbose: int = 0, chunks_per_proc: int | None = None,
-                cum_func: Callable[..., Any] | None = None, vectorized: bool = False,
-                nout: int = 1) -> Any:
+def pararrayfun(
+    nproc: int,
+    fun: Callable[..., Any],
+    *arrays: Any,
+    uniform_output: bool = True,
+    error_handler: Callable[..., Any] | None = None,
+    verbose: int = 0,
+    chunks_per_proc: int | None = None,
+    cum_func: Callable[..., Any] | None = None,
+    vectorized: bool = False,
+    nout: int = 1,
+) -> Any:
     """Calls ``fun`` element-wise over equal-shape array-likes in ``nproc`` local processes.
 
     Same as ``parcellfun`` except: the arguments are array-likes of one shape (elements are
@@ -128,8 +156,22 @@ def pararrayfun(nproc: int, fun: Callable[..., Any], *arrays: Any,
             of the wrong length. Other errors as in ``parcellfun``.
     """
     shape, n, cols = array_columns(arrays)
-    return _run_map("pararrayfun", "array", nproc, fun, cols, n, shape, uniform_output,
-                    error_handler, verbose, chunks_per_proc, cum_func, vectorized, nout)
+    return _run_map(
+        "pararrayfun",
+        "array",
+        nproc,
+        fun,
+        cols,
+        n,
+        shape,
+        uniform_output,
+        error_handler,
+        verbose,
+        chunks_per_proc,
+        cum_func,
+        vectorized,
+        nout,
+    )
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -151,8 +193,9 @@ class _FixedChunks:
         pass
 
 
-def _plan(n: int, nproc: int, chunks_per_proc: int | None,
-          vectorized: bool) -> _FixedChunks | GuidedChunker:
+def _plan(
+    n: int, nproc: int, chunks_per_proc: int | None, vectorized: bool
+) -> _FixedChunks | GuidedChunker:
     if chunks_per_proc is None and vectorized:
         chunks_per_proc = 1
     if chunks_per_proc is not None:
@@ -160,11 +203,22 @@ def _plan(n: int, nproc: int, chunks_per_proc: int | None,
     return GuidedChunker(n, nproc)
 
 
-def _run_map(name: str, kind: str, nproc: int, fun: Callable[..., Any],
-             cols: Sequence[Any], n: int, shape: tuple[int, ...] | None,
-             uniform_output: bool, error_handler: Callable[..., Any] | None, verbose: int,
-             chunks_per_proc: int | None, cum_func: Callable[..., Any] | None,
-             vectorized: bool, nout: int) -> Any:
+def _run_map(
+    name: str,
+    kind: str,
+    nproc: int,
+    fun: Callable[..., Any],
+    cols: Sequence[Any],
+    n: int,
+    shape: tuple[int, ...] | None,
+    uniform_output: bool,
+    error_handler: Callable[..., Any] | None,
+    verbose: int,
+    chunks_per_proc: int | None,
+    cum_func: Callable[..., Any] | None,
+    vectorized: bool,
+    nout: int,
+) -> Any:
     _check_int("nproc", nproc, 1)
     _check_int("nout", nout, 1)
     if chunks_per_proc is not None:
@@ -175,18 +229,38 @@ def _run_map(name: str, kind: str, nproc: int, fun: Callable[..., Any],
     if fun is None:
         raise ValueError(f"{name}: fun must be callable")
     if not isinstance(verbose, int):
-        raise TypeError(f"{name}: verbose must be an int (0: quiet, 1: progress bar), got {verbose!r:.40}")
+        raise TypeError(
+            f"{name}: verbose must be an int (0: quiet, 1: progress bar), got {verbose!r:.40}"
+        )
     nproc = max(1, min(nproc, available_cores(), n))
-    asm = Assembler(n, shape=shape, nout=nout, uniform_output=uniform_output,
-                    cum_func=cum_func, kind=kind, name=name)  # type: ignore[arg-type]
+    asm = Assembler(
+        n,
+        shape=shape,
+        nout=nout,
+        uniform_output=uniform_output,
+        cum_func=cum_func,
+        kind=kind,  # type: ignore[arg-type]
+        name=name,
+    )
     bar = _progress(name, n) if verbose >= 1 else None
     try:
         if nproc == 1:
-            _run_here(fun, cols, n, nout, vectorized, error_handler, cum_func, asm, bar,
-                      chunks_per_proc)
+            _run_here(
+                fun, cols, n, nout, vectorized, error_handler, cum_func, asm, bar, chunks_per_proc
+            )
         else:
-            _run_pool(fun, cols, nproc, nout, vectorized, error_handler, cum_func, asm, bar,
-                      _plan(n, nproc, chunks_per_proc, vectorized))
+            _run_pool(
+                fun,
+                cols,
+                nproc,
+                nout,
+                vectorized,
+                error_handler,
+                cum_func,
+                asm,
+                bar,
+                _plan(n, nproc, chunks_per_proc, vectorized),
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -202,31 +276,57 @@ def _progress(name: str, n: int) -> Any:
 def _slices(cols: Sequence[Any], r: range, n: int) -> Sequence[Any]:
     if r.start == 0 and r.stop == n:
         return cols
-    return [c[r.start:r.stop] for c in cols]
+    return [c[r.start : r.stop] for c in cols]
 
 
-def _run_here(fun: Callable[..., Any], cols: Sequence[Any], n: int, nout: int,
-              vectorized: bool, error_handler: Callable[..., Any] | None,
-              cum_func: Callable[..., Any] | None, asm: Assembler, bar: Any,
-              chunks_per_proc: int | None) -> None:
+def _run_here(
+    fun: Callable[..., Any],
+    cols: Sequence[Any],
+    n: int,
+    nout: int,
+    vectorized: bool,
+    error_handler: Callable[..., Any] | None,
+    cum_func: Callable[..., Any] | None,
+    asm: Assembler,
+    bar: Any,
+    chunks_per_proc: int | None,
+) -> None:
     # Chunks only matter here for the progress bar and for what a vectorized fun is given.
     if vectorized or bar is not None:
         chunks = _plan(n, 1, chunks_per_proc, vectorized)
     else:
         chunks = _FixedChunks([range(n)] if n else [])
     for r in iter(chunks.next, None):
-        res = run_chunk(ChunkTask(fun, _slices(cols, r, n), r.start, nout, vectorized,
-                                  error_handler, cum_func, want_traceback=False,
-                                  portable=False))
+        res = run_chunk(
+            ChunkTask(
+                fun,
+                _slices(cols, r, n),
+                r.start,
+                nout,
+                vectorized,
+                error_handler,
+                cum_func,
+                want_traceback=False,
+                portable=False,
+            )
+        )
         asm.add(res)
         if bar is not None:
             bar.update(res.count)
 
 
-def _run_pool(fun: Callable[..., Any], cols: Sequence[Any], nproc: int, nout: int,
-              vectorized: bool, error_handler: Callable[..., Any] | None,
-              cum_func: Callable[..., Any] | None, asm: Assembler, bar: Any,
-              chunks: _FixedChunks | GuidedChunker) -> None:
+def _run_pool(
+    fun: Callable[..., Any],
+    cols: Sequence[Any],
+    nproc: int,
+    nout: int,
+    vectorized: bool,
+    error_handler: Callable[..., Any] | None,
+    cum_func: Callable[..., Any] | None,
+    asm: Assembler,
+    bar: Any,
+    chunks: _FixedChunks | GuidedChunker,
+) -> None:
     pool = get_pool(nproc)
     n = asm.n
     sfun = Shared(fun)
@@ -242,8 +342,7 @@ def _run_pool(fun: Callable[..., Any], cols: Sequence[Any], nproc: int, nout: in
         r = chunks.next()
         if r is None:
             return False
-        fut = pool.submit(ChunkTask(sfun, _slices(cols, r, n), r.start, nout, vectorized,
-                                    seh, scf))
+        fut = pool.submit(ChunkTask(sfun, _slices(cols, r, n), r.start, nout, vectorized, seh, scf))
         inflight.add(fut)
         fut.add_done_callback(finished.put)
         return True

@@ -133,8 +133,9 @@ def _init_worker(parent_pid: int) -> None:
         with contextlib.suppress(Exception):
             if isinstance(stream, io.TextIOWrapper):
                 stream.reconfigure(line_buffering=True)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
-                     name="parnet-parent-watch").start()
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid,), daemon=True, name="parnet-parent-watch"
+    ).start()
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -224,8 +225,12 @@ class Pool:
         if old is not None:
             old.shutdown(wait=False, kill_workers=self._broken)
         self._executor = ProcessPoolExecutor(
-            max_workers=self._nproc, context=get_context("loky"), timeout=None,
-            initializer=_init_worker, initargs=(os.getpid(),))
+            max_workers=self._nproc,
+            context=get_context("loky"),
+            timeout=None,
+            initializer=_init_worker,
+            initargs=(os.getpid(),),
+        )
         self._broken = False
         log.debug("started pool executor with %d processes", self._nproc)
 
@@ -255,8 +260,9 @@ class Pool:
         try:
             blob = cloudpickle.dumps(task, protocol=5)
         except Exception as e:
-            e.add_note(f"while pickling the chunk at {task.start} ({count} elements) for the "
-                       f"process pool")
+            e.add_note(
+                f"while pickling the chunk at {task.start} ({count} elements) for the process pool"
+            )
             fut.set_exception(e)
             return fut
         executor = self._current_executor()
@@ -274,8 +280,14 @@ class Pool:
         inner.add_done_callback(lambda f: self._finish(fut, task.start, count, f, used))
         return fut
 
-    def _finish(self, fut: _ChunkFuture, start: int, count: int,
-                inner: concurrent.futures.Future, executor: Any = None) -> None:
+    def _finish(
+        self,
+        fut: _ChunkFuture,
+        start: int,
+        count: int,
+        inner: concurrent.futures.Future,
+        executor: Any = None,
+    ) -> None:
         if fut.done():
             return
         try:
@@ -287,8 +299,10 @@ class Pool:
                 try:
                     fut.set_result(pickle.loads(inner.result()))
                 except Exception as e:
-                    err = ParnetError(f"could not unpickle the result of the chunk at {start}: "
-                                      f"{type(e).__name__}: {e}")
+                    err = ParnetError(
+                        f"could not unpickle the result of the chunk at {start}: "
+                        f"{type(e).__name__}: {e}"
+                    )
                     err.__cause__ = e
                     fut.set_exception(err)
             elif isinstance(exc, concurrent.futures.BrokenExecutor):
@@ -300,12 +314,15 @@ class Pool:
                 what = f"exit codes {codes}" if codes else str(exc).splitlines()[0]
                 err = WorkerDiedError(
                     f"a process of the local pool died while elements {start}..{start + count - 1}"
-                    f" were in flight ({what}); the pool restarts on the next call", codes)
+                    f" were in flight ({what}); the pool restarts on the next call",
+                    codes,
+                )
                 err.__cause__ = exc
                 fut.set_exception(err)
             elif isinstance(exc, RuntimeError) and "shut" in str(exc).lower():
-                err2 = PoolShutDownError(f"the pool was shut down with the chunk at {start} in "
-                                         f"flight")
+                err2 = PoolShutDownError(
+                    f"the pool was shut down with the chunk at {start} in flight"
+                )
                 err2.__cause__ = exc
                 fut.set_exception(err2)
             else:
@@ -329,8 +346,12 @@ class Pool:
         if kill:
             executor.shutdown(wait=True, kill_workers=True)
             return
-        t = threading.Thread(target=executor.shutdown, kwargs={"wait": True},
-                             name="parnet-pool-shutdown", daemon=True)
+        t = threading.Thread(
+            target=executor.shutdown,
+            kwargs={"wait": True},
+            name="parnet-pool-shutdown",
+            daemon=True,
+        )
         t.start()
         t.join(timeout)
         if t.is_alive():
@@ -345,10 +366,20 @@ _pool_lock = threading.Lock()
 #: thread: a pool started by a background thread while user code imports in another (e.g.
 #: joblib, whose vendored loky imports the same ``multiprocessing`` modules) could otherwise
 #: meet it in a cycle of module locks, and one of them gets a partially initialized module.
-_POOL_MODULES = ("loky", "loky.backend.context", "loky.backend.fork_exec", "loky.backend.popen_loky_posix",
-                 "loky.backend.resource_tracker", "loky.backend.spawn", "loky.backend.synchronize",
-                 "multiprocessing.resource_tracker", "multiprocessing.spawn", "json", "runpy",
-                 "importlib.util")
+_POOL_MODULES = (
+    "loky",
+    "loky.backend.context",
+    "loky.backend.fork_exec",
+    "loky.backend.popen_loky_posix",
+    "loky.backend.resource_tracker",
+    "loky.backend.spawn",
+    "loky.backend.synchronize",
+    "multiprocessing.resource_tracker",
+    "multiprocessing.spawn",
+    "json",
+    "runpy",
+    "importlib.util",
+)
 
 
 def preload() -> None:

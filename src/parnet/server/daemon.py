@@ -160,7 +160,7 @@ def peer_uid(sock: socket.socket) -> int | None:
 
     def hexaddr(a: tuple) -> str:
         raw = socket.inet_pton(sock.family, a[0])
-        words = [raw[k:k + 4] for k in range(0, len(raw), 4)]
+        words = [raw[k : k + 4] for k in range(0, len(raw), 4)]
         return "".join(f"{int.from_bytes(w, sys.byteorder):08X}" for w in words) + f":{a[1]:04X}"
 
     key = f" {hexaddr(there)} {hexaddr(here)} "  # local and remote, as the peer's socket sees them
@@ -170,7 +170,9 @@ def peer_uid(sock: socket.socket) -> int | None:
         at = text.find(key)
         if at < 0:
             return None
-        return int(text[at:text.find("\n", at)].split()[6])  # after local, remote: st, queues, tr, retr, uid
+        return int(
+            text[at : text.find("\n", at)].split()[6]
+        )  # after local, remote: st, queues, tr, retr, uid
     except (OSError, ValueError, IndexError):
         return None
 
@@ -235,6 +237,7 @@ class _Pending:
 
     def __post_init__(self) -> None:
         self.key = source_key(self.ip)
+
     watched: bool = True
 
 
@@ -255,9 +258,17 @@ class _WorkerRec:
 class Daemon:
     """A parnet server (see the module docstring). ``prepare()`` then ``run()``."""
 
-    def __init__(self, *, use_tls: bool = True, auth_file: str | None = None, cmd_port: int = CMD_PORT,
-                 data_port: int = DATA_PORT, bind: str | None = None, allow_root: bool = False,
-                 log_file: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        use_tls: bool = True,
+        auth_file: str | None = None,
+        cmd_port: int = CMD_PORT,
+        data_port: int = DATA_PORT,
+        bind: str | None = None,
+        allow_root: bool = False,
+        log_file: str | None = None,
+    ) -> None:
         self.use_tls = use_tls
         self.auth_file = auth_file
         self.cmd_port = cmd_port
@@ -276,7 +287,10 @@ class Daemon:
         self._listeners: list[socket.socket] = []
         self._wake_r = self._wake_w = -1
         self.rlog = RefusalLog(log)
-        self._accepts: dict[int, deque[float]] = {handshake.KIND_CMD: deque(), handshake.KIND_DATA: deque()}
+        self._accepts: dict[int, deque[float]] = {
+            handshake.KIND_CMD: deque(),
+            handshake.KIND_DATA: deque(),
+        }
         self._tokens = float(FORKS_PER_SECOND)
         self._tokens_at = time.monotonic()
         self.recent_failures: deque[float] = deque(maxlen=4096)  # failed logins, all sources
@@ -286,7 +300,9 @@ class Daemon:
         #: without TLS its SETUP, which waits for the client's other logins: longer)
         self.first_bytes_deadline = PREAMBLE_DEADLINE if use_tls else AUTH_DEADLINE
         #: without TLS on loopback, only the server's own user may connect (SECURITY.md row 27)
-        self.own_uid_only = not use_tls and ipaddress.ip_address(self.bind.split("%", 1)[0]).is_loopback  # the pid file, locked while the daemon runs
+        self.own_uid_only = (
+            not use_tls and ipaddress.ip_address(self.bind.split("%", 1)[0]).is_loopback
+        )  # the pid file, locked while the daemon runs
         self._stopped: set[int] = set()  # waiting workers stopped to make room (not reaped yet)
 
     # -- start -----------------------------------------------------------------------
@@ -301,8 +317,10 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         if os.geteuid() == 0 and not self.allow_root:
-            raise ParnetError("refusing to run as root (code sent by clients would run as root); "
-                              "use --allow-root / allow_root=True to override")
+            raise ParnetError(
+                "refusing to run as root (code sent by clients would run as root); "
+                "use --allow-root / allow_root=True to override"
+            )
         self._setup_logging()
         if os.geteuid() == 0:
             log.warning("running as root (--allow-root): clients' code runs as root")
@@ -318,14 +336,24 @@ class Daemon:
 
             auth = load_server_auth(self.auth_file)
             cert, key = ensure_server_identity()
-            self.cfg = ServerConfig(True, self.data_port, server_context(cert, key), client_context(),
-                                    cert_binding(load_cert_der(cert)), auth)
+            self.cfg = ServerConfig(
+                True,
+                self.data_port,
+                server_context(cert, key),
+                client_context(),
+                cert_binding(load_cert_der(cert)),
+                auth,
+            )
         else:
-            msg = (f"WARNING: parnet server on {self.bind} without TLS: anyone who can connect to "
-                   f"ports {self.cmd_port}/{self.data_port} can run code as this user")
+            msg = (
+                f"WARNING: parnet server on {self.bind} without TLS: anyone who can connect to "
+                f"ports {self.cmd_port}/{self.data_port} can run code as this user"
+            )
             if self.own_uid_only:
-                msg += (f"; on this loopback address it accepts only connections from processes of "
-                        f"its own user (uid {os.geteuid()})")
+                msg += (
+                    f"; on this loopback address it accepts only connections from processes of "
+                    f"its own user (uid {os.geteuid()})"
+                )
             log.warning(msg)
             print(msg, file=sys.stderr)
             self.warnings.append(msg)
@@ -335,8 +363,14 @@ class Daemon:
         for port in (self.cmd_port, self.data_port):
             self._listeners.append(self._listen(port))
         self._write_pid_file()
-        log.info("listening on %s: command port %d, data port %d, TLS %s (pid %d)", self.bind,
-                 self.cmd_port, self.data_port, "on" if self.use_tls else "OFF", os.getpid())
+        log.info(
+            "listening on %s: command port %d, data port %d, TLS %s (pid %d)",
+            self.bind,
+            self.cmd_port,
+            self.data_port,
+            "on" if self.use_tls else "OFF",
+            os.getpid(),
+        )
 
     def _setup_logging(self) -> None:
         root = logging.getLogger("parnet")
@@ -344,9 +378,13 @@ class Daemon:
         try:
             h = LogFile(self.log_file)
         except OSError as e:
-            raise ConfigError(f"{self.log_file}: cannot open the log file: {e.strerror or e}"
-                              + (" (a symbolic link: remove it)" if e.errno == errno.ELOOP else "")) from None
-        h.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+            raise ConfigError(
+                f"{self.log_file}: cannot open the log file: {e.strerror or e}"
+                + (" (a symbolic link: remove it)" if e.errno == errno.ELOOP else "")
+            ) from None
+        h.setFormatter(
+            logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+        )
         root.addHandler(h)
 
     def _listen(self, port: int) -> socket.socket:
@@ -358,8 +396,10 @@ class Daemon:
         except OSError as e:
             s.close()
             if e.errno == errno.EADDRINUSE:
-                raise ParnetError(f"port {port} on {self.bind} is already in use "
-                                  f"(another parnet server? `parnet server --kill`)") from e
+                raise ParnetError(
+                    f"port {port} on {self.bind} is already in use "
+                    f"(another parnet server? `parnet server --kill`)"
+                ) from e
             raise ParnetError(f"cannot listen on {self.bind}:{port}: {e.strerror}") from e
         s.listen(LISTEN_BACKLOG)
         s.setblocking(False)
@@ -386,8 +426,10 @@ class Daemon:
                             old = int(open(path).read().strip() or 0)
                         except (OSError, ValueError):
                             old = 0
-                        raise ParnetError(f"a server is already running for {self.bind}:{self.cmd_port} "
-                                          f"(pid {old}, {path})") from None
+                        raise ParnetError(
+                            f"a server is already running for {self.bind}:{self.cmd_port} "
+                            f"(pid {old}, {path})"
+                        ) from None
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
         finally:
@@ -453,8 +495,11 @@ class Daemon:
             ip = addr[0]
             rate = self._accept_rate(kind)
             if rate > DROP_START_RATE and random.random() < min(
-                    DROP_MAX_PROBABILITY, (rate - DROP_START_RATE) / (DROP_FULL_RATE - DROP_START_RATE)):
-                self.rlog.note(ip, f"dropped connection from {ip}: {rate} new connections in the last second")
+                DROP_MAX_PROBABILITY, (rate - DROP_START_RATE) / (DROP_FULL_RATE - DROP_START_RATE)
+            ):
+                self.rlog.note(
+                    ip, f"dropped connection from {ip}: {rate} new connections in the last second"
+                )
                 _say_busy(sock)
                 sock.close()
                 continue
@@ -491,7 +536,9 @@ class Daemon:
         counts = Counter(p.key for p in pool)
         top = max(counts.values())
         victim = min((p for p in pool if counts[p.key] == top), key=lambda p: p.accepted_at)
-        self.rlog.note(victim.ip, f"closed a pending connection from {victim.ip} to make room: {why}")
+        self.rlog.note(
+            victim.ip, f"closed a pending connection from {victim.ip} to make room: {why}"
+        )
         if len(victim.buf) == handshake.PREAMBLE.size and not victim.ok_at:
             _say_busy(victim.sock)  # it waits for an answer: tell it why
         self._drop_pending(victim)
@@ -540,10 +587,12 @@ class Daemon:
         everyone = self.recent_failures[-1] + _delay(excess) if excess > 0 else 0.0
         if max(mine, everyone) > now:
             p.not_before = max(mine, everyone)
-            p.note = (f"login delayed after {fails} failed attempt{'s' if fails > 1 else ''} from this address"
-                      if mine >= everyone else
-                      f"login delayed after {len(self.recent_failures)} failed attempts on this server "
-                      "in the last minute")
+            p.note = (
+                f"login delayed after {fails} failed attempt{'s' if fails > 1 else ''} from this address"
+                if mine >= everyone
+                else f"login delayed after {len(self.recent_failures)} failed attempts on this server "
+                "in the last minute"
+            )
             self._watch(p, False)
             return  # routed by _expire when the delay has passed
         self._route(p)
@@ -556,7 +605,9 @@ class Daemon:
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as e:
-            self.rlog.note(p.ip, f"connection from {p.ip} failed before {before}: {e}", logging.INFO)
+            self.rlog.note(
+                p.ip, f"connection from {p.ip} failed before {before}: {e}", logging.INFO
+            )
             self._drop_pending(p)
             return None
         if not data:
@@ -568,8 +619,12 @@ class Daemon:
     def _route(self, p: _Pending) -> None:  # noqa: C901
         # looked up only for a whole preamble: idle junk costs no read of /proc/net/tcp
         if self.own_uid_only and (uid := peer_uid(p.sock)) != os.geteuid():
-            self._refuse(p, f"this server runs without TLS and accepts only its own user's connections "
-                            f"(uid {os.geteuid()})", f"peer of uid {uid} (not this server's user)")
+            self._refuse(
+                p,
+                f"this server runs without TLS and accepts only its own user's connections "
+                f"(uid {os.geteuid()})",
+                f"peer of uid {uid} (not this server's user)",
+            )
             return
         try:
             pre = handshake.parse_preamble(bytes(p.buf))
@@ -577,12 +632,19 @@ class Daemon:
             self._refuse(p, str(e))
             return
         if pre.version != PROTOCOL_VERSION:
-            self._refuse(p, f"protocol version mismatch: server speaks {PROTOCOL_VERSION}, "
-                            f"client {pre.version}")
+            self._refuse(
+                p,
+                f"protocol version mismatch: server speaks {PROTOCOL_VERSION}, "
+                f"client {pre.version}",
+            )
             return
         if pre.use_tls != self.use_tls:
-            self._refuse(p, "this server requires TLS (connect with use_tls=True)" if self.use_tls
-                         else "this server runs without TLS (connect with use_tls=False)")
+            self._refuse(
+                p,
+                "this server requires TLS (connect with use_tls=True)"
+                if self.use_tls
+                else "this server runs without TLS (connect with use_tls=False)",
+            )
             return
         if pre.kind != p.port_kind:
             self._refuse(p, "wrong port for this kind of connection")
@@ -606,8 +668,14 @@ class Daemon:
             return
         rec = self.workers.get(pre.netid)
         if rec is None:  # its command connection may still wait for its first bytes
-            cmd = next((q for q in self.pending.values() if q.pre is not None and q.ok_at
-                        and q.pre.netid == pre.netid), None)
+            cmd = next(
+                (
+                    q
+                    for q in self.pending.values()
+                    if q.pre is not None and q.ok_at and q.pre.netid == pre.netid
+                ),
+                None,
+            )
             if cmd is not None and not cmd.not_before:
                 self._on_first_bytes(cmd)
             rec = self.workers.get(pre.netid)
@@ -654,7 +722,9 @@ class Daemon:
 
     def _take_fork_token(self) -> bool:
         now = time.monotonic()
-        self._tokens = min(float(FORKS_PER_SECOND), self._tokens + (now - self._tokens_at) * FORKS_PER_SECOND)
+        self._tokens = min(
+            float(FORKS_PER_SECOND), self._tokens + (now - self._tokens_at) * FORKS_PER_SECOND
+        )
         self._tokens_at = now
         if self._tokens < 1.0:
             return False
@@ -678,8 +748,11 @@ class Daemon:
         self._stopped.add(victim.pid)
         with contextlib.suppress(OSError):
             os.kill(victim.pid, signal.SIGKILL)
-        self.rlog.note(victim.ip, f"stopped the worker of a login from {victim.ip} to make room: "
-                                  "too many workers waiting for a login")
+        self.rlog.note(
+            victim.ip,
+            f"stopped the worker of a login from {victim.ip} to make room: "
+            "too many workers waiting for a login",
+        )
         return True
 
     def _start_worker(self, p: _Pending, pre: handshake.Preamble) -> None:
@@ -713,7 +786,9 @@ class Daemon:
         child_ctl.close()
         p.sock.close()
         parent_ctl.setblocking(False)
-        rec = _WorkerRec(pid, parent_ctl, pre.netid, p.ip, authenticated=not self.use_tls, started=started)
+        rec = _WorkerRec(
+            pid, parent_ctl, pre.netid, p.ip, authenticated=not self.use_tls, started=started
+        )
         self.workers[pre.netid] = rec
         self.sel.register(parent_ctl, selectors.EVENT_READ, ("ctl", rec))
         log.debug("connection from %s: worker %d for network %s", p.ip, pid, pre.netid.hex()[:8])
@@ -770,8 +845,12 @@ class Daemon:
         if data == b"A":
             rec.authenticated = rec.logged_in = True
             self.failures.pop(source_key(rec.ip), None)
-            log.info("connection from %s: worker %d for network %s authenticated", rec.ip, rec.pid,
-                     rec.netid.hex()[:8])
+            log.info(
+                "connection from %s: worker %d for network %s authenticated",
+                rec.ip,
+                rec.pid,
+                rec.netid.hex()[:8],
+            )
         elif data[:1] == b"W" and len(data) >= 3 and len(data) % 2 == 1:
             node, *srcs = struct.unpack(f"!{(len(data) - 1) // 2}H", data[1:])
             rec.expect = (node, frozenset(srcs))
@@ -780,7 +859,9 @@ class Daemon:
             self.failures[source_key(rec.ip)] = (fails + 1, time.monotonic())
             self.recent_failures.append(time.monotonic())
             why = data[1:].decode(errors="replace")
-            self.rlog.note(rec.ip, f"client {rec.ip}: authentication failed{': ' if why else ''}{why}")
+            self.rlog.note(
+                rec.ip, f"client {rec.ip}: authentication failed{': ' if why else ''}{why}"
+            )
         elif not data:
             self._forget(rec)
 
@@ -801,8 +882,11 @@ class Daemon:
             if p.sock.fileno() < 0 or self.pending.get(p.sock.fileno()) is not p:
                 continue  # dropped meanwhile (evicted by a worker's room-making)
             if p.ok_at and now - p.ok_at > self.first_bytes_deadline:
-                self.rlog.note(p.ip, f"closed connection from {p.ip}: nothing within "
-                                     f"{self.first_bytes_deadline:g} s of its preamble's answer")
+                self.rlog.note(
+                    p.ip,
+                    f"closed connection from {p.ip}: nothing within "
+                    f"{self.first_bytes_deadline:g} s of its preamble's answer",
+                )
                 self._drop_pending(p)
             elif p.not_before:
                 if now >= p.not_before:
@@ -812,8 +896,10 @@ class Daemon:
                     else:
                         self._route(p)
             elif len(p.buf) < handshake.PREAMBLE.size and now - p.accepted_at > PREAMBLE_DEADLINE:
-                self.rlog.note(p.ip, f"closed connection from {p.ip}: no preamble within "
-                                     f"{PREAMBLE_DEADLINE:g} s")
+                self.rlog.note(
+                    p.ip,
+                    f"closed connection from {p.ip}: no preamble within {PREAMBLE_DEADLINE:g} s",
+                )
                 self._drop_pending(p)
 
     def _reap(self) -> None:
@@ -828,8 +914,12 @@ class Daemon:
             # status 1 is a failed login (logged as such); a stopped waiting worker was logged too
             quiet = code == 1 or (code == -signal.SIGKILL and pid in self._stopped)
             self._stopped.discard(pid)
-            log.log(logging.DEBUG if quiet else logging.INFO, "worker %d exited (%s)",
-                    pid, f"signal {-code}" if code < 0 else f"status {code}")
+            log.log(
+                logging.DEBUG if quiet else logging.INFO,
+                "worker %d exited (%s)",
+                pid,
+                f"signal {-code}" if code < 0 else f"status {code}",
+            )
 
     def _shutdown(self) -> None:
         self.rlog.flush(force=True)

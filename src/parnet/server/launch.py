@@ -15,9 +15,16 @@ from .daemon import default_log_file, effective_bind, kill_server
 from .logs import open_log_fd
 
 
-def server_argv(*, use_tls: bool = True, auth_file: str | None = None, cmd_port: int = 12502,
-                data_port: int = 12501, bind: str | None = None, allow_root: bool = False,
-                log_file: str | None = None) -> list[str]:
+def server_argv(
+    *,
+    use_tls: bool = True,
+    auth_file: str | None = None,
+    cmd_port: int = 12502,
+    data_port: int = 12501,
+    bind: str | None = None,
+    allow_root: bool = False,
+    log_file: str | None = None,
+) -> list[str]:
     """The ``parnet server`` options for these settings."""
     argv = ["--cmd-port", str(cmd_port), "--data-port", str(data_port)]
     if not use_tls:
@@ -47,18 +54,35 @@ def start_background(timeout: float = 30.0, **opts: object) -> int:
     r, w = os.pipe()
     bind = effective_bind(opts.get("bind"), bool(opts.get("use_tls", True)))  # type: ignore[arg-type]
     log_file = str(opts.get("log_file") or default_log_file(bind, cmd_port))
-    argv = [sys.executable, "-m", "parnet", "server", "--foreground", "--ready-fd", str(w),
-            *server_argv(**opts)]  # type: ignore[arg-type]
+    argv = [
+        sys.executable,
+        "-m",
+        "parnet",
+        "server",
+        "--foreground",
+        "--ready-fd",
+        str(w),
+        *server_argv(**opts),  # type: ignore[arg-type]
+    ]
     try:
         errf = os.fdopen(open_log_fd(str(log_file)), "ab")
     except OSError as e:
         os.close(r)
         os.close(w)
-        raise ParnetError(f"parnet server: cannot open the log file {log_file}: {e.strerror or e}") from None
+        raise ParnetError(
+            f"parnet server: cannot open the log file {log_file}: {e.strerror or e}"
+        ) from None
     with errf:
         os.fchmod(errf.fileno(), 0o600)
-        proc = subprocess.Popen(argv, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=errf, close_fds=True)
+        proc = subprocess.Popen(
+            argv,
+            pass_fds=(w,),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errf,
+            close_fds=True,
+        )
     os.close(w)
     out = b""
     deadline = time.monotonic() + timeout
@@ -85,7 +109,9 @@ def start_background(timeout: float = 30.0, **opts: object) -> int:
             proc.kill()
         raise ParnetError(f"parnet server did not start within {timeout} s (log: {log_file})")
     code = proc.wait(timeout=5) if proc.poll() is None else proc.returncode
-    raise ParnetError(text.removeprefix("error: ") or f"parnet server exited with status {code} (log: {log_file})")
+    raise ParnetError(
+        text.removeprefix("error: ") or f"parnet server exited with status {code} (log: {log_file})"
+    )
 
 
 def pid_alive(pid: int) -> bool:
@@ -110,8 +136,15 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
             time.sleep(0.01)
 
 
-def pserver(*args: str, use_tls: bool = True, auth_file: str | None = None, cmd_port: int = 12502,
-            data_port: int = 12501, bind: str | None = None, allow_root: bool = False) -> None:
+def pserver(
+    *args: str,
+    use_tls: bool = True,
+    auth_file: str | None = None,
+    cmd_port: int = 12502,
+    data_port: int = 12501,
+    bind: str | None = None,
+    allow_root: bool = False,
+) -> None:
     """Starts a server daemon in the background, or stops one with ``pserver("kill")``.
 
     Starting returns once the daemon listens on both ports; it keeps running after this
@@ -137,5 +170,11 @@ def pserver(*args: str, use_tls: bool = True, auth_file: str | None = None, cmd_
             raise ValueError(f"pserver: unknown arguments {args!r} (only 'kill')")
         kill_server(cmd_port, bind)
         return
-    start_background(use_tls=use_tls, auth_file=auth_file, cmd_port=cmd_port, data_port=data_port,
-                     bind=bind, allow_root=allow_root)
+    start_background(
+        use_tls=use_tls,
+        auth_file=auth_file,
+        cmd_port=cmd_port,
+        data_port=data_port,
+        bind=bind,
+        allow_root=allow_root,
+    )

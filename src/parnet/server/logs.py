@@ -30,7 +30,9 @@ def open_log_fd(path: str) -> int:
     Raises:
         OSError: ``ELOOP`` if ``path`` is a symbolic link.
     """
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return os.open(
+        path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
 
 
 class LogFile(logging.handlers.RotatingFileHandler):
@@ -92,15 +94,28 @@ class RefusalLog:
         if not force and now - self.started < self.window:
             return
         secs = max(now - self.started, 0.001)
-        busy = sorted(((n, ip) for ip, n in self.counts.items() if n > LOG_LINES_PER_SOURCE), reverse=True)
+        busy = sorted(
+            ((n, ip) for ip, n in self.counts.items() if n > LOG_LINES_PER_SOURCE), reverse=True
+        )
         for n, ip in busy[:_SUMMARY_SOURCES]:
-            self.log.warning("refused %d connections from %s in the last %.0f s (%d logged; last: %s)",
-                             n, ip, secs, LOG_LINES_PER_SOURCE, self.last.get(ip, "?"))
+            self.log.warning(
+                "refused %d connections from %s in the last %.0f s (%d logged; last: %s)",
+                n,
+                ip,
+                secs,
+                LOG_LINES_PER_SOURCE,
+                self.last.get(ip, "?"),
+            )
         rest = sum(n for n, _ in busy[_SUMMARY_SOURCES:])
         if rest or self.others:
-            self.log.warning("refused %d connections from %d other busy addresses, and %d from addresses "
-                             "not tracked, in the last %.0f s", rest, len(busy[_SUMMARY_SOURCES:]),
-                             self.others, secs)
+            self.log.warning(
+                "refused %d connections from %d other busy addresses, and %d from addresses "
+                "not tracked, in the last %.0f s",
+                rest,
+                len(busy[_SUMMARY_SOURCES:]),
+                self.others,
+                secs,
+            )
         self.started = now
         self.counts.clear()
         self.last.clear()

@@ -53,7 +53,9 @@ def busy_clock(tid: int | None = None) -> float:
         fd = _schedstat_fds.get(tid)
         try:
             if fd is None:
-                fd = _schedstat_fds[tid] = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+                fd = _schedstat_fds[tid] = os.open(
+                    f"/proc/self/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC
+                )
             return now - int(os.pread(fd, 64, 0).split()[1]) / 1e9
         except (OSError, IndexError, ValueError):
             if fd is None:
@@ -106,8 +108,15 @@ class _WMap:
 
     def task(self, start: int, args: list[Any]) -> ChunkTask:
         s = self.spec
-        return ChunkTask(s["fun"], args, start, nout=s["nout"], vectorized=s["vectorized"],
-                         error_handler=s["error_handler"], cum_func=s["cum_func"])
+        return ChunkTask(
+            s["fun"],
+            args,
+            start,
+            nout=s["nout"],
+            vectorized=s["vectorized"],
+            error_handler=s["error_handler"],
+            cum_func=s["cum_func"],
+        )
 
 
 _NOOP_TASK = ChunkTask(abs, [[0]], 0)
@@ -182,12 +191,16 @@ class WorkerMapRunner:
         self.maps.pop(cmd.map_id, None)
 
     _handlers: dict[type, Callable[[WorkerMapRunner, _WMap, Any], None]] = {
-        msg.MapJobs: _jobs, msg.MapCancel: _cancel, msg.MapEnd: _end,
+        msg.MapJobs: _jobs,
+        msg.MapCancel: _cancel,
+        msg.MapEnd: _end,
     }
 
     def _start_speculator(self) -> None:
         if self._speculator is None:
-            self._speculator = threading.Thread(target=self._speculate, daemon=True, name="parnet-speculator")
+            self._speculator = threading.Thread(
+                target=self._speculate, daemon=True, name="parnet-speculator"
+            )
             self._speculator.start()
 
     def _speculate(self) -> None:
@@ -298,8 +311,13 @@ class WorkerMapRunner:
             runs = list(m.queue)
             m.queue.clear()
         err = JobInterrupted("interrupted by the client before it ran")
-        self._send(m, [((j0, j1), error_result(start, j1 - j0, start, err, want_traceback=False), 0.0)
-                       for j0, j1, start, _ in runs])
+        self._send(
+            m,
+            [
+                ((j0, j1), error_result(start, j1 - j0, start, err, want_traceback=False), 0.0)
+                for j0, j1, start, _ in runs
+            ],
+        )
 
     def _pump_stream(self, m: _WMap) -> None:  # noqa: C901
         """Runs a call stream's queued calls: here while they are fast, else in the pool."""
@@ -340,7 +358,9 @@ class WorkerMapRunner:
         except KeyboardInterrupt:  # the client's interrupt (the queue is already answered)
             if job is not None:
                 err = JobInterrupted("interrupted by the client while it ran")
-                out.append((job[0], error_result(job[1], 1, job[1], err, want_traceback=False), 0.0))
+                out.append(
+                    (job[0], error_result(job[1], 1, job[1], err, want_traceback=False), 0.0)
+                )
         finally:
             if speculate:
                 self._probe_end()
@@ -385,14 +405,27 @@ class WorkerMapRunner:
                 with m.lock:
                     m.inflight -= 1
                     self.pool_jobs -= 1
-                self._send(m, [(j, error_result(start, len(args[0]) if args else 0, start, e), 0.0)])
+                self._send(
+                    m, [(j, error_result(start, len(args[0]) if args else 0, start, e), 0.0)]
+                )
                 continue
             count = len(args[0]) if args else 0
-            fut.add_done_callback(lambda f, j=j, start=start, n=count, t0=t0, epoch=epoch:
-                                  self._done(m, j, start, n, f, t0, epoch))
+            fut.add_done_callback(
+                lambda f, j=j, start=start, n=count, t0=t0, epoch=epoch: self._done(
+                    m, j, start, n, f, t0, epoch
+                )
+            )
 
-    def _done(self, m: _WMap, j: tuple[int, int], start: int, count: int, fut: Any, t0: float,
-              epoch: int = 0) -> None:
+    def _done(
+        self,
+        m: _WMap,
+        j: tuple[int, int],
+        start: int,
+        count: int,
+        fut: Any,
+        t0: float,
+        epoch: int = 0,
+    ) -> None:
         with m.lock:
             m.inflight -= 1
             self.pool_jobs -= 1

@@ -64,6 +64,8 @@ def exit_worker(status: int) -> NoReturn:
     others wait for it, so code hooked to ``os._exit`` (coverage's data save) runs once."""
     _exiting.acquire()
     os._exit(status)
+
+
 #: Forwarded output is announced on the data link at most this often (seconds).
 NOTICE_EVERY = 0.05
 
@@ -90,8 +92,15 @@ class ServerConfig:
 class Worker:
     """The worker of one client network (see the module docstring)."""
 
-    def __init__(self, cfg: ServerConfig, sock: socket.socket, ctl: socket.socket, peer: str,
-                 pre: handshake.Preamble, accepted_at: float) -> None:
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        sock: socket.socket,
+        ctl: socket.socket,
+        peer: str,
+        pre: handshake.Preamble,
+        accepted_at: float,
+    ) -> None:
         self.cfg = cfg
         self.ctl = ctl
         self.peer = peer
@@ -111,7 +120,10 @@ class Worker:
         self.map_runner: Any = None
         #: Command code -> handler of its payload (REVAL, the hot path, is ``_reval``).
         self.commands_by_code: dict[int, Callable[[Any], None]] = {
-            msg.CALL: self._call, msg.INSTALL: self._install, msg.SET: self._set, msg.MAP: self._map,
+            msg.CALL: self._call,
+            msg.INSTALL: self._install,
+            msg.SET: self._set,
+            msg.MAP: self._map,
         }
         # The main thread owns the command link except while a command runs: then the
         # monitor thread may read it (for INTERRUPT), deferring other frames.
@@ -133,8 +145,15 @@ class Worker:
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             sock = self.cfg.server_ctx.wrap_socket(sock, server_side=True)
             self.cmd = Link(sock, name=f"client {self.peer}")
-            user = handshake.srp_server(self.cmd, self.cfg.auth.lookup, self.cfg.auth.fake_secret,
-                                        self.cfg.cb, True, deadline, on_success=self._tell_daemon)
+            user = handshake.srp_server(
+                self.cmd,
+                self.cfg.auth.lookup,
+                self.cfg.auth.fake_secret,
+                self.cfg.cb,
+                True,
+                deadline,
+                on_success=self._tell_daemon,
+            )
             log.info("client %s authenticated as %r", self.peer, user)
         else:  # nothing to check: the daemon learns of the client at its SETUP (setup())
             self.cmd = Link(sock, name=f"client {self.peer}", authenticated=True)
@@ -147,7 +166,9 @@ class Worker:
         """Receives SETUP, builds the mesh, answers READY (or SETUP_FAILED)."""
         assert self.cmd is not None
         # without TLS, SETUP is the first frame and counts as the login (its deadline)
-        f = self.cmd.recv_frame(time.monotonic() + 60 if self.cfg.use_tls else self.accepted_at + AUTH_DEADLINE)
+        f = self.cmd.recv_frame(
+            time.monotonic() + 60 if self.cfg.use_tls else self.accepted_at + AUTH_DEADLINE
+        )
         if f.code != msg.SETUP:
             raise ConnectError(f"expected SETUP, got message {f.code}")
         if not self.cfg.use_tls:
@@ -174,8 +195,12 @@ class Worker:
                 self.cmd.flush(2)
             raise
         self.ns.update(
-            __name__="__parnet__", sockets=Connections(net, range(len(net.nodes))),
-            psend=psend, precv=precv, select_sockets=select_sockets, np=np,
+            __name__="__parnet__",
+            sockets=Connections(net, range(len(net.nodes))),
+            psend=psend,
+            precv=precv,
+            select_sockets=select_sockets,
+            np=np,
         )
         nproc = len(os.sched_getaffinity(0))
         if s.forward_output:
@@ -192,10 +217,18 @@ class Worker:
 
         def outgoing(j: int) -> Link:
             host, port = self.data_addrs[j - 1]
-            pre = handshake.Preamble(PROTOCOL_VERSION, handshake.KIND_DATA, self.cfg.use_tls, self.netid, node, j)
+            pre = handshake.Preamble(
+                PROTOCOL_VERSION, handshake.KIND_DATA, self.cfg.use_tls, self.netid, node, j
+            )
             try:
-                sock, _ = handshake.open_channel(host, port, pre, deadline=deadline, ctx=self.cfg.client_ctx,
-                                                 source=self.cfg.source)
+                sock, _ = handshake.open_channel(
+                    host,
+                    port,
+                    pre,
+                    deadline=deadline,
+                    ctx=self.cfg.client_ctx,
+                    source=self.cfg.source,
+                )
                 link = Link(sock, name=f"node {j} ({host})", authenticated=not self.cfg.use_tls)
                 if self.cfg.use_tls:
                     from ..auth.tls import peer_binding
@@ -240,10 +273,14 @@ class Worker:
         def attempt(pre: handshake.Preamble, sock: socket.socket, key: int) -> None:
             link = None
             try:
-                link = self._accept_data(sock, pre, min(deadline, time.monotonic() + INCOMING_LINK_DEADLINE))
+                link = self._accept_data(
+                    sock, pre, min(deadline, time.monotonic() + INCOMING_LINK_DEADLINE)
+                )
             except (OSError, ParnetError, TimeoutError, ValueError) as e:
                 failed[0] += 1
-                if failed[0] <= LINK_FAILURES_LOGGED:  # an attacker may send many: a few, then a count
+                if (
+                    failed[0] <= LINK_FAILURES_LOGGED
+                ):  # an attacker may send many: a few, then a count
                     log.warning("data connection from node %d refused: %s", pre.src, e)
             with lock:
                 _, dup = inflight.pop(key, (0.0, None))
@@ -266,8 +303,10 @@ class Worker:
                     names = ", ".join(net.name(k) for k in sorted(waiting))
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ConnectError(f"server {node} ({net.nodes[node].host}): no data connection "
-                                       f"from {names} in time")
+                    raise ConnectError(
+                        f"server {node} ({net.nodes[node].host}): no data connection "
+                        f"from {names} in time"
+                    )
                 r, _, _ = select.select([self.ctl, wake_r], [], [], left)
                 if wake_r in r:
                     wake_r.recv(4096)
@@ -285,8 +324,9 @@ class Worker:
                         _abort(min(inflight.values(), key=lambda v: v[0])[1])
                     key = next(count)
                     inflight[key] = (time.monotonic(), sock.dup())
-                threading.Thread(target=attempt, args=(pre, sock, key), daemon=True,
-                                 name="parnet-link-accept").start()
+                threading.Thread(
+                    target=attempt, args=(pre, sock, key), daemon=True, name="parnet-link-accept"
+                ).start()
         finally:
             self._expect(node, set())  # from now on, any data preamble is refused at once
             with lock:
@@ -294,7 +334,10 @@ class Worker:
                 for _, dup in inflight.values():
                     _abort(dup)
             if failed[0] > LINK_FAILURES_LOGGED:
-                log.warning("%d more data connections refused during set-up", failed[0] - LINK_FAILURES_LOGGED)
+                log.warning(
+                    "%d more data connections refused during set-up",
+                    failed[0] - LINK_FAILURES_LOGGED,
+                )
 
     def _expect(self, node: int, waiting: set[int]) -> None:
         """Tells the daemon which data links this worker still takes (node ``node``, from
@@ -325,8 +368,9 @@ class Worker:
         tls = self.cfg.server_ctx.wrap_socket(sock, server_side=True)  # takes over the fd
         link = Link(tls, name=name)
         try:
-            handshake.tags_responder(link, self.keys.get(pre.src), self.netid, pre.src, pre.dst,
-                                     self.cfg.cb, deadline)
+            handshake.tags_responder(
+                link, self.keys.get(pre.src), self.netid, pre.src, pre.dst, self.cfg.cb, deadline
+            )
         except BaseException:
             link.close()  # refused: closed now, not whenever the link is collected
             raise
@@ -349,11 +393,16 @@ class Worker:
                     log.info("network %s: client gone", self.net.id_str[:8] if self.net else "?")
                     return
             if f.code == msg.CLOSE:
-                log.info("network %s: closed by the client", self.net.id_str[:8] if self.net else "?")
+                log.info(
+                    "network %s: closed by the client", self.net.id_str[:8] if self.net else "?"
+                )
                 return
             if f.code < msg.FIRST_PICKLED or f.code not in msg.NAMES:
-                log.warning("network %s: protocol error: message %d on the command link; closing",
-                            self.net.id_str[:8] if self.net else "?", f.code)
+                log.warning(
+                    "network %s: protocol error: message %d on the command link; closing",
+                    self.net.id_str[:8] if self.net else "?",
+                    f.code,
+                )
                 return
             if f.code == msg.INTERRUPT:
                 self._interrupt_maps()
@@ -446,10 +495,12 @@ class Worker:
         os.dup2(w, 1)
         os.dup2(w, 2)
         os.close(w)
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True,
-                                      write_through=True)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
-                                      write_through=True)
+        sys.stdout = io.TextIOWrapper(
+            io.FileIO(1, "w", closefd=False), line_buffering=True, write_through=True
+        )
+        sys.stderr = io.TextIOWrapper(
+            io.FileIO(2, "w", closefd=False), line_buffering=True, write_through=True
+        )
         # pool processes inherit the pipe (they write whole lines: maps.pool._init_worker)
 
         def pump() -> None:
@@ -542,7 +593,9 @@ class Worker:
             if nout is not None:
                 if not isinstance(out, tuple) or len(out) != nout:
                     got = f"a {len(out)}-tuple" if isinstance(out, tuple) else type(out).__name__
-                    raise ValueError(f"rfeval: function was to return {nout} outputs (a tuple), got {got}")
+                    raise ValueError(
+                        f"rfeval: function was to return {nout} outputs (a tuple), got {got}"
+                    )
                 sel = isout if isout is not None else [True] * nout
                 out = [o for o, keep in zip(out, sel, strict=True) if keep]
         except BaseException as e:  # noqa: BLE001
@@ -563,7 +616,9 @@ class Worker:
         assert self.net is not None
         if inst.values is not None:
             values = inst.values
-            frame_body, frame_bufs, flags = serialize.dumps(values) if inst.children else (b"", [], 0)
+            frame_body, frame_bufs, flags = (
+                serialize.dumps(values) if inst.children else (b"", [], 0)
+            )
         else:
             f = self.net.recv_special(inst.parent, msg.INSTALL)
             frame_body, frame_bufs, flags = f.body, f.buffers, f.flags
@@ -649,13 +704,22 @@ def _watch_client(fd: int, on_gone: Any) -> None:
     p.register(fd, select.POLLRDHUP)
     while True:
         events = p.poll()
-        if any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, ev in events):
+        if any(
+            ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
+            for _, ev in events
+        ):
             on_gone()
             return
 
 
-def run_worker(cfg: ServerConfig, sock: socket.socket, ctl: socket.socket, peer: str,
-               pre: handshake.Preamble, accepted_at: float) -> int:
+def run_worker(
+    cfg: ServerConfig,
+    sock: socket.socket,
+    ctl: socket.socket,
+    peer: str,
+    pre: handshake.Preamble,
+    accepted_at: float,
+) -> int:
     """Entry point in the forked child; returns the exit status."""
     w = Worker(cfg, sock, ctl, peer, pre, accepted_at)
     try:
@@ -673,9 +737,15 @@ def run_worker(cfg: ServerConfig, sock: socket.socket, ctl: socket.socket, peer:
                 w.map_runner.close(kill=True)
         exit_worker(0)
 
-    threading.Thread(target=_watch_client, args=(fd, gone), name="parnet-watchdog", daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *a: threading.Thread(
-        target=w.notify_shutdown, args=("the server is shutting down",), daemon=True).start())
+    threading.Thread(
+        target=_watch_client, args=(fd, gone), name="parnet-watchdog", daemon=True
+    ).start()
+    signal.signal(
+        signal.SIGTERM,
+        lambda *a: threading.Thread(
+            target=w.notify_shutdown, args=("the server is shutting down",), daemon=True
+        ).start(),
+    )
     try:
         w.setup()
         monitor().watch(w.cmd, w.heartbeat, lambda link, why: gone())

@@ -56,8 +56,11 @@ class BufferPool:
             best: _Block | None = None
             for b in self._blocks:
                 n = b.arr.nbytes
-                if b.free_since is not None and size <= n <= size * (1 + SLACK) + 65536 and (
-                        best is None or n < best.arr.nbytes):
+                if (
+                    b.free_since is not None
+                    and size <= n <= size * (1 + SLACK) + 65536
+                    and (best is None or n < best.arr.nbytes)
+                ):
                     best = b
             if best is None:
                 best = _Block(np.empty(size, dtype=np.uint8))
@@ -92,8 +95,9 @@ class BufferPool:
 
     def _limit(self) -> None:
         """Stops tracking blocks beyond the limits: free ones first, then the oldest."""
-        while len(self._blocks) > 1 and (len(self._blocks) > MAX_BLOCKS
-                                         or sum(b.arr.nbytes for b in self._blocks) > MAX_BYTES):
+        while len(self._blocks) > 1 and (
+            len(self._blocks) > MAX_BLOCKS or sum(b.arr.nbytes for b in self._blocks) > MAX_BYTES
+        ):
             free = [b for b in self._blocks[:-1] if b.free_since is not None]
             self._blocks.remove(free[0] if free else self._blocks[0])
 

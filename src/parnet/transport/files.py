@@ -24,7 +24,6 @@ from ..errors import ConfigError
 MAX_FILE = 16 << 20
 
 
-
 def _fix_hint(path: Path) -> str:
     return f"chmod 600 {path}"
 
@@ -210,7 +209,9 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes, mode: int = 0o6
             os.close(dfd)
 
 
-def publish_file(path: str | os.PathLike[str], data: bytes, mode: int, *, fsync: bool = True) -> bool:
+def publish_file(
+    path: str | os.PathLike[str], data: bytes, mode: int, *, fsync: bool = True
+) -> bool:
     """Creates ``path`` with ``data`` unless it exists; True if this call created it.
 
     The content goes to an ``O_EXCL`` temporary file, is fsynced, then hard-linked to ``path``
@@ -242,7 +243,9 @@ def runtime_dir() -> str:
     os.makedirs(d, mode=0o700, exist_ok=True)
     st = os.stat(d)
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise ConfigError(f"{d}: runtime directory must be owned by you and private (chmod 700 {d})")
+        raise ConfigError(
+            f"{d}: runtime directory must be owned by you and private (chmod 700 {d})"
+        )
     return d
 
 

@@ -89,7 +89,10 @@ def parse_preamble(data: bytes) -> Preamble:
 def pack_reply(ok: bool, data_port: int = 0, reason: str = "") -> bytes:
     """The daemon's answer to a preamble."""
     r = reason.encode()[:MAX_REASON]
-    return REPLY.pack(MAGIC, PROTOCOL_VERSION, STATUS_OK if ok else STATUS_ERROR, data_port, len(r)) + r
+    return (
+        REPLY.pack(MAGIC, PROTOCOL_VERSION, STATUS_OK if ok else STATUS_ERROR, data_port, len(r))
+        + r
+    )
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> bytes:
@@ -107,7 +110,12 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> byte
 
 
 def open_channel(
-    host: str, port: int, pre: Preamble, *, deadline: float, ctx: ssl.SSLContext | None,
+    host: str,
+    port: int,
+    pre: Preamble,
+    *,
+    deadline: float,
+    ctx: ssl.SSLContext | None,
     source: str | None = None,
 ) -> tuple[socket.socket, int]:
     """Connects to a daemon, sends the preamble, checks the reply, and does TLS if asked.
@@ -138,15 +146,21 @@ def _text(raw: bytes) -> str:
 
 
 def _open_once(
-    host: str, port: int, pre: Preamble, *, deadline: float, ctx: ssl.SSLContext | None,
+    host: str,
+    port: int,
+    pre: Preamble,
+    *,
+    deadline: float,
+    ctx: ssl.SSLContext | None,
     source: str | None = None,
 ) -> tuple[socket.socket, int]:
     where = f"{host}:{port}"
     sock = None
     try:
         left = max(0.001, deadline - time.monotonic())
-        sock = socket.create_connection((host, port), timeout=left,
-                                        source_address=(source, 0) if source else None)
+        sock = socket.create_connection(
+            (host, port), timeout=left, source_address=(source, 0) if source else None
+        )
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(pre.pack())
         head = _recv_exact(sock, REPLY.size, deadline, "the server's reply")
@@ -159,7 +173,9 @@ def _open_once(
         if reason:
             warnings.warn(f"parnet: {where}: {reason}", stacklevel=4)
         if version != PROTOCOL_VERSION:
-            raise ConnectError(f"{where}: protocol version mismatch (server {version}, client {PROTOCOL_VERSION})")
+            raise ConnectError(
+                f"{where}: protocol version mismatch (server {version}, client {PROTOCOL_VERSION})"
+            )
         if ctx is not None:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             sock = ctx.wrap_socket(sock, server_side=False, do_handshake_on_connect=True)
@@ -171,7 +187,9 @@ def _open_once(
     except (OSError, TimeoutError, ssl.SSLError) as e:
         if sock is not None:
             sock.close()
-        reason = "timed out" if isinstance(e, TimeoutError | socket.timeout) else (e.strerror or str(e))
+        reason = (
+            "timed out" if isinstance(e, TimeoutError | socket.timeout) else (e.strerror or str(e))
+        )
         raise ConnectError(f"{where}: {reason}") from e
 
 
@@ -193,7 +211,9 @@ def _expect_auth(link: Link, deadline: float, *, server_side: bool = False) -> b
 
 
 # -- command link: SRP -----------------------------------------------------------------
-def srp_client(link: Link, username: str, password: str, cb: bytes, use_tls: bool, deadline: float) -> bytes:
+def srp_client(
+    link: Link, username: str, password: str, cb: bytes, use_tls: bool, deadline: float
+) -> bytes:
     """Runs the client side of the SRP login; returns the session key.
 
     Raises:
@@ -210,8 +230,15 @@ def srp_client(link: Link, username: str, password: str, cb: bytes, use_tls: boo
     return key
 
 
-def srp_server(link: Link, lookup: Callable[[str], VerifierEntry | None], fake_secret: bytes, cb: bytes,
-               use_tls: bool, deadline: float, on_success: Callable[[], None] | None = None) -> str:
+def srp_server(
+    link: Link,
+    lookup: Callable[[str], VerifierEntry | None],
+    fake_secret: bytes,
+    cb: bytes,
+    use_tls: bool,
+    deadline: float,
+    on_success: Callable[[], None] | None = None,
+) -> str:
     """Runs the server side of the SRP login; returns the authenticated user name.
 
     ``on_success()`` runs after the client's proof checked out and before the server's proof
@@ -222,7 +249,9 @@ def srp_server(link: Link, lookup: Callable[[str], VerifierEntry | None], fake_s
     """
     from ..auth.srp import SrpServer
 
-    s = SrpServer(lookup, fake_secret=fake_secret, cb=cb, role="cmd", options=options_bytes(use_tls))
+    s = SrpServer(
+        lookup, fake_secret=fake_secret, cb=cb, role="cmd", options=options_bytes(use_tls)
+    )
     link.send_frame(msg.AUTH, s.challenge(_expect_auth(link, deadline, server_side=True)))
     try:
         m2 = s.verify(_expect_auth(link, deadline, server_side=True))
@@ -237,7 +266,9 @@ def srp_server(link: Link, lookup: Callable[[str], VerifierEntry | None], fake_s
 
 
 # -- data links: pairwise-key tags -----------------------------------------------------
-def tags_initiator(link: Link, key: bytes, netid: bytes, i: int, j: int, cb: bytes, deadline: float) -> None:
+def tags_initiator(
+    link: Link, key: bytes, netid: bytes, i: int, j: int, cb: bytes, deadline: float
+) -> None:
     """Data link from node ``i`` (this side, the TLS client) to ``j``: prove, then check."""
     from ..auth import pairkeys
 
@@ -248,12 +279,16 @@ def tags_initiator(link: Link, key: bytes, netid: bytes, i: int, j: int, cb: byt
     t_init = pairkeys.init_tag(key, netid, i, j, n_init, n_resp, cb)
     link.send_frame(msg.AUTH, n_init + t_init)
     t_resp = _expect_auth(link, deadline)
-    if not secrets.compare_digest(t_resp, pairkeys.resp_tag(key, netid, i, j, n_init, n_resp, cb, t_init)):
+    if not secrets.compare_digest(
+        t_resp, pairkeys.resp_tag(key, netid, i, j, n_init, n_resp, cb, t_init)
+    ):
         raise AuthenticationError("data link: the peer's proof failed")
     link.mark_authenticated()
 
 
-def tags_responder(link: Link, key: bytes | None, netid: bytes, i: int, j: int, cb: bytes, deadline: float) -> None:
+def tags_responder(
+    link: Link, key: bytes | None, netid: bytes, i: int, j: int, cb: bytes, deadline: float
+) -> None:
     """Data link from node ``i`` to ``j`` (this side, the TLS server): challenge, check, answer.
 
     ``key`` None (no such pair in this network) fails the same way as a wrong tag.
@@ -265,7 +300,11 @@ def tags_responder(link: Link, key: bytes | None, netid: bytes, i: int, j: int, 
     body = _expect_auth(link, deadline, server_side=True)
     n_init, t_init = body[: pairkeys.NONCE_SIZE], body[pairkeys.NONCE_SIZE :]
     want = pairkeys.init_tag(key or bytes(32), netid, i, j, n_init, n_resp, cb)
-    if key is None or len(n_init) != pairkeys.NONCE_SIZE or not secrets.compare_digest(t_init, want):
+    if (
+        key is None
+        or len(n_init) != pairkeys.NONCE_SIZE
+        or not secrets.compare_digest(t_init, want)
+    ):
         _fail_frame(link, GENERIC_REFUSAL)
         raise AuthenticationError(GENERIC_REFUSAL)
     link.send_frame(msg.AUTH, pairkeys.resp_tag(key, netid, i, j, n_init, n_resp, cb, t_init))

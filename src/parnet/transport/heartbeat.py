@@ -119,14 +119,21 @@ def peer_state(sock: socket.socket) -> PeerState | None:
     state, _, retransmits, probes = raw[0], raw[1], raw[2], raw[3]
     (unacked,) = struct.unpack_from("I", raw, 24)
     data_ms, ack_ms = struct.unpack_from("II", raw, 52)  # tcpi_last_data_recv, tcpi_last_ack_recv
-    return PeerState(state == _TCP_CLOSE, bool(retransmits or probes), unacked, probes,
-                     min(data_ms, ack_ms) / 1000.0)
+    return PeerState(
+        state == _TCP_CLOSE,
+        bool(retransmits or probes),
+        unacked,
+        probes,
+        min(data_ms, ack_ms) / 1000.0,
+    )
 
 
 def silence_reason(name: str, seconds: float) -> str:
     """The message for a peer whose machine stopped answering."""
-    return (f"no sign of life from {name} for {seconds:.1f} s: its machine does not acknowledge "
-            f"(machine or network gone)")
+    return (
+        f"no sign of life from {name} for {seconds:.1f} s: its machine does not acknowledge "
+        f"(machine or network gone)"
+    )
 
 
 def beat(timeout: float) -> float:
@@ -137,7 +144,9 @@ def beat(timeout: float) -> float:
 class _Entry:
     __slots__ = ("link", "timeout", "on_dead", "sends", "ping", "waiting", "__weakref__")
 
-    def __init__(self, link: Any, timeout: float, on_dead: Callable[[Any, str], None] | None) -> None:
+    def __init__(
+        self, link: Any, timeout: float, on_dead: Callable[[Any, str], None] | None
+    ) -> None:
         self.link = link
         self.timeout = timeout
         self.on_dead = on_dead
@@ -158,8 +167,12 @@ class Monitor:
         self._wake = threading.Event()
         self.interval = beat(DEFAULT_TIMEOUT)
 
-    def watch(self, link: Any, timeout: float | None = None,
-              on_dead: Callable[[Any, str], None] | None = None) -> None:
+    def watch(
+        self,
+        link: Any,
+        timeout: float | None = None,
+        on_dead: Callable[[Any, str], None] | None = None,
+    ) -> None:
         """Turns on keepalive on ``link`` and checks it every beat: its peer is declared dead
         when its machine has not answered for ``timeout`` s (module docstring)."""
         t = DEFAULT_TIMEOUT if timeout is None else check_timeout(timeout)
@@ -168,7 +181,9 @@ class Monitor:
             self._entries[id(link)] = _Entry(link, t, on_dead)
             self.interval = min(self.interval, beat(t))
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="parnet-heartbeat", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="parnet-heartbeat", daemon=True
+                )
                 self._thread.start()
         self._wake.set()
 

@@ -68,8 +68,6 @@ _DEBUG = bool(os.environ.get("PARNET_DEBUG"))
 _DROPPED = frozenset((msg.PING, msg.NOTICE))  # handled on arrival, never returned
 
 
-
-
 def poll_ms(deadline: float | None) -> int:
     """Milliseconds left until ``deadline`` (a ``time.monotonic()`` value), rounded up, for
     ``poll()``: -1 for no deadline."""
@@ -141,8 +139,13 @@ class Link:
                 frames.append(f)
 
     # -- sending ---------------------------------------------------------------------
-    def send_frame(self, code: int, body: bytes | bytearray | memoryview = b"", buffers: Sequence[Any] = (),
-                   flags: int = 0) -> None:
+    def send_frame(
+        self,
+        code: int,
+        body: bytes | bytearray | memoryview = b"",
+        buffers: Sequence[Any] = (),
+        flags: int = 0,
+    ) -> None:
         """Sends one frame without waiting for the peer to read it.
 
         Raises:
@@ -150,8 +153,13 @@ class Link:
         """
         pieces = encode_frame(code, body, buffers, flags)
         if _DEBUG:
-            log.debug("pid %d send %s on %s: %d bytes", os.getpid(), msg.NAMES.get(code, code),
-                      self.name, sum(memoryview(p).nbytes for p in pieces))
+            log.debug(
+                "pid %d send %s on %s: %d bytes",
+                os.getpid(),
+                msg.NAMES.get(code, code),
+                self.name,
+                sum(memoryview(p).nbytes for p in pieces),
+            )
         with self._send_lock:
             self._send_locked(pieces)
 
@@ -188,7 +196,9 @@ class Link:
             rest = [bytes(p) for p in pieces]
         self._backlog.append(rest)
         if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name=f"parnet-writer {self.name}", daemon=True)
+            self._writer = threading.Thread(
+                target=self._write_loop, name=f"parnet-writer {self.name}", daemon=True
+            )
             self._writer.start()
         self._cv.notify_all()
 
@@ -377,7 +387,9 @@ class Link:
     def recv_frame(self, deadline: float | None = None) -> Frame: ...
 
     @overload
-    def recv_frame(self, deadline: float | None = None, *, block: Literal[False]) -> Frame | None: ...
+    def recv_frame(
+        self, deadline: float | None = None, *, block: Literal[False]
+    ) -> Frame | None: ...
 
     def recv_frame(self, deadline: float | None = None, *, block: bool = True) -> Frame | None:
         """The receive: the next frame, waiting until ``deadline`` (a ``time.monotonic()``
@@ -414,7 +426,13 @@ class Link:
             self.close()
             raise err
         if _DEBUG:
-            log.debug("pid %d recv %s on %s (%r)", os.getpid(), msg.NAMES.get(f.code, f.code), self.name, f)
+            log.debug(
+                "pid %d recv %s on %s (%r)",
+                os.getpid(),
+                msg.NAMES.get(f.code, f.code),
+                self.name,
+                f,
+            )
         return f
 
     def _read_some(self, block: bool = False) -> bool:
@@ -442,7 +460,9 @@ class Link:
                 return False
             self.eof = True
             how = " in the middle of a message" if self._dec.mid_frame() else ""
-            err = self._broken(self._timed_out(e) or ConnectionClosed(f"in {self.name}: {e.strerror or e}{how}"))
+            err = self._broken(
+                self._timed_out(e) or ConnectionClosed(f"in {self.name}: {e.strerror or e}{how}")
+            )
             raise err from e
         if n == 0:
             self.eof = True
@@ -481,8 +501,13 @@ class Link:
                 if not k:
                     break
                 got += k
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, ssl.SSLEOFError,
-                ssl.SSLZeroReturnError):
+        except (
+            ssl.SSLWantReadError,
+            ssl.SSLWantWriteError,
+            BlockingIOError,
+            ssl.SSLEOFError,
+            ssl.SSLZeroReturnError,
+        ):
             pass  # none left for now (or EOF: the next read reports it)
         return got
 
@@ -547,7 +572,9 @@ class Link:
         self.close()
 
 
-def wait_links(links: list[Link], deadline: float | None, extra_fds: tuple[int, ...] = ()) -> list[int]:
+def wait_links(
+    links: list[Link], deadline: float | None, extra_fds: tuple[int, ...] = ()
+) -> list[int]:
     """Waits until one of ``links`` has something to read; returns the positions that may.
 
     A link that already holds a whole frame, or TLS data inside OpenSSL, counts as ready

@@ -49,7 +49,9 @@ class Frame:
 
     def __repr__(self) -> str:  # never show the payload
         sizes = [len(b) for b in self.buffers]
-        return f"Frame(code={self.code}, flags={self.flags}, body={len(self.body)}B, buffers={sizes})"
+        return (
+            f"Frame(code={self.code}, flags={self.flags}, body={len(self.body)}B, buffers={sizes})"
+        )
 
 
 def encode_frame(
@@ -60,7 +62,13 @@ def encode_frame(
     Raises:
         LocalProtocolError: a field does not fit the frame format.
     """
-    if not buffers and type(body) is bytes and len(body) <= _JOIN_MAX and 0 <= code <= 255 and 0 <= flags <= 255:
+    if (
+        not buffers
+        and type(body) is bytes
+        and len(body) <= _JOIN_MAX
+        and 0 <= code <= 255
+        and 0 <= flags <= 255
+    ):
         return [HEADER.pack(code, flags, 0, len(body)) + body]  # the common small frame
     if isinstance(body, memoryview) and (body.format != "B" or body.ndim != 1):
         body = body.cast("B") if body.c_contiguous else body.tobytes()
@@ -68,7 +76,9 @@ def encode_frame(
         raise LocalProtocolError(f"bad code/flags {code}/{flags}")
     nbuf = len(buffers)
     if nbuf > 0xFFFF or len(body) > 0xFFFFFFFF:
-        raise LocalProtocolError(f"frame too large to encode: {nbuf} buffers, body {len(body)} bytes")
+        raise LocalProtocolError(
+            f"frame too large to encode: {nbuf} buffers, body {len(body)} bytes"
+        )
     head = HEADER.pack(code, flags, nbuf, len(body))
     if nbuf:
         head += b"".join(LENGTH.pack(memoryview(b).nbytes) for b in buffers)
@@ -114,8 +124,12 @@ class FrameDecoder:
             (default ``alloc_buffer``; the link layer passes one that reuses large buffers).
     """
 
-    def __init__(self, max_frame: int, max_buffers: int = 0xFFFF,
-                 alloc: Callable[[int], bytearray | np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        max_frame: int,
+        max_buffers: int = 0xFFFF,
+        alloc: Callable[[int], bytearray | np.ndarray] | None = None,
+    ) -> None:
         self.max_frame = max_frame
         self._alloc = alloc or alloc_buffer
         self.max_buffers = max_buffers
@@ -175,9 +189,15 @@ class FrameDecoder:
         if self._hdr is None and end - start >= HEADER.size and self.broken is None:
             # fast path: exactly one whole small frame without buffers
             code, flags, nbuf, body_len = HEADER.unpack_from(self._scratch, start)
-            if not nbuf and start + HEADER.size + body_len == end and HEADER.size + body_len <= self.max_frame:
+            if (
+                not nbuf
+                and start + HEADER.size + body_len == end
+                and HEADER.size + body_len <= self.max_frame
+            ):
                 if code not in self.skip:
-                    self.frames.append(Frame(code, flags, bytes(self._mv[start + HEADER.size : end])))
+                    self.frames.append(
+                        Frame(code, flags, bytes(self._mv[start + HEADER.size : end]))
+                    )
                 elif code == self.note_code and body_len == 8:
                     self.note = int.from_bytes(self._mv[start + HEADER.size : end], "big")
                 self._start = end
@@ -236,7 +256,9 @@ class FrameDecoder:
                 if nbuf > self.max_buffers:
                     self._fail(f"frame has {nbuf} buffers, limit {self.max_buffers}")
                 if HEADER.size + 8 * nbuf + body_len > self.max_frame:
-                    self._fail(f"frame body of {body_len} bytes exceeds the limit of {self.max_frame}")
+                    self._fail(
+                        f"frame body of {body_len} bytes exceeds the limit of {self.max_frame}"
+                    )
                 self._hdr = (code, flags, nbuf, body_len)
                 self._sizes = None
                 continue
@@ -283,7 +305,8 @@ class FrameDecoder:
                 self._filled = 0
             take = min(avail, size - self._filled)
             if take:
-                memoryview(self._target)[self._filled : self._filled + take] = sc[self._start : self._start + take]  # type: ignore[arg-type]
+                view = memoryview(self._target)  # type: ignore[arg-type]
+                view[self._filled : self._filled + take] = sc[self._start : self._start + take]
                 self._start += take
                 self._filled += take
             if self._filled < size:

@@ -65,7 +65,11 @@ SHUTDOWN = 26  # worker -> client: the server is shutting down (text)
 NOTICE = 27  # worker -> client, data link: command-link frames announced so far (u64)
 VALUE = 30
 
-NAMES = {v: k for k, v in dict(globals()).items() if k.isupper() and isinstance(v, int) and k != "FIRST_PICKLED"}
+NAMES = {
+    v: k
+    for k, v in dict(globals()).items()
+    if k.isupper() and isinstance(v, int) and k != "FIRST_PICKLED"
+}
 
 #: Longest text (message, traceback) and pickled exception kept in an error report.
 MAX_REPORT = 64 * 1024
@@ -225,8 +229,14 @@ class ErrorReport:
                 pickled = body
         except Exception:  # noqa: BLE001 - the text is enough
             pickled = None
-        return cls(type_name(type(e)), remote_message(e)[:MAX_REPORT], format_traceback(e, skip),
-                   pickled, req, isinstance(e, KeyboardInterrupt))
+        return cls(
+            type_name(type(e)),
+            remote_message(e)[:MAX_REPORT],
+            format_traceback(e, skip),
+            pickled,
+            req,
+            isinstance(e, KeyboardInterrupt),
+        )
 
     def original(self) -> BaseException | None:
         """The remote exception object, if it came along and unpickles here."""
@@ -240,12 +250,22 @@ class ErrorReport:
 
     def to_remote_error(self, host: str, node: int, more: int = 0) -> RemoteError:
         """The ``RemoteError`` the client raises for this report."""
-        return remote_error(host, node, self.type, self.message, self.traceback, self.original(), more)
+        return remote_error(
+            host, node, self.type, self.message, self.traceback, self.original(), more
+        )
 
 
-def remote_error(host: str, node: int, exc_type: str, message: str, tb: str = "",
-                 original: BaseException | None = None, more: int = 0, *,
-                 index: int | None = None) -> RemoteError:
+def remote_error(
+    host: str,
+    node: int,
+    exc_type: str,
+    message: str,
+    tb: str = "",
+    original: BaseException | None = None,
+    more: int = 0,
+    *,
+    index: int | None = None,
+) -> RemoteError:
     """The one place a ``RemoteError`` is built (``errors.remote_error``: a ``RemoteError[T]``
     where it can be), chained to the original when there is one."""
     err = typed_remote_error(host, node, exc_type, message, tb, original, more)
@@ -258,7 +278,11 @@ def remote_error(host: str, node: int, exc_type: str, message: str, tb: str = ""
 
 def type_name(t: type) -> str:
     """An exception type's name as reports show it (qualified unless builtin or __main__)."""
-    return t.__qualname__ if t.__module__ in ("builtins", "__main__") else f"{t.__module__}.{t.__qualname__}"
+    return (
+        t.__qualname__
+        if t.__module__ in ("builtins", "__main__")
+        else f"{t.__module__}.{t.__qualname__}"
+    )
 
 
 def format_traceback(e: BaseException, skip: int = 0, limit: int = MAX_REPORT) -> str:
@@ -290,7 +314,6 @@ PAYLOADS: dict[int, tuple[type, ...]] = {
 CODES: dict[type, int] = {cls: code for code, classes in PAYLOADS.items() for cls in classes}
 
 
-
 #: Payload class -> its field names, in order (the order they travel in).
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in CODES}
 #: Payload class -> its position in ``PAYLOADS[code]`` (the first item on the wire).
@@ -303,7 +326,9 @@ def encode(payload: Any) -> tuple[int, bytes, list[memoryview], int]:
     On the wire a payload is a plain tuple, its kind (position in ``PAYLOADS[code]``) then its
     fields: a pickled class costs several times a tuple, which the map messages would feel."""
     cls = type(payload)
-    body, buffers, flags = serialize.dumps((_KIND[cls], *[getattr(payload, n) for n in _FIELDS[cls]]))
+    body, buffers, flags = serialize.dumps(
+        (_KIND[cls], *[getattr(payload, n) for n in _FIELDS[cls]])
+    )
     return CODES[cls], body, buffers, flags
 
 
@@ -318,13 +343,20 @@ def decode(code: int, body: Any, buffers: Any = ()) -> Any:
     classes = PAYLOADS.get(code)
     if classes is None:
         return wire
-    if type(wire) is not tuple or not wire or type(wire[0]) is not int or not 0 <= wire[0] < len(classes):
+    if (
+        type(wire) is not tuple
+        or not wire
+        or type(wire[0]) is not int
+        or not 0 <= wire[0] < len(classes)
+    ):
         raise ProtocolError(f"message {NAMES.get(code, code)} carries no payload of its kind")
     cls = classes[wire[0]]
     try:
         return cls(*wire[1:])
     except TypeError as e:
-        raise ProtocolError(f"message {NAMES.get(code, code)}: malformed {cls.__name__}: {e}") from None
+        raise ProtocolError(
+            f"message {NAMES.get(code, code)}: malformed {cls.__name__}: {e}"
+        ) from None
 
 
 def versions() -> dict[str, str]:
@@ -335,5 +367,9 @@ def versions() -> dict[str, str]:
 
     from ..constants import __version__
 
-    return {"parnet": __version__, "python": sys.version.split()[0],
-            "cloudpickle": cloudpickle.__version__, "numpy": np.__version__}
+    return {
+        "parnet": __version__,
+        "python": sys.version.split()[0],
+        "cloudpickle": cloudpickle.__version__,
+        "numpy": np.__version__,
+    }

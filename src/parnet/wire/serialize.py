@@ -66,7 +66,9 @@ def dumps(obj: Any) -> tuple[bytes, list[memoryview], int]:
 
 # -- code sent by value keeps its file name, and is known as the client's where it lands ----
 #: Code objects that arrived by value from another node (their source is not this node's).
-_client_code: weakref.WeakValueDictionary[int, types.CodeType] = weakref.WeakValueDictionary()  # by id:
+_client_code: weakref.WeakValueDictionary[int, types.CodeType] = (
+    weakref.WeakValueDictionary()
+)  # by id:
 # code objects compare equal by value, and a server's own code may equal one that came by value
 
 
