@@ -213,24 +213,28 @@ def test_kill_with_several_pid_files_and_unreadable_ones() -> None:
 
 
 def test_kill_escalates_to_sigkill() -> None:
-    """A process that ignores SIGTERM behind a pid file is killed with SIGKILL."""
+    """A process that ignores SIGTERM behind a pid file it holds locked (as a daemon does) is
+    killed with SIGKILL."""
     port = _free_port()
     path = pid_file_path("127.0.0.93", port)
     p = subprocess.Popen(
         [
             PY,
             "-c",
-            "import signal, sys, time\n"
+            "import fcntl, os, signal, sys, time\n"
             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "f = open(sys.argv[1], 'w')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "f.write(f'{os.getpid()}\\n'); f.flush()\n"
             "print('ready', flush=True)\n"
             "time.sleep(120)\n",
+            path,
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        Path(path).write_text(f"{p.pid}\n")
         assert kill_server(port, "127.0.0.93", timeout=1.0) == p.pid
         assert p.wait(timeout=30) == -signal.SIGKILL
         assert not os.path.exists(path)
