@@ -207,6 +207,11 @@ class Guard:
         try:
             if exc_type is None:
                 self.check()
+            else:  # shown with the failure (captured output): the server's side of the story
+                with contextlib.suppress(OSError):
+                    print(
+                        f"--- server log during the attack (last 6000 chars) ---\n{self.log()[-6000:]}"
+                    )
         finally:
             with contextlib.suppress(Exception):
                 sclose(self.session)
