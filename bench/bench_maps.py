@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                                 name,
                                 t,
                                 rtt + ser / 2,
-                                0.005 if not kw else None,
-                                "<= 5 ms" if not kw else "-",
+                                0.003 if not kw else None,
+                                "<= 3 ms" if not kw else "-",
                                 f"ideal = 1 raw round trip {rtt * 1e6:.1f} us + serial {ser * 1e3:.3f} ms"
                                 f" / 2 servers; best map {min(s['map']) / 1e6:.2f} ms",
                             )
