@@ -848,6 +848,45 @@ def test_mesh_setup_not_stalled_by_hanging_data_links(monkeypatch: pytest.Monkey
         srv.stop()
 
 
+def test_plain_data_link_before_its_setup_is_read_waits(plain_server: Cluster) -> None:
+    """Without TLS a client sends SETUP (its login) and opens its data links at once; on a
+    busy host a data preamble can reach the daemon before the new worker has read SETUP. It
+    must wait for the worker's set-up (within the auth deadline), not be refused as an
+    unknown id. Here the SETUP frame is held back after its first byte (which forks the
+    worker) until the daemon has seen the data preamble."""
+    from parnet.wire import messages as msg
+    from parnet.wire.framing import FrameDecoder, frame_bytes
+    from parnet.wire.messages import versions
+
+    srv = plain_server
+    netid = uuid.uuid4().bytes
+    with Guard(srv):
+        with connect(*addr(srv)) as cmd:
+            cmd.sendall(preamble(tls=False, netid=netid))
+            rep = read_reply(cmd)
+            assert rep.ok, rep
+            setup = msg.Setup(
+                1, [srv.hosts[0]], [(srv.ips[0], rep.data_port)], os.getcwd(), {}, 0, 10.0,
+                False, 10.0, versions(),
+            )  # fmt: skip
+            frame = frame_bytes(*msg.encode(setup))
+            cmd.sendall(frame[:1])  # the first byte: the daemon forks the worker
+            with connect(*addr(srv, hs.KIND_DATA)) as data:
+                data.sendall(preamble(hs.KIND_DATA, tls=False, netid=netid, src=0, dst=1))
+                early, _, _ = select.select([data], [], [], 0.5)
+                assert not early, f"answered before its login was read: {read_reply(data)}"
+                cmd.sendall(frame[1:])
+                rep2 = read_reply(data)
+                assert rep2.ok, f"data link refused: {rep2.reason}"
+                dec = FrameDecoder(1 << 20)
+                cmd.settimeout(10)
+                while (f := dec.next_frame()) is None:
+                    chunk = cmd.recv(65536)
+                    assert chunk, "the worker closed the command connection"
+                    dec.feed(chunk)
+                assert f.code == msg.READY, f.code
+
+
 def junk(target: tuple[str, int], src: str, until: float) -> int:
     """Junk connections as fast as one thread can: garbage, an HTTP request, a bad version,
     or nothing; returns how many."""
