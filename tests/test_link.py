@@ -1,7 +1,7 @@
 """Link over real sockets: order, never blocking the sender, partial frames, EOF, pre-auth limits.
 
 Most tests join two Links over ``socket.socketpair()``; the order and large-buffer checks
-also run over a TCP loopback pair. A test that needs to send malformed or partial bytes
+also run over a TCP loopback pair and over TLS 1.3 on it. A test that needs to send malformed or partial bytes
 keeps one side a raw socket. Nothing sleeps: every wait is on a condition with a deadline.
 """
 
@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import wait_until
+from parnet.auth import tls
 from parnet.errors import ConnectionClosed, RemoteProtocolError
 from parnet.transport.link import Link, wait_links
 from parnet.wire import messages as msg
-from parnet.wire.framing import HEADER, LENGTH, Frame, frame_bytes
+from parnet.wire.framing import HEADER, LENGTH, Frame, encode_small, frame_bytes
 
 WAIT = 30.0  # generous upper bound for anything that should take milliseconds
 BIG = 64 << 20  # 64 MiB: far more than any socket buffer, so the sender's write stalls
@@ -45,7 +49,28 @@ def unix_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair()
 
 
-PAIRS = {"unix": unix_pair, "tcp": tcp_pair}
+_IDENTITY = tempfile.TemporaryDirectory(prefix="parnet-test-link-")
+
+
+def tls_pair() -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """A TCP loopback pair after a TLS 1.3 handshake with parnet's own contexts."""
+    client, server = tcp_pair()
+    identity = tls.ensure_server_identity(Path(_IDENTITY.name))
+    out: dict[str, ssl.SSLSocket] = {}
+    t = threading.Thread(
+        target=lambda: out.setdefault(
+            "server", tls.server_context(*identity).wrap_socket(server, server_side=True)
+        ),
+        daemon=True,
+    )
+    t.start()
+    out["client"] = tls.client_context().wrap_socket(client)
+    t.join(WAIT)
+    assert "server" in out, "TLS handshake failed"
+    return out["client"], out["server"]
+
+
+PAIRS = {"unix": unix_pair, "tcp": tcp_pair, "tls": tls_pair}
 
 
 @pytest.fixture
@@ -465,3 +490,106 @@ def test_mark_authenticated_lifts_the_limits(raw_pair) -> None:
     lk.mark_authenticated()
     raw.sendall(frame_bytes(msg.VALUE, b"p" * 10_000, [memoryview(b"q" * 100_000)]))
     assert_frame(lk.recv_frame(deadline()), msg.VALUE, b"p" * 10_000, [b"q" * 100_000])
+
+
+# -- TLS: reads stop at whole frames; blocking pulls wait outside the TLS lock ------------
+
+
+@pytest.fixture
+def tls_raw_pair() -> Iterator[Callable[[], tuple[Link, ssl.SSLSocket]]]:
+    """A Link over TLS on one end, the bare (blocking) TLS socket on the other."""
+    made: list[Link | socket.socket] = []
+
+    def make() -> tuple[Link, ssl.SSLSocket]:
+        sa, sb = tls_pair()
+        sb.settimeout(WAIT)
+        lk = Link(sa, name="test-tls", authenticated=True)
+        made.extend((lk, sb))
+        return lk, sb
+
+    yield make
+    for x in made:
+        x.close()
+
+
+def pull_until(lk: Link, until: float) -> Frame:
+    """``pull_frame(block=True)`` until a whole frame comes."""
+    while (f := lk.pull_frame(block=True)) is None:
+        assert time.monotonic() < until, "no frame arrived in time"
+    return f
+
+
+def test_tls_small_frames_ping_pong(make_links) -> None:
+    a, b = make_links("tls")
+    until = deadline()
+    for k in range(300):
+        a.send_encoded(encode_small(msg.VALUE, b"%d" % k))
+        assert_frame(pull_until(b, until), msg.VALUE, b"%d" % k, [])
+        b.send_encoded(encode_small(msg.VALUE, b"r%d" % k))
+        assert_frame(pull_until(a, until), msg.VALUE, b"r%d" % k, [])
+    assert not a.tls_pending() and not b.readable_now()
+
+
+@pytest.mark.parametrize("split", [3, 5000, 20_000, 70_000])
+def test_tls_partial_frame_over_records_survives_a_timeout(tls_raw_pair, split: int) -> None:
+    """A frame of several TLS records (body through the scratch buffer, one large buffer
+    read directly) arriving in two writes: the first part is kept, the rest completes it."""
+    lk, raw = tls_raw_pair()
+    body, buf = b"b" * 40_000, bytes(range(256)) * 400
+    data = frame_bytes(msg.VALUE, body, [memoryview(buf)])
+    raw.sendall(data[:split])
+    with pytest.raises(TimeoutError):
+        lk.recv_frame(time.monotonic() + 0.05)
+    assert not lk.has_frame()
+    raw.sendall(data[split:] + frame_bytes(msg.VALUE, b"next"))
+    until = deadline()
+    assert_frame(lk.recv_frame(until), msg.VALUE, body, [buf])
+    assert_frame(lk.recv_frame(until), msg.VALUE, b"next", [])
+
+
+def test_tls_peer_closed_after_frames_and_mid_frame(tls_raw_pair) -> None:
+    lk, raw = tls_raw_pair()
+    data = frame_bytes(msg.VALUE, b"x" * 30_000)
+    raw.sendall(frame_bytes(msg.VALUE, b"last words") + data[: len(data) // 2])
+    raw.close()
+    until = deadline()
+    assert bytes(lk.recv_frame(until).body) == b"last words"  # delivered before the EOF
+    with pytest.raises(ConnectionClosed, match="middle of a message"):
+        lk.recv_frame(until)
+    assert not lk.usable
+
+
+def test_tls_garbage_is_remote_protocol_error(tls_raw_pair) -> None:
+    lk, raw = tls_raw_pair()
+    raw.sendall(HEADER.pack(msg.VALUE, 0, 1, 0) + LENGTH.pack(2**64 - 1))
+    with pytest.raises(RemoteProtocolError, match="test-tls"):
+        lk.recv_frame(deadline())
+    assert lk.closed
+
+
+def test_tls_blocking_pull_leaves_the_link_to_senders_and_wakes_on_close(make_links) -> None:
+    """A pull waiting for data holds no lock: the same link sends meanwhile, and ``close``
+    wakes the wait."""
+    a, b = make_links("tls")
+    got: list[Frame | BaseException] = []
+
+    def pull() -> None:
+        try:
+            got.append(pull_until(b, deadline()))
+            b.pull_frame(block=True)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            got.append(e)
+
+    t = threading.Thread(target=pull, daemon=True)
+    t.start()
+    wait_until(lambda: _blocked_in_recv(t), WAIT, "the pull to wait")
+    assert returns_within(lambda: b.send_encoded(encode_small(msg.VALUE, b"while waiting")), 5)
+    assert_frame(pull_until(a, deadline()), msg.VALUE, b"while waiting", [])
+    a.send_encoded(encode_small(msg.VALUE, b"wake"))
+    wait_until(lambda: len(got) == 1, WAIT, "the first pull")
+    wait_until(lambda: _blocked_in_recv(t), WAIT, "the second pull to wait")
+    b.close()
+    t.join(WAIT)
+    assert not t.is_alive()
+    assert_frame(got[0], msg.VALUE, b"wake", [])  # type: ignore[arg-type]
+    assert isinstance(got[1], ConnectionClosed)

@@ -106,10 +106,11 @@ class ClientSession(Network):
 
     def _next_value_frame(self, k: int) -> Frame | None:
         """The hot path of ``precv``: the next frame from ``k`` when it comes plainly
-        (nothing stashed, no pending error, no TLS); None when the general path (``_precv``)
-        must decide.
+        (nothing stashed, no pending error); None when the general path (``_precv``) must
+        decide.
 
-        It waits in ``recv`` on the data link alone, not on the command link too: the
+        It waits on the data link alone (in ``recv``; with TLS in ``poll``, outside the TLS
+        lock), not on the command link too: the
         worker follows every ERROR, OUTPUT or SHUTDOWN frame on the command link with a
         NOTICE on this data link carrying their count, and the wait starts only while every
         announced frame has been read (``link.notice <= node.told``). A NOTICE wakes it; the
@@ -119,14 +120,7 @@ class ClientSession(Network):
             return None
         node = self.nodes[k]
         link = node.data
-        if (
-            not node.open
-            or node.stash
-            or node.errors
-            or node.cmd is None
-            or link is None
-            or link.tls
-        ):
+        if not node.open or node.stash or node.errors or node.cmd is None or link is None:
             return None
         f = link.take_frame()
         if f is None:

@@ -21,6 +21,10 @@ Theory of operation (DESIGN.md, "The central tension"):
 * **TLS** uses the stdlib ``SSLSocket`` in non-blocking mode. An OpenSSL object must never
   be used by two threads at once, so every ``SSL_read``/``SSL_write`` runs under ``_io_lock``;
   the lock is never held while waiting for the socket (waits are ``poll`` calls outside it).
+  A read is tried only once ``poll`` (or ``SSL_pending``) says data is there, and reading
+  stops as soon as the frames received are whole: OpenSSL returns one record (16 KiB at
+  most) per read, so a small frame costs ``poll`` + one ``SSL_read`` and no read that
+  finds nothing (a failed non-blocking ``SSL_read`` also costs a Python exception).
   A TLS write that stalls (``SSLWantWriteError``) must be retried with the same bytes: the
   writer thread resumes at the same chunk boundary, from a copy (OpenSSL accepts a moved
   buffer, ``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER``).
@@ -57,7 +61,6 @@ log = logging.getLogger(__name__)
 
 _TLS_CHUNK = 256 * 1024
 _SMALL = 64 * 1024
-_TLS_MULTI = 256 * 1024  # direct reads at least this large drain several TLS records
 #: A stalled write waits this long (ms) for the peer to make room before the rest is copied
 #: to the writer thread; a peer that reads never causes a copy.
 STALL_GRACE_MS = 10
@@ -91,10 +94,16 @@ class Link:
         # MSG_DONTWAIT: a receive with nothing else to wait for blocks in ``recv`` itself,
         # one system call instead of poll + recv. TLS sockets are non-blocking.
         sock.setblocking(not self.tls)
-        self._nowait = 0 if self.tls else socket.MSG_DONTWAIT
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
+        # The OpenSSL connection behind an SSLSocket (``SSLSocket._sslobj``, set by its
+        # handshake): the hot paths call its read/write/pending directly, without the
+        # wrapper's Python layers. After ``close`` it fails with an OSError, where the
+        # wrapper would fall back to the plain socket.
+        self._ssl: Any = getattr(sock, "_sslobj", None) if self.tls else None
+        if self.tls and self._ssl is None:
+            raise ValueError(f"{name}: TLS socket without a completed handshake")
         self._fd = sock.fileno()
         self.name = name
         self._io_lock = threading.Lock() if self.tls else contextlib.nullcontext()
@@ -165,21 +174,37 @@ class Link:
 
     def send_encoded(self, frame: bytes) -> None:
         """``send_frame`` for one whole small frame already encoded (``encode_frame``'s single
-        piece): the hot path of ``reval`` and of small ``psend`` values, one ``send`` call."""
+        piece): the hot path of ``reval`` and of small ``psend`` values, one ``send`` call
+        (on TLS one ``SSL_write``: the header and body go out in one record)."""
         with self._send_lock:
-            if not self._backlog and not self.tls and self.error is None and not self.closed:
-                self.sends += 1
+            if self._backlog or self.error is not None or self.closed:
+                self._send_locked([frame])
+                return
+            if self.tls:
+                if len(frame) > _TLS_CHUNK:
+                    self._send_locked([frame])
+                    return
                 try:
-                    n = self._sock.send(frame, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    n = 0
+                    with self._io_lock:
+                        self._ssl.write(frame)  # all of it: OpenSSL writes no partial records
+                    self.sends += 1
+                    return
+                except _WOULD_BLOCK:
+                    pass  # the retry (the writer's too) presents the same bytes
                 except OSError as e:
                     raise self._broken(e) from e
-                if n == len(frame):
-                    return
-                self._send_locked([memoryview(frame)[n:]])
+                self._send_locked([frame])
                 return
-            self._send_locked([frame])
+            try:
+                n = self._sock.send(frame, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                raise self._broken(e) from e
+            if n == len(frame):
+                self.sends += 1
+                return
+            self._send_locked([memoryview(frame)[n:]])
 
     def _send_locked(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
         """Writes or queues ``pieces`` (``_send_lock`` held)."""
@@ -218,7 +243,7 @@ class Link:
                     chunk = mv[off : off + _TLS_CHUNK]  # a retry must present the same chunk
                     try:
                         with self._io_lock:
-                            n = self._sock.send(chunk)
+                            n = self._ssl.write(chunk)
                     except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                         if self._wait_writable():
                             continue
@@ -290,10 +315,12 @@ class Link:
         while off < mv.nbytes:
             if self.closed:
                 raise ConnectionClosed(f"in {self.name}: closed while sending")
-            chunk = mv[off : off + _TLS_CHUNK] if self.tls else mv[off:]
             try:
-                with self._io_lock:
-                    n = self._sock.send(chunk, self._nowait)
+                if self.tls:
+                    with self._io_lock:
+                        n = self._ssl.write(mv[off : off + _TLS_CHUNK])
+                else:
+                    n = self._sock.send(mv[off:], socket.MSG_DONTWAIT)
                 off += n
             except _WOULD_BLOCK:
                 wpoll.poll(1000)
@@ -332,14 +359,18 @@ class Link:
 
     def pull_frame(self, block: bool = False) -> Frame | None:
         """One read, then ``take_frame``: for a caller that knows the socket is readable (or,
-        with ``block`` on a plain link, that waits in ``recv`` until some bytes come, a
-        NOTICE included); the next whole frame, or None if none is complete yet.
+        with ``block``, that waits until some bytes come, a NOTICE included: in ``recv`` on a
+        plain link, in ``poll`` outside the TLS lock on a TLS link); the next whole frame, or
+        None if none is complete yet.
 
         Raises:
             ConnectionClosed: the peer closed the link and no whole frame is left.
         """
         try:
-            self._read_some(block and not self.tls)
+            if not self.tls:
+                self._read_some(block)
+            elif not block or self.closed or self.eof or self.tls_pending() or self._poller.poll():
+                self._read_some()
         except ConnectionClosed:
             if not self._dec.has_frame():
                 raise
@@ -348,7 +379,7 @@ class Link:
     def tls_pending(self) -> bool:
         """Whether TLS data already read from the socket waits inside OpenSSL (a read will
         find it though the socket shows nothing)."""
-        return self.tls and bool(self._sock.pending())  # type: ignore[attr-defined]
+        return self.tls and self._ssl.pending() > 0
 
     def keepalive(self, timeout: float) -> None:
         """Turns on the kernel's keepalive for a heartbeat of ``timeout`` s: it ends the
@@ -436,46 +467,78 @@ class Link:
         return f
 
     def _read_some(self, block: bool = False) -> bool:
-        """One read, non-blocking unless ``block`` (plain links only). True if bytes arrived,
-        False if none are available now."""
+        """One read, non-blocking unless ``block`` (plain links only); on a TLS link, reads
+        until the frame being decoded is whole or nothing more has come. True if bytes
+        arrived, False if none are available now."""
         if self.closed:
             raise ConnectionClosed(f"in {self.name}: link is closed")
         if self.eof:
             raise self._eof_error()
+        if self.tls:
+            return self._read_tls()
         try:
-            buf = self._dec.buffer()
-            if self.tls:
-                with self._io_lock:
-                    n = self._sock.recv_into(buf)
-                    if n and n < buf.nbytes and buf.nbytes >= _TLS_MULTI:
-                        n += self._tls_more(buf, n)  # a large direct read: drain what is there
-            else:
-                n = self._sock.recv_into(buf, 0, 0 if block else socket.MSG_DONTWAIT)
-        except _WOULD_BLOCK:
+            n = self._sock.recv_into(self._dec.buffer(), 0, 0 if block else socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
             return False
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-            n = 0
         except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                return False
-            self.eof = True
-            how = " in the middle of a message" if self._dec.mid_frame() else ""
-            err = self._broken(
-                self._timed_out(e) or ConnectionClosed(f"in {self.name}: {e.strerror or e}{how}")
-            )
-            raise err from e
+            raise self._read_failed(e) from e
         if n == 0:
-            self.eof = True
-            if self.closed:  # closed here while a blocking read waited (shutdown woke it)
-                raise ConnectionClosed(f"in {self.name}: link is closed")
-            raise self._eof_error()
+            raise self._at_eof()
+        self._commit(n)
+        return True
+
+    def _read_tls(self) -> bool:
+        """``_read_some`` on a TLS link. OpenSSL hands out one record (16 KiB at most) per
+        read: the next record is read only while the frame being decoded still needs bytes,
+        so a small frame costs one read and no read that finds nothing."""
+        got = False
+        while True:
+            buf = self._dec.buffer()
+            drained = False
+            try:
+                with self._io_lock:
+                    n = self._ssl.read(buf.nbytes, buf)
+                    if n and n < buf.nbytes and self._dec.direct:
+                        n += self._tls_more(buf, n)  # a large buffer: drain what is there
+                        drained = n < buf.nbytes  # nothing more has come
+            except _WOULD_BLOCK:
+                return got
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                n = 0
+            except OSError as e:
+                raise self._read_failed(e) from e
+            if n == 0:
+                if got:
+                    self.eof = True  # the next read reports it, after these frames
+                    return True
+                raise self._at_eof()
+            self._commit(n)
+            got = True
+            if drained or not self._dec.mid_frame():
+                return True
+
+    def _read_failed(self, e: OSError) -> ConnectionClosed:
+        """The error to raise for a failed read (the link is broken)."""
+        self.eof = True
+        how = " in the middle of a message" if self._dec.mid_frame() else ""
+        return self._broken(
+            self._timed_out(e) or ConnectionClosed(f"in {self.name}: {e.strerror or e}{how}")
+        )
+
+    def _at_eof(self) -> ConnectionClosed:
+        """The error to raise for a read that found the end of the stream."""
+        self.eof = True
+        if self.closed:  # closed here while a blocking read waited (shutdown woke it)
+            return ConnectionClosed(f"in {self.name}: link is closed")
+        return self._eof_error()
+
+    def _commit(self, n: int) -> None:
         try:
             self._dec.commit(n)
         except RemoteProtocolError as e:
             log.warning("closing %s: %s", self.name, e)
             self.close()
             raise RemoteProtocolError(f"in {self.name}: {e}") from None
-        return True
 
     def declare_dead(self, reason: str) -> None:
         """Marks the peer dead (no heartbeat): the next receive raises ``ConnectionClosed``
@@ -497,7 +560,7 @@ class Link:
         got = 0
         try:
             while have + got < buf.nbytes:
-                k = self._sock.recv_into(buf[have + got :])
+                k = self._ssl.read(buf.nbytes - have - got, buf[have + got :])
                 if not k:
                     break
                 got += k

@@ -218,6 +218,12 @@ class FrameDecoder:
         """The next complete frame, or ``None`` when more bytes are needed."""
         return self.frames.popleft() if self.frames else None
 
+    @property
+    def direct(self) -> bool:
+        """Whether the memory last returned by ``buffer()`` is a large part's own buffer
+        (not the scratch buffer of small frames)."""
+        return self._direct
+
     def has_frame(self) -> bool:
         """Whether ``next_frame()`` would return a frame."""
         return bool(self.frames)
