@@ -91,13 +91,14 @@ def make_links() -> Iterator[Callable[..., tuple[Link, Link]]]:
 
 @pytest.fixture
 def raw_pair() -> Iterator[Callable[..., tuple[Link, socket.socket]]]:
-    """A Link on one end, the bare socket on the other (to send arbitrary bytes)."""
+    """A Link on one end, the bare socket on the other (to send arbitrary bytes); with
+    ``tls``, a TLS pair (the bare end a blocking ``SSLSocket``)."""
     made: list[Link | socket.socket] = []
 
-    def make(authenticated: bool = True) -> tuple[Link, socket.socket]:
-        sa, sb = socket.socketpair()
+    def make(authenticated: bool = True, tls: bool = False) -> tuple[Link, socket.socket]:
+        sa, sb = tls_pair() if tls else socket.socketpair()
         sb.settimeout(WAIT)
-        lk = Link(sa, name="test-link", authenticated=authenticated)
+        lk = Link(sa, name="test-tls" if tls else "test-link", authenticated=authenticated)
         made.extend((lk, sb))
         return lk, sb
 
@@ -495,23 +496,6 @@ def test_mark_authenticated_lifts_the_limits(raw_pair) -> None:
 # -- TLS: reads stop at whole frames; blocking pulls wait outside the TLS lock ------------
 
 
-@pytest.fixture
-def tls_raw_pair() -> Iterator[Callable[[], tuple[Link, ssl.SSLSocket]]]:
-    """A Link over TLS on one end, the bare (blocking) TLS socket on the other."""
-    made: list[Link | socket.socket] = []
-
-    def make() -> tuple[Link, ssl.SSLSocket]:
-        sa, sb = tls_pair()
-        sb.settimeout(WAIT)
-        lk = Link(sa, name="test-tls", authenticated=True)
-        made.extend((lk, sb))
-        return lk, sb
-
-    yield make
-    for x in made:
-        x.close()
-
-
 def pull_until(lk: Link, until: float) -> Frame:
     """``pull_frame(block=True)`` until a whole frame comes."""
     while (f := lk.pull_frame(block=True)) is None:
@@ -531,10 +515,10 @@ def test_tls_small_frames_ping_pong(make_links) -> None:
 
 
 @pytest.mark.parametrize("split", [3, 5000, 20_000, 70_000])
-def test_tls_partial_frame_over_records_survives_a_timeout(tls_raw_pair, split: int) -> None:
+def test_tls_partial_frame_over_records_survives_a_timeout(raw_pair, split: int) -> None:
     """A frame of several TLS records (body through the scratch buffer, one large buffer
     read directly) arriving in two writes: the first part is kept, the rest completes it."""
-    lk, raw = tls_raw_pair()
+    lk, raw = raw_pair(tls=True)
     body, buf = b"b" * 40_000, bytes(range(256)) * 400
     data = frame_bytes(msg.VALUE, body, [memoryview(buf)])
     raw.sendall(data[:split])
@@ -547,8 +531,8 @@ def test_tls_partial_frame_over_records_survives_a_timeout(tls_raw_pair, split: 
     assert_frame(lk.recv_frame(until), msg.VALUE, b"next", [])
 
 
-def test_tls_peer_closed_after_frames_and_mid_frame(tls_raw_pair) -> None:
-    lk, raw = tls_raw_pair()
+def test_tls_peer_closed_after_frames_and_mid_frame(raw_pair) -> None:
+    lk, raw = raw_pair(tls=True)
     data = frame_bytes(msg.VALUE, b"x" * 30_000)
     raw.sendall(frame_bytes(msg.VALUE, b"last words") + data[: len(data) // 2])
     raw.close()
@@ -559,8 +543,8 @@ def test_tls_peer_closed_after_frames_and_mid_frame(tls_raw_pair) -> None:
     assert not lk.usable
 
 
-def test_tls_garbage_is_remote_protocol_error(tls_raw_pair) -> None:
-    lk, raw = tls_raw_pair()
+def test_tls_garbage_is_remote_protocol_error(raw_pair) -> None:
+    lk, raw = raw_pair(tls=True)
     raw.sendall(HEADER.pack(msg.VALUE, 0, 1, 0) + LENGTH.pack(2**64 - 1))
     with pytest.raises(RemoteProtocolError, match="test-tls"):
         lk.recv_frame(deadline())
