@@ -39,15 +39,6 @@ def seconds(
     return v
 
 
-def count(value: Any, what: str, minimum: int = 0) -> int:
-    """``value`` as an int >= ``minimum`` (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
 def function(value: Any, what: str) -> Any:
     """``value`` if it is callable."""
     if not callable(value):
