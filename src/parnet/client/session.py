@@ -353,6 +353,9 @@ class ClientSession(Network):
             for node in self.nodes[1:]:
                 self.pump_cmd(node.index)  # print what the servers said before closing
         for node in self.nodes[1:]:
+            if node.open:  # before the workers exit: their hang-ups are not the reason
+                node.open = False
+                node.closed_reason = "sclose was called"
             if node.cmd is not None and node.cmd.usable:
                 try:
                     node.cmd.send_frame(msg.CLOSE)
