@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from helpers import Cluster, all_children, children, descendants, fd_count, reaped, wait_until  # noqa: F401
+from parnet.maps.forkpool import FORK_SERVER_NAME
 from parnet.server.daemon import default_log_file
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -46,8 +47,24 @@ def cmdline(pid: int) -> str:
 
 
 def pool_processes(worker: int) -> list[int]:
-    """The loky pool processes (not the resource trackers) among ``worker``'s children."""
-    return [p for p in children(worker) if "popen_loky_posix" in cmdline(p)]
+    """The pool processes of ``worker``: loky's among its children (not the resource
+    trackers), and the children of its fork server (``maps.forkpool``)."""
+    out = []
+    for p in children(worker):
+        if "popen_loky_posix" in cmdline(p):
+            out.append(p)
+        elif comm(p) == FORK_SERVER_NAME:
+            out += children(p)
+    return out
+
+
+def comm(pid: int) -> str:
+    """The name of ``pid`` (``/proc/<pid>/comm``; "" once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def cpu_seconds(pid: int) -> float | None:

@@ -157,6 +157,53 @@ class JobInterrupted(ParnetError):
     while running because of an interrupt (Ctrl-C at the client)."""
 
 
+class WorkerDiedError(ParnetError):
+    """A pool process died (signal, ``os._exit``, segfault, out of memory) during a chunk.
+
+    Every chunk in flight in that pool fails with this error; the pool restarts itself on
+    the next submit, so the caller may simply retry.
+
+    Attributes:
+        exitcodes: loky's summary of the workers' exit codes, e.g. ``"{SIGKILL(-9)}"``
+            ("" if unknown).
+    """
+
+    def __init__(self, message: str, exitcodes: str = "") -> None:
+        self.exitcodes = exitcodes
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.exitcodes))
+
+
+class PoolShutDownError(ParnetError):
+    """The pool was shut down while the chunk was pending or running."""
+
+
+def run_packed(blob: bytes, start: int, count: int) -> bytes:
+    """Runs in a pool process (either kind): unpickles the task, runs it, pickles the result."""
+    try:
+        task = pickle.loads(blob)
+    except BaseException as e:  # noqa: BLE001 - reported as the chunk's error
+        e.add_note("while unpickling the chunk's task in the pool process")
+        res = error_result(start, count, start, e)
+    else:
+        try:
+            res = run_chunk(task)
+        except BaseException as e:  # noqa: BLE001 - SystemExit etc. from user code
+            # Reported, not re-raised as such in the caller (a KeyboardInterrupt there would
+            # look like the user's own Ctrl-C): the caller gets MapElementError. The index is
+            # the chunk's start, as run_chunk lets these through without one.
+            res = error_result(start, count, start, e, skip_frames=1)
+            if not isinstance(e, Exception):
+                res.exception = None
+    return dumps_result(res, _dumps5)
+
+
+def _dumps5(obj: Any) -> bytes:
+    return cloudpickle.dumps(obj, protocol=5)
+
+
 def call_packed(blob: bytes) -> Any:
     """Runs one call of a call stream: ``blob`` is ``(fn, args, kwargs)`` pickled by the
     client (``fn`` may be a ``Shared``). Unpickled here, so a call whose function or

@@ -2,12 +2,23 @@
 
 Theory of operation
 -------------------
-::
+Two kinds of pool, one interface (``submit``, ``grow``, ``shutdown``, the same errors):
+
+- on a server worker, ``forkpool.ForkPool``: processes forked in milliseconds by the fork
+  server the worker forked before it started any thread (see ``parnet.maps.forkpool``);
+- everywhere else (the client's ``parcellfun``, a worker whose fork server is gone), a loky
+  pool, described below. The client has threads and no fork server: it would have to start
+  one as a new Python process, the very cost loky pays once per pool process, so it keeps
+  loky's hardened executor.
+
+``get_pool`` returns the one that applies. The errors (``WorkerDiedError``,
+``PoolShutDownError``) and the function that runs a chunk in a pool process (``run_packed``)
+live in ``maps.common``, shared by both. The loky pool::
 
     caller thread(s)                      loky manager thread          worker processes
     Pool.submit(ChunkTask)
       cloudpickle.dumps(task) -> bytes
-      executor.submit(_run_packed, bytes) ---- call queue --------------> _run_packed:
+      executor.submit(run_packed, bytes) ----- call queue --------------> run_packed:
       returns a _ChunkFuture                                              loads, run_chunk,
                                            <--- result queue ------------ dumps_result -> bytes
                                            _finish: loads -> ChunkResult
@@ -54,10 +65,15 @@ import threading
 import time
 from typing import Any
 
-import cloudpickle
-
 from parnet.errors import ParnetError
-from parnet.maps.common import ChunkResult, ChunkTask, dumps_result, error_result, run_chunk
+from parnet.maps.common import (
+    ChunkResult,
+    ChunkTask,
+    PoolShutDownError,
+    WorkerDiedError,
+    run_packed,
+)
+from parnet.maps.forkpool import ForkPool, PoolBase, current_server
 
 __all__ = ["Pool", "PoolShutDownError", "WorkerDiedError", "get_pool", "preload", "shutdown_pools"]
 
@@ -67,55 +83,8 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE = 10.0
 
 
-class WorkerDiedError(ParnetError):
-    """A pool process died (signal, ``os._exit``, segfault, out of memory) during a chunk.
-
-    Every chunk in flight in that pool fails with this error; the pool restarts itself on
-    the next submit, so the caller may simply retry.
-
-    Attributes:
-        exitcodes: loky's summary of the workers' exit codes, e.g. ``"{SIGKILL(-9)}"``
-            ("" if unknown).
-    """
-
-    def __init__(self, message: str, exitcodes: str = "") -> None:
-        self.exitcodes = exitcodes
-        super().__init__(message)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.exitcodes))
-
-
-class PoolShutDownError(ParnetError):
-    """The pool was shut down while the chunk was pending or running."""
-
-
 # ----------------------------------------------------------------------------------------
 # worker side
-
-
-def _run_packed(blob: bytes, start: int, count: int) -> bytes:
-    """Runs in a pool process: unpickles the task, runs it, pickles the result."""
-    try:
-        task = pickle.loads(blob)
-    except BaseException as e:  # noqa: BLE001 - reported as the chunk's error
-        e.add_note("while unpickling the chunk's task in the pool process")
-        res = error_result(start, count, start, e)
-    else:
-        try:
-            res = run_chunk(task)
-        except BaseException as e:  # noqa: BLE001 - SystemExit etc. from user code
-            # Reported, not re-raised as such in the caller (a KeyboardInterrupt there would
-            # look like the user's own Ctrl-C): the caller gets MapElementError. The index is
-            # the chunk's start, as run_chunk lets these through without one.
-            res = error_result(start, count, start, e, skip_frames=1)
-            if not isinstance(e, Exception):
-                res.exception = None
-    return dumps_result(res, _dumps)
-
-
-def _dumps(obj: Any) -> bytes:
-    return cloudpickle.dumps(obj, protocol=5)
 
 
 def _init_worker(parent_pid: int) -> None:
@@ -170,7 +139,7 @@ class _ChunkFuture(concurrent.futures.Future):
 _EXITCODES = re.compile(r"exit codes of the workers are (\{[^}]*\})")
 
 
-class Pool:
+class Pool(PoolBase):
     """A pool of worker processes, started once and reused, that runs ``ChunkTask`` objects.
 
     Use ``get_pool`` for the process-wide shared pool. Also a context manager (shuts down).
@@ -180,34 +149,12 @@ class Pool:
     """
 
     def __init__(self, nproc: int) -> None:
-        if nproc < 1:
-            raise ValueError(f"nproc must be >= 1, got {nproc}")
-        self._nproc = nproc
-        self._lock = threading.Lock()
+        super().__init__(nproc)
         self._executor: Any = None
         self._broken = False
-        self._closed = False
-        self._pid = os.getpid()
 
-    @property
-    def nproc(self) -> int:
-        """Number of worker processes."""
-        return self._nproc
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``shutdown`` was called."""
-        return self._closed
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else ("broken" if self._broken else "open")
-        return f"<Pool nproc={self._nproc} {state}>"
-
-    def __enter__(self) -> Pool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+    def _state(self) -> str:
+        return "broken" if self._broken else "open"
 
     def _current_executor(self, restart: bool = False) -> Any:
         with self._lock:
@@ -257,24 +204,19 @@ class Pool:
         """
         count = len(task.args[0]) if task.args else 0
         fut = _ChunkFuture()
-        try:
-            blob = cloudpickle.dumps(task, protocol=5)
-        except Exception as e:
-            e.add_note(
-                f"while pickling the chunk at {task.start} ({count} elements) for the process pool"
-            )
-            fut.set_exception(e)
+        blob = self._pack(task, count, fut)
+        if blob is None:
             return fut
         executor = self._current_executor()
         try:
-            inner = executor.submit(_run_packed, blob, task.start, count)
+            inner = executor.submit(run_packed, blob, task.start, count)
         except (concurrent.futures.BrokenExecutor, RuntimeError):
             # Broken by a death not yet seen through a future, or replaced by grow():
             # one retry on a fresh executor.
             with self._lock:
                 if self._executor is executor:
                     self._broken = True
-            inner = self._current_executor().submit(_run_packed, blob, task.start, count)
+            inner = self._current_executor().submit(run_packed, blob, task.start, count)
         fut._inner = inner
         used = self._executor
         inner.add_done_callback(lambda f: self._finish(fut, task.start, count, f, used))
@@ -359,7 +301,7 @@ class Pool:
             t.join(timeout)
 
 
-_pool: Pool | None = None
+_pool: Pool | ForkPool | None = None
 _pool_lock = threading.Lock()
 
 #: What starting a pool imports besides this module. ``preload`` imports them in the calling
@@ -383,24 +325,29 @@ _POOL_MODULES = (
 
 
 def preload() -> None:
-    """Imports what starting a pool needs, in the calling thread (see ``_POOL_MODULES``)."""
+    """Imports what starting a pool needs, in the calling thread (see ``_POOL_MODULES``);
+    nothing where pools are forked by a fork server (``forkpool``)."""
     import importlib
 
+    if current_server() is not None:
+        return
     for name in _POOL_MODULES:
         if name not in sys.modules:
             importlib.import_module(name)
 
 
-def get_pool(nproc: int) -> Pool:
+def get_pool(nproc: int) -> Pool | ForkPool:
     """The process-wide shared pool, with at least ``nproc`` processes.
 
-    Started on first use; grown (never shrunk) when more processes are asked for; replaced
+    A ``forkpool.ForkPool`` where this process has a fork server (a server worker), else a
+    loky ``Pool``. Started on first use; grown (never shrunk) when more processes are asked for; replaced
     after ``shutdown``. A dead worker is handled by the pool itself (see ``Pool.submit``).
     """
     global _pool
     with _pool_lock:
         if _pool is None or _pool.closed or _pool._pid != os.getpid():
-            _pool = Pool(nproc)
+            server = current_server()
+            _pool = Pool(nproc) if server is None else ForkPool(nproc, server)
         elif _pool.nproc < nproc:
             _pool.grow(nproc)
         return _pool

@@ -259,7 +259,7 @@ class WorkerMapRunner:
     def _get_pool(self) -> Any:
         n = self.nlocal()
         with self._pool_lock:
-            if self._pool is None or self._pool_n < n:
+            if self._pool is None or self._pool_n < n or self._pool.closed:
                 from ..maps.pool import get_pool
 
                 self._pool = get_pool(n)

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..constants import AUTH_DEADLINE, PROTOCOL_VERSION
 from ..errors import AuthenticationError, ConnectError, ConnectionClosed, ParnetError, ProtocolError
+from ..maps.forkpool import install_fork_server, start_forked
 from ..network import Connections, Network, precv, psend, select_sockets
 from ..transport import handshake
 from ..transport.heartbeat import DEFAULT_TIMEOUT, monitor
@@ -729,6 +730,9 @@ def run_worker(
             ctl.send(b"F" + str(e).encode(errors="replace")[:400])
         return 1
     fd = w.cmd.fileno() if w.cmd else -1
+    # The fork server of this network's pool processes: forked now, after the login (no
+    # process for a stranger) and before this worker starts a thread (see maps.forkpool).
+    install_fork_server(start_forked())
 
     def gone() -> None:
         log.info("client %s hung up; worker %d exits", peer, os.getpid())
