@@ -223,6 +223,7 @@ def _child_main(fds: list[int], spec: dict[str, Any]) -> None:
     sock = socket.socket(fileno=task_fd)
     threading.Thread(target=_watch_hangup, args=(task_fd,), daemon=True).start()
     _child_loop(sock)
+    os._exit(0)  # the worker closed the socket: the pool is closing
 
 
 def _watch_hangup(fd: int) -> None:
