@@ -13,7 +13,7 @@ from concurrent.futures import CancelledError, as_completed, wait
 import cloudpickle
 import pytest
 
-from helpers import wait_until
+from helpers import children, wait_until
 from parnet import ConnectionClosed, Executor, RemoteError, network_set, rfeval, sclose
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # servers cannot import this module
@@ -29,9 +29,15 @@ def _span(x: float, marks: str | None = None) -> tuple[int, int, float, float]:
 
 
 def _server_of(cluster, pid: int, ppid: int) -> int:
-    """Position (0-based) of the server whose worker ran a call (itself or in its pool)."""
+    """Position (0-based) of the server whose worker ran a call (itself or in its pool, whose
+    processes are children of the worker's fork server)."""
+    try:
+        with open(f"/proc/{ppid}/stat") as f:
+            gppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        gppid = 0
     for k in range(len(cluster.pids)):
-        if {pid, ppid} & set(cluster.workers(k)):
+        if {pid, ppid, gppid} & set(cluster.workers(k)):
             return k
     raise AssertionError(f"pid {pid} (parent {ppid}) is no server's worker or pool process")
 
@@ -139,6 +145,7 @@ def test_server_lost_mid_call_reruns_elsewhere(fresh_cluster, tmp_path) -> None:
     try:
         network_set(c, "nlocaljobs", 2)
         victim = fresh_cluster.workers(0)[0]
+        victims = {victim, *children(victim)}  # the worker and its fork server
         marks = str(tmp_path)
         with Executor(c) as ex:
             wait([ex.submit(_span, 0.05) for _ in range(8)])
@@ -154,7 +161,7 @@ def test_server_lost_mid_call_reruns_elsewhere(fresh_cluster, tmp_path) -> None:
                             ppid = int(f.read().rsplit(")", 1)[1].split()[1])
                     except OSError:
                         continue
-                    if victim in (pid, ppid):
+                    if victims & {pid, ppid}:
                         return True
                 return False
 
@@ -165,6 +172,7 @@ def test_server_lost_mid_call_reruns_elsewhere(fresh_cluster, tmp_path) -> None:
         assert len(spans) == 8
         assert not c.network.nodes[1].open
         survivors = set(fresh_cluster.workers(1))
+        survivors |= {z for w in survivors for z in children(w)}  # their fork servers
         late = [(pid, ppid) for pid, ppid, _, t1 in spans if t1 > killed_at]
         assert late and all({pid, ppid} & survivors for pid, ppid in late), (late, survivors)
         assert rfeval(lambda: 5, connection=c[2]) == 5
