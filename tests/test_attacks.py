@@ -1262,6 +1262,8 @@ def test_data_port_refusals(tls_server: Cluster) -> None:
             "responder's tag": tag(k01, 0, 1, "resp"),
             "short body": raw(frame_bytes(msg.AUTH, b"x")),
         }
+        # after the login the worker forks its fork server (one more fd: its control socket)
+        wait_until(lambda: children(worker), 5, "the worker's fork server")
         fds = fd_count(worker)
         for name, send in attempts.items():
             fr, s = data_attempt(tls_server, lg, send)
