@@ -200,7 +200,10 @@ def test_map_rerun_over_several_survivors(
         marks = tmp_path
 
         def f(x: int) -> int:
-            who = os.getpid() if os.getpid() in workers else os.getppid()
+            who = os.getpid()
+            if who not in workers:  # a pool process: a child of the worker's fork server
+                with open(f"/proc/{os.getppid()}/stat") as fh:
+                    who = int(fh.read().rsplit(")", 1)[1].split()[1])
             Path(marks, f"s-{x}-{who}-{time.time_ns()}").touch()
             time.sleep(0.1)
             Path(marks, f"d-{x}-{who}").touch()

@@ -139,7 +139,7 @@ def _zygote_loop(ctl: socket.socket, procs: dict[int, tuple[int, int]]) -> None:
         r, _, _ = select.select([ctl, *fds], [], [], 0.2 if polling else None)
         if ctl in r:
             try:
-                data, got, _, _ = socket.recv_fds(ctl, 1 << 16, 4)
+                data, got, _, _ = socket.recv_fds(ctl, 1 << 20, 4)
             except OSError:
                 data, got = b"", []
             if not data:
@@ -258,6 +258,9 @@ def _child_loop(sock: socket.socket) -> None:
         if blob is None:
             return
         out = run_packed(blob, start, count)  # type: ignore[arg-type]
+        for stream in (sys.stdout, sys.stderr):  # its output is in the pipe before its result
+            with contextlib.suppress(Exception):
+                stream.flush()
         sock.sendall(len(out).to_bytes(8, "big"))
         sock.sendall(out)
 
@@ -553,6 +556,11 @@ class PoolBase:
     def closed(self) -> bool:
         """Whether ``shutdown`` was called."""
         return self._closed
+
+    @property
+    def owner_pid(self) -> int:
+        """The process that made the pool (its processes are not a forked child's)."""
+        return self._pid
 
     def _state(self) -> str:
         return "open"

@@ -345,7 +345,7 @@ def get_pool(nproc: int) -> Pool | ForkPool:
     """
     global _pool
     with _pool_lock:
-        if _pool is None or _pool.closed or _pool._pid != os.getpid():
+        if _pool is None or _pool.closed or _pool.owner_pid != os.getpid():
             server = current_server()
             _pool = Pool(nproc) if server is None else ForkPool(nproc, server)
         elif _pool.nproc < nproc:
