@@ -229,10 +229,12 @@ class MapSession:
         """Late results of this map are dropped from now on."""
         self.net.maps.pop(self.map_id, None)
 
-    def _send(self, k: int, cmd: msg.MapStart | msg.MapJobs | msg.MapCancel | msg.MapEnd) -> bool:
+    def _send(self, k: int, *cmds: msg.MapStart | msg.MapJobs | msg.MapCancel | msg.MapEnd) -> bool:
+        """Sends ``cmds`` to server ``k`` in one write; False if its link is gone (the server
+        is then marked lost)."""
         node = self.net.nodes[k]
         try:
-            node.cmd.send_frame(*msg.encode(cmd))  # type: ignore[union-attr]
+            node.cmd.send_frames([msg.encode(c) for c in cmds])  # type: ignore[union-attr]
             return True
         except ConnectionClosed:
             self.net.lost(k, "command link closed")
@@ -419,10 +421,8 @@ class NetMap(MapSession):
                 return
             if k in self.active:
                 continue
-            if self._send(k, msg.MapStart(self.map_id, self.spec)):
+            if self._give(k, 2, msg.MapStart(self.map_id, self.spec)):
                 self.active.append(k)
-                for _ in range(2):
-                    self._give(k)
 
     def _widen(self) -> None:
         """Brings in as many more servers as the work left pays for (see the module docstring)."""
@@ -436,43 +436,55 @@ class NetMap(MapSession):
         elif not self.work_jobs and time.monotonic() >= self.t0 + FANOUT_AFTER:
             self._engage(len(self.alive))
 
-    def _give(self, k: int) -> None:
-        """Sends server ``k`` its next batch (guided self-scheduling)."""
-        if not self.npending:
-            return
-        # Guided self-scheduling; before any job's time is known, small batches: work sent to
-        # a server cannot be taken back, and a busy server would sit on a large one.
-        share = 2 if self.work_jobs else 8
-        size = max(1, math.ceil(self.npending / (share * max(1, len(self.alive)))))
-        if self.work_jobs and self.work_time > 0:
-            # at least MIN_BATCH_WORK seconds of measured work per batch: tiny jobs need few messages
-            size = max(size, math.ceil(MIN_BATCH_WORK * self.work_jobs / self.work_time))
-        elif self.work_jobs:
-            size = self.npending
-        size = min(size, self.npending)
-        bid = len(self.left)
-        items = []
-        taken: list[tuple[int, int]] = []
-        while size:
-            j0, j1 = self.pending.popleft()
-            if j1 - j0 > size:
-                self.pending.appendleft((j0 + size, j1))
-                j1 = j0 + size
-            size -= j1 - j0
-            a, b = j0 * self.cs, min(self.n, j1 * self.cs)
-            items.append((j0, j1, a, [c[a:b] for c in self.cols]))
-            taken.append((j0, j1))
-        njobs = sum(j1 - j0 for j0, j1 in taken)
-        self.npending -= njobs
-        if self._send(k, msg.MapJobs(self.map_id, items)):
+    def _give(self, k: int, batches: int = 1, start: msg.MapStart | None = None) -> bool:
+        """Sends server ``k`` its next ``batches`` batches (guided self-scheduling), after
+        ``start`` if given, in one write (the worker wakes up once). False if the send
+        failed: the server is then lost and the jobs stay pending."""
+        given: list[tuple[int, list[tuple[int, int]], int]] = []  # batch id, job runs, jobs
+        cmds: list[msg.MapStart | msg.MapJobs] = [] if start is None else [start]
+        for _ in range(batches):
+            if not self.npending:
+                break
+            # Guided self-scheduling; before any job's time is known, small batches: work
+            # sent to a server cannot be taken back, and a busy server would sit on a large one.
+            share = 2 if self.work_jobs else 8
+            size = max(1, math.ceil(self.npending / (share * max(1, len(self.alive)))))
+            if self.work_jobs and self.work_time > 0:
+                # at least MIN_BATCH_WORK seconds of measured work per batch: tiny jobs need
+                # few messages
+                size = max(size, math.ceil(MIN_BATCH_WORK * self.work_jobs / self.work_time))
+            elif self.work_jobs:
+                size = self.npending
+            size = min(size, self.npending)
+            items = []
+            taken: list[tuple[int, int]] = []
+            while size:
+                j0, j1 = self.pending.popleft()
+                if j1 - j0 > size:
+                    self.pending.appendleft((j0 + size, j1))
+                    j1 = j0 + size
+                size -= j1 - j0
+                a, b = j0 * self.cs, min(self.n, j1 * self.cs)
+                items.append((j0, j1, a, [c[a:b] for c in self.cols]))
+                taken.append((j0, j1))
+            njobs = sum(j1 - j0 for j0, j1 in taken)
+            self.npending -= njobs
+            given.append((len(self.left) + len(given), taken, njobs))
+            cmds.append(msg.MapJobs(self.map_id, items))
+        if not cmds:
+            return True
+        if not self._send(k, *cmds):
+            for _, taken, njobs in reversed(given):
+                self.pending.extendleft(reversed(taken))
+                self.npending += njobs
+            return False
+        for bid, taken, njobs in given:
             for j0, j1 in taken:
                 self.batch_of[j0:j1] = bid
                 self.owner[j0:j1] = k
             self.left[bid] = njobs
             self.batches[k].add(bid)
-        else:
-            self.pending.extendleft(reversed(taken))
-            self.npending += njobs
+        return True
 
     def _handle_lost(self) -> None:
         gone = [k for k in self.alive if not self.net.nodes[k].open]
@@ -511,8 +523,8 @@ class NetMap(MapSession):
         if not self.active:
             self._engage(FIRST_SERVERS)
         for k in self.active:
-            while len(self.batches[k]) < 2 and self.npending:
-                self._give(k)
+            while len(self.batches[k]) < 2 and self.npending and self._give(k):
+                pass
 
     def _remote_error(self, k: int, res: ChunkResult) -> RemoteError:
         return self.job_error(k, res, f"{self.name}: element {res.error[0]}")  # type: ignore[index]

@@ -279,10 +279,17 @@ class WorkerMapRunner:
         with contextlib.suppress(OSError):
             self.w.cmd.send_frame(*frame)
 
-    def _run_here(self, m: _WMap, first_only: bool = False) -> float:
-        """Runs queued jobs in this process; returns the duration of the last one (its
-        busy time, see ``busy_clock``, when ``first_only``)."""
-        out: list[tuple[tuple[int, int], ChunkResult, float]] = []
+    def _run_here(
+        self,
+        m: _WMap,
+        first_only: bool = False,
+        out: list[tuple[tuple[int, int], ChunkResult, float]] | None = None,
+    ) -> float:
+        """Runs queued jobs in this process and sends their results, after those in ``out``
+        (the first job's, when it was fast: one frame, one wake-up of the client). Returns
+        the duration of the last job; with ``first_only``, runs one job, leaves its result
+        in ``out`` unsent and returns its busy time (see ``busy_clock``)."""
+        out = [] if out is None else out
         last_send = time.monotonic()
         dt = 0.0
         while True:
@@ -296,8 +303,7 @@ class WorkerMapRunner:
             dt = time.perf_counter() - t
             out.append((j, res, dt))
             if first_only:
-                dt = _busy_since(b, dt)
-                break
+                return _busy_since(b, dt)
             if time.monotonic() - last_send > _SEND_EVERY:
                 self._send(m, out)
                 out = []
@@ -373,13 +379,17 @@ class WorkerMapRunner:
             self._pump_stream(m)
             return
         nloc = self.nlocal()
+        first: list[tuple[tuple[int, int], ChunkResult, float]] = []
         if m.mode is None:
             self._probe(m)  # the speculator tells the client, and starts pool jobs, if slow
-            dt = self._run_here(m, first_only=True)
+            dt = self._run_here(m, first_only=True, out=first)
             self._probe_end()
             m.mode = "here" if nloc == 1 or dt < FAST_JOB else "pool"
+            if dt >= FAST_JOB:  # the client learns of a slow first job at once
+                self._send(m, first)
+                first = []
         if m.mode == "here":
-            self._run_here(m)
+            self._run_here(m, out=first)
         else:
             self._fill(m)
 

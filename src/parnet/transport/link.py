@@ -172,6 +172,22 @@ class Link:
         with self._send_lock:
             self._send_locked(pieces)
 
+    def send_frames(
+        self, frames: Sequence[tuple[int, bytes | bytearray | memoryview, Sequence[Any], int]]
+    ) -> None:
+        """``send_frame`` for several ``(code, body, buffers, flags)`` frames at once: one
+        write (small frames joined; on TLS one record) when the socket takes them, so the
+        peer wakes up once, not once per frame.
+
+        Raises:
+            ConnectionClosed: the link is closed or broken (earlier writes failed).
+        """
+        pieces = [p for f in frames for p in encode_frame(*f)]
+        if len(pieces) > 1 and sum(memoryview(p).nbytes for p in pieces) <= _SMALL:
+            pieces = [b"".join(pieces)]
+        with self._send_lock:
+            self._send_locked(pieces)
+
     def send_encoded(self, frame: bytes) -> None:
         """``send_frame`` for one whole small frame already encoded (``encode_frame``'s single
         piece): the hot path of ``reval`` and of small ``psend`` values, one ``send`` call
