@@ -71,6 +71,18 @@ _DEBUG = bool(os.environ.get("PARNET_DEBUG"))
 _DROPPED = frozenset((msg.PING, msg.NOTICE))  # handled on arrival, never returned
 
 
+def _copy(piece: bytes | bytearray | memoryview) -> Any:
+    """A copy of ``piece`` for the writer thread. A large one goes into the buffer pool's
+    memory, already touched by an earlier value that is gone (``bufpool``): fresh memory
+    for tens of MB would cost a page fault per 4 KiB, more than the copy itself."""
+    mv = memoryview(piece)
+    if mv.nbytes < bufpool.POOL_MIN:
+        return bytes(mv)
+    out = bufpool.alloc(mv.nbytes)
+    out[:] = mv.cast("B")
+    return out
+
+
 def poll_ms(deadline: float | None) -> int:
     """Milliseconds left until ``deadline`` (a ``time.monotonic()`` value), rounded up, for
     ``poll()``: -1 for no deadline."""
@@ -109,7 +121,7 @@ class Link:
         self._io_lock = threading.Lock() if self.tls else contextlib.nullcontext()
         self._send_lock = threading.Lock()
         self._cv = threading.Condition(self._send_lock)
-        self._backlog: deque[list[bytes]] = deque()
+        self._backlog: deque[list[Any]] = deque()  # bytes, or pooled arrays (_copy)
         self._writer: threading.Thread | None = None
         self._poller = select.poll()
         self._poller.register(self._fd, _POLLIN)
@@ -234,7 +246,7 @@ class Link:
             if not rest:
                 return
         else:
-            rest = [bytes(p) for p in pieces]
+            rest = [_copy(p) for p in pieces]
         self._backlog.append(rest)
         if self._writer is None:
             self._writer = threading.Thread(
@@ -243,7 +255,7 @@ class Link:
             self._writer.start()
         self._cv.notify_all()
 
-    def _send_now(self, pieces: Sequence[bytes | bytearray | memoryview]) -> list[bytes]:  # noqa: C901
+    def _send_now(self, pieces: Sequence[bytes | bytearray | memoryview]) -> list[Any]:  # noqa: C901
         """Writes while the peer drains the socket; returns a copy of the unsent rest.
 
         A full socket is waited on for up to ``STALL_GRACE`` seconds at a time: a peer that
@@ -263,7 +275,7 @@ class Link:
                     except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                         if self._wait_writable():
                             continue
-                        return [bytes(mv[off:])] + [bytes(q) for q in pieces[k + 1 :]]
+                        return [_copy(mv[off:])] + [_copy(q) for q in pieces[k + 1 :]]
                     off += n
             return []
         if len(pieces) == 1 and len(pieces[0]) < _SMALL:  # the common small frame: one send()
@@ -282,7 +294,7 @@ class Link:
             except (BlockingIOError, InterruptedError):
                 if self._wait_writable():
                     continue
-                return [bytes(v) for v in views]
+                return [_copy(v) for v in views]
             while n and views:
                 if n >= views[0].nbytes:
                     n -= views[0].nbytes
