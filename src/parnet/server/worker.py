@@ -4,6 +4,8 @@ Life of a worker (forked by the daemon, which already read the connection's prea
 
     authenticate the command link (TLS + SRP, or nothing with --no-tls)  -> tell daemon "A"
     SETUP from the client: node id, all hosts and data ports, cwd, pairwise keys
+    fork the fork server of the local pool (maps.forkpool), the worker's last fork
+        before it starts any thread
     build the mesh: connect to every later node's data port (tag exchange as initiator);
         take every earlier node's data connection from the daemon (fd passing, responder)
     READY to the client
@@ -163,10 +165,9 @@ class Worker:
         with contextlib.suppress(OSError):
             self.ctl.send(b"A")
 
-    def setup(self) -> None:
-        """Receives SETUP, builds the mesh, answers READY (or SETUP_FAILED)."""
+    def recv_setup(self) -> msg.Setup:
+        """Receives SETUP (without TLS, the first frame: it counts as the login)."""
         assert self.cmd is not None
-        # without TLS, SETUP is the first frame and counts as the login (its deadline)
         f = self.cmd.recv_frame(
             time.monotonic() + 60 if self.cfg.use_tls else self.accepted_at + AUTH_DEADLINE
         )
@@ -174,7 +175,14 @@ class Worker:
             raise ConnectError(f"expected SETUP, got message {f.code}")
         if not self.cfg.use_tls:
             self._tell_daemon()
-        s: msg.Setup = msg.decode(f.code, f.body, f.buffers)
+        return msg.decode(f.code, f.body, f.buffers)
+
+    def setup(self, s: msg.Setup | None = None) -> None:
+        """Builds the mesh of SETUP ``s`` (received here if None), answers READY (or
+        SETUP_FAILED)."""
+        assert self.cmd is not None
+        if s is None:
+            s = self.recv_setup()
         node = s.node
         net = self.net = Network(self.netid, s.hosts, node)
         self.data_addrs = [(str(h), int(p)) for h, p in s.data_addrs]
@@ -730,9 +738,6 @@ def run_worker(
             ctl.send(b"F" + str(e).encode(errors="replace")[:400])
         return 1
     fd = w.cmd.fileno() if w.cmd else -1
-    # The fork server of this network's pool processes: forked now, after the login (no
-    # process for a stranger) and before this worker starts a thread (see maps.forkpool).
-    install_fork_server(start_forked())
 
     def gone() -> None:
         log.info("client %s hung up; worker %d exits", peer, os.getpid())
@@ -741,9 +746,6 @@ def run_worker(
                 w.map_runner.close(kill=True)
         exit_worker(0)
 
-    threading.Thread(
-        target=_watch_client, args=(fd, gone), name="parnet-watchdog", daemon=True
-    ).start()
     signal.signal(
         signal.SIGTERM,
         lambda *a: threading.Thread(
@@ -751,7 +753,14 @@ def run_worker(
         ).start(),
     )
     try:
-        w.setup()
+        s = w.recv_setup()  # the login without TLS
+        # The fork server of this network's pool processes: forked after the login (no
+        # process for a stranger) and before this worker starts a thread (maps.forkpool).
+        install_fork_server(start_forked())
+        threading.Thread(
+            target=_watch_client, args=(fd, gone), name="parnet-watchdog", daemon=True
+        ).start()
+        w.setup(s)
         monitor().watch(w.cmd, w.heartbeat, lambda link, why: gone())
         w.serve()
     except (OSError, ParnetError, TimeoutError) as e:
