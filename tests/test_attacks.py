@@ -1262,8 +1262,13 @@ def test_data_port_refusals(tls_server: Cluster) -> None:
             "responder's tag": tag(k01, 0, 1, "resp"),
             "short body": raw(frame_bytes(msg.AUTH, b"x")),
         }
-        # after the login the worker forks its fork server (one more fd: its control socket)
-        wait_until(lambda: children(worker), 5, "the worker's fork server")
+        # after SETUP the worker forks its fork server (one more fd: its control socket), then
+        # starts its first thread (the fork's other socket end is closed by then)
+        wait_until(
+            lambda: children(worker) and len(os.listdir(f"/proc/{worker}/task")) > 1,
+            5,
+            "the worker's fork server",
+        )
         fds = fd_count(worker)
         for name, send in attempts.items():
             fr, s = data_attempt(tls_server, lg, send)

@@ -16,8 +16,8 @@ Theory of operation
                               <-- ("exit", token, pid, wait status) ------ pidfd readable:
                                                                            waitpid
 
-A server worker forks its fork server (``start_forked``) right after authentication, while
-the worker still runs no other thread, so the fork cannot copy a lock held by another thread.
+A server worker forks its fork server (``start_forked``) right after SETUP (the login
+without TLS), while the worker still runs no other thread, so the fork cannot copy a lock held by another thread.
 The fork server closes every fd it inherited (the client's connection above all: a dead worker
 must look dead to the client) except its control socket, points 0-2 at ``/dev/null``, freezes
 the garbage collector (objects around closed fds are never finalized), and then only forks,

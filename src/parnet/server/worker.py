@@ -4,8 +4,7 @@ Life of a worker (forked by the daemon, which already read the connection's prea
 
     authenticate the command link (TLS + SRP, or nothing with --no-tls)  -> tell daemon "A"
     SETUP from the client: node id, all hosts and data ports, cwd, pairwise keys
-    fork the fork server of the local pool (maps.forkpool), the worker's last fork
-        before it starts any thread
+    fork the fork server of the local pool (maps.forkpool) while this is the only thread
     build the mesh: connect to every later node's data port (tag exchange as initiator);
         take every earlier node's data connection from the daemon (fd passing, responder)
     READY to the client
