@@ -166,6 +166,27 @@ def test_output_printed_while_precv_waits_without_timeout(
         sclose(c)
 
 
+def test_output_printed_before_a_value_is_shown_before_it_returns(
+    cluster: Cluster, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """What a server's code prints before it sends a value (rfeval's result, a psend to the
+    client) or fails is shown by the time that call returns or raises, every time (a
+    notebook shows it in the cell that ran the call, not a later one)."""
+    c = cluster.connect(forward_output=True)
+    try:
+        for i in range(30):
+            assert rfeval(lambda i=i: print(f"tok-rf-{i}", flush=True) or i, connection=c[1]) == i
+            assert f"tok-rf-{i}" in capfd.readouterr().err, i
+            reval(f"print('tok-ps-{i}'); psend({i}, sockets[0])", c[1])
+            assert precv(c[1]) == i
+            assert f"tok-ps-{i}" in capfd.readouterr().err, i
+            with pytest.raises(RemoteError):
+                rfeval(lambda i=i: print(f"tok-err-{i}") or 1 / 0, connection=c[1])
+            assert f"tok-err-{i}" in capfd.readouterr().err, i
+    finally:
+        sclose(c)
+
+
 def test_printing_server_does_not_flood_the_data_link(cluster: Cluster) -> None:
     """Forwarded output is announced on the data link (NOTICE, 16 bytes) at most every 50 ms,
     not once per output frame."""

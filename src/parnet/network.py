@@ -95,6 +95,9 @@ class Network:
         ]
         self.closed = False
         self.on_close: list[Callable[[], None]] = []
+        #: Called before a value goes to node 0 (at a server: what the worker printed is
+        #: sent first, so the client shows it before it returns the value).
+        self.before_send_to_client: Callable[[], None] | None = None
         self._singles: dict[int, Connections] = {}
 
     def make_node(self, k: int, host: str) -> Node:
@@ -127,6 +130,8 @@ class Network:
     # -- the data calls --------------------------------------------------------------
     def psend(self, value: Any, idxs: Sequence[int]) -> None:
         """Sends ``value`` to every node in ``idxs`` except this one."""
+        if self.before_send_to_client is not None and 0 in idxs:
+            self.before_send_to_client()
         if len(idxs) == 1 and type(value) in serialize.PLAIN:  # the hot path: one small value
             k = idxs[0]
             if k == self.self_index:

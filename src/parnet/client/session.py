@@ -34,6 +34,9 @@ from ..wire import messages as msg
 from ..wire.framing import Frame
 
 log = logging.getLogger(__name__)
+#: Seconds ``precv`` waits at most for the output announced before a value (see
+#: ``ClientSession._read_announced``).
+ANNOUNCED_WAIT = 2.0
 _TOLD = frozenset((msg.ERROR, msg.OUTPUT, msg.SHUTDOWN))  # counted by the worker's NOTICEs
 
 
@@ -62,6 +65,10 @@ class ServerNode(Node):
     def links(self) -> tuple[Link, ...]:
         """The data link and the command link (those that exist)."""
         return tuple(lk for lk in (self.data, self.cmd) if lk is not None)
+
+    def announced(self) -> bool:
+        """Whether the data link announced command-link frames not read yet."""
+        return self.data is not None and self.data.notice > self.told
 
     def poller(self) -> select.poll:
         """A poll object over this node's data and command links, cached."""
@@ -97,12 +104,34 @@ class ClientSession(Network):
                 try:
                     f = self._next_value_frame(k)
                     if f is not None:
+                        if self.nodes[k].announced():
+                            self._read_announced(k)
                         return pickle.loads(f.body, buffers=f.buffers)
                     return self._precv(k)
                 except KeyboardInterrupt:
                     self.interrupt([k])
                     raise
         return self.waiting_call([k], self._precv, k, timeout)
+
+    def _precv(self, k: int, timeout: float | None = None) -> Any:
+        value = super()._precv(k, timeout)
+        if self.nodes[k].announced():
+            self._read_announced(k)
+        return value
+
+    def _read_announced(self, k: int) -> None:
+        """Reads server ``k``'s command link until every frame announced (NOTICE) before the
+        value just taken is in: the output its code printed before sending the value is shown
+        before ``precv`` returns it. The worker sent those frames first, so they are in flight
+        at most; a stalled command link is waited for ``ANNOUNCED_WAIT`` s at most."""
+        node = self.nodes[k]
+        deadline = time.monotonic() + ANNOUNCED_WAIT
+        while node.announced() and node.cmd is not None and node.cmd.usable:
+            self.pump_cmd(k)
+            left = deadline - time.monotonic()
+            if not node.announced() or left <= 0:
+                return
+            select.select([node.cmd.fileno()], [], [], left)
 
     def _next_value_frame(self, k: int) -> Frame | None:
         """The hot path of ``precv``: the next frame from ``k`` when it comes plainly

@@ -91,6 +91,18 @@ class ServerConfig:
     source: str | None = None  # address for outgoing data links (the bind address, if one)
 
 
+class _NotingStream(io.TextIOWrapper):
+    """A worker's ``sys.stdout``/``sys.stderr``: notes that something was written, so the
+    worker sends the output ahead of the next value for the client (``_output_first``)."""
+
+    written = False
+
+    def write(self, s: str) -> int:
+        """Writes ``s`` (through to the output pipe) and notes it."""
+        _NotingStream.written = True
+        return super().write(s)
+
+
 class Worker:
     """The worker of one client network (see the module docstring)."""
 
@@ -118,6 +130,8 @@ class Worker:
         self._told = 0  # ERROR/OUTPUT/SHUTDOWN frames sent (announced by NOTICE frames)
         self._notice_owed = False  # frames sent since the last NOTICE
         self._notice_at = 0.0  # when the last NOTICE went out
+        self._out_lock = threading.Lock()  # the output pipe's reader (see _send_output)
+        self._out_r = -1
         self.nlocaljobs = 0
         self.map_runner: Any = None
         #: Command code -> handler of its payload (REVAL, the hot path, is ``_reval``).
@@ -213,6 +227,7 @@ class Worker:
         nproc = len(os.sched_getaffinity(0))
         if s.forward_output:
             self._redirect_output()
+            net.before_send_to_client = self._output_first
         mon = monitor()
         for k, nd in enumerate(net.nodes):
             if nd.data is not None:
@@ -503,31 +518,64 @@ class Worker:
         os.dup2(w, 1)
         os.dup2(w, 2)
         os.close(w)
-        sys.stdout = io.TextIOWrapper(
+        sys.stdout = _NotingStream(
             io.FileIO(1, "w", closefd=False), line_buffering=True, write_through=True
         )
-        sys.stderr = io.TextIOWrapper(
+        sys.stderr = _NotingStream(
             io.FileIO(2, "w", closefd=False), line_buffering=True, write_through=True
         )
         # pool processes inherit the pipe (they write whole lines: maps.pool._init_worker)
+        os.set_blocking(r, False)
+        self._out_r = r
 
         def pump() -> None:
             while True:
                 try:
-                    if self._notice_owed and not select.select([r], [], [], NOTICE_EVERY)[0]:
+                    owed = NOTICE_EVERY if self._notice_owed else None
+                    if not select.select([r], [], [], owed)[0]:
                         self.pay_notice(force=False)  # output has paused: announce what was sent
                         continue
-                    data = os.read(r, 65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                try:
-                    self.tell_client(msg.OUTPUT, data)
+                    if self._send_output() is None:
+                        return
                 except OSError:
                     return
 
         threading.Thread(target=pump, name="parnet-output", daemon=True).start()
+
+    def _send_output(self) -> int | None:
+        """Sends what the output pipe holds now as OUTPUT frames; returns how many were sent
+        (None: the pipe or the client is gone). The output thread and ``_output_first`` take
+        turns under one lock, so the output keeps its order."""
+        sent = 0
+        with self._out_lock:
+            while True:
+                try:
+                    data = os.read(self._out_r, 65536)
+                except (BlockingIOError, InterruptedError):
+                    return sent
+                except OSError:
+                    return None
+                if not data:
+                    return None
+                try:
+                    self.tell_client(msg.OUTPUT, data)
+                except OSError:
+                    return None
+                sent += 1
+
+    def _output_before_reply(self) -> None:
+        if self.net is not None and self.net.before_send_to_client is not None:
+            self.net.before_send_to_client()
+
+    def _output_first(self) -> None:
+        """Before a value or an error report goes to the client: sends what this process
+        printed since the last time (and announces it on the data link), so the client shows
+        that output before it returns the value or raises. Free when nothing was printed."""
+        if _NotingStream.written:
+            _NotingStream.written = False
+            self._send_output()
+            if self._notice_owed:  # (also for output the output thread has just sent)
+                self.pay_notice()
 
     def notify_shutdown(self, reason: str) -> None:
         """Tells the client the server is stopping, then exits (SIGTERM from the daemon)."""
@@ -613,6 +661,7 @@ class Worker:
             raise
         if c.reply_on_cmd:
             assert self.cmd is not None
+            self._output_before_reply()
             self.cmd.send_frame(*msg.encode(msg.Result(req, out)))
         else:
             assert self.net is not None
@@ -646,6 +695,7 @@ class Worker:
         """Sends an ERROR report for ``e`` to the client (``skip``: leading traceback
         entries to leave out, the machinery's own)."""
         rep = msg.ErrorReport.from_exception(e, skip, req)
+        self._output_before_reply()  # what the failing code printed comes first
         log.info("command failed: %s: %s", rep.type, rep.message[:200])
         with contextlib.suppress(OSError, TypeError, ValueError):
             self.tell_client(msg.ERROR, msg.encode(rep)[1])
