@@ -79,7 +79,6 @@ def test_cwd_path_environment_and_random_state(pool, tmp_path, monkeypatch) -> N
         def info(_):
             import sys
 
-
             return os.getcwd(), sys.path[0], os.environ.get("PARNET_FORKPOOL_TEST"), os.getpid()
 
         cwd, path0, env, _ = p.submit(_task(info, [0])).result(60).outputs[0][0]
@@ -107,7 +106,11 @@ def _segfault(x: int) -> int:
 
 @pytest.mark.parametrize(
     ("fun", "codes"),
-    [(_kill9, "{SIGKILL(-9)}"), (lambda x: os._exit(3), "{EXIT(3)}"), (_segfault, "{SIGSEGV(-11)}")],
+    [
+        (_kill9, "{SIGKILL(-9)}"),
+        (lambda x: os._exit(3), "{EXIT(3)}"),
+        (_segfault, "{SIGSEGV(-11)}"),
+    ],
     ids=["kill9", "os_exit", "segfault"],
 )
 def test_death_mid_chunk_fails_the_chunks_in_flight_and_restarts(pool, fun, codes: str) -> None:
@@ -192,9 +195,19 @@ def test_exitcode_name() -> None:
 
 
 def _fork_server_of(worker: int) -> int:
-    kids = [k for k in children(worker) if comm(k) == FORK_SERVER_NAME]
-    assert len(kids) == 1, kids
-    return kids[0]
+    """The worker's fork server, once it has started (forked after SETUP, it may still be
+    starting when the client's first call returns, on a slow or coverage-traced host)."""
+
+    def one() -> int | None:
+        kids = [k for k in children(worker) if comm(k) == FORK_SERVER_NAME]
+        assert len(kids) <= 1, kids
+        return kids[0] if kids else None
+
+    return wait_until(one, 20, f"worker {worker}'s fork server")
+
+
+def _sockets(pid: int) -> int:
+    return sum(f.startswith("socket:") for f in _fds(pid))
 
 
 @pytest.mark.kills_workers
@@ -207,8 +220,8 @@ def test_server_pool_is_forked_and_ends_with_its_worker(cluster) -> None:
         network_set(c, "nlocaljobs", 2)
         w = rfeval(os.getpid, connection=c[1])
         z = _fork_server_of(w)
-        fds = _fds(z)
-        assert sum(f.startswith("socket:") for f in fds) == 1, fds  # its control socket only
+        # its control socket only, once it has closed what it inherited (at its start)
+        wait_until(lambda: _sockets(z) == 1, 20, f"the fork server to hold one socket ({_fds(z)})")
         r = netcellfun(c[1], lambda x: (time.sleep(0.05), os.getpid())[1], range(12))
         pool = set(r.tolist()) - {w}
         assert pool and pool <= set(children(z))

@@ -135,7 +135,9 @@ def test_trivial_map_starts_no_pool(conns) -> None:
     # the worker's only child is its idle fork server (maps.forkpool), which forked nothing
     kids = [children(w) for w in workers]
     assert all(len(k) == 1 for k in kids), kids
-    assert [children(k[0]) for k in kids] == [[], []], "a worker started processes for trivial calls"
+    assert [children(k[0]) for k in kids] == [[], []], (
+        "a worker started processes for trivial calls"
+    )
 
 
 def test_slow_map_spreads_over_every_server(tmp_path) -> None:
