@@ -136,8 +136,8 @@ def _zygote_loop(ctl: socket.socket, procs: dict[int, tuple[int, int]]) -> None:
     while True:
         fds = [fd for _, fd in procs.values() if fd >= 0]
         polling = any(fd < 0 for _, fd in procs.values())  # no pidfd: poll for exits
-        r, _, _ = select.select([ctl, *fds], [], [], 0.2 if polling else None)
-        if ctl in r:
+        r, _, _ = select.select([ctl.fileno(), *fds], [], [], 0.2 if polling else None)
+        if ctl.fileno() in r:
             try:
                 data, got, _, _ = socket.recv_fds(ctl, 1 << 20, 4)
             except OSError:
