@@ -282,39 +282,12 @@ def raw_child_main(port: int, use_tls: bool, opts: RawOpts) -> int:
 
 
 def make_cert(directory: str) -> tuple[str, str]:
-    """A self-signed EC P-256 certificate and key (PEM files) in ``directory``."""
-    import datetime
+    """A self-signed EC P-256 certificate and key (PEM files) in ``directory``: the kind a
+    parnet server makes for itself, so the raw TLS baseline runs the same cryptography."""
+    from parnet.auth.tls import ensure_server_identity
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .sign(key, hashes.SHA256())
-    )
-    cpath, kpath = os.path.join(directory, "bench.crt"), os.path.join(directory, "bench.key")
-    with open(cpath, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(kpath, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return cpath, kpath
+    cert, key = ensure_server_identity(directory)
+    return str(cert), str(key)
 
 
 def median_ns(samples: list[int]) -> float:

@@ -80,19 +80,20 @@ def _server(argv: list[str]) -> int:
             return 1
         print(f"stopped parnet server (pid {pid})")
         return 0
+    options = {
+        "use_tls": not a.no_tls,
+        "auth_file": a.auth_file,
+        "cmd_port": a.cmd_port,
+        "data_port": a.data_port,
+        "bind": a.bind,
+        "allow_root": a.allow_root,
+        "log_file": a.log_file,
+    }
     if not a.foreground:
         from .server.launch import start_background
 
         try:
-            pid = start_background(
-                use_tls=not a.no_tls,
-                auth_file=a.auth_file,
-                cmd_port=a.cmd_port,
-                data_port=a.data_port,
-                bind=a.bind,
-                allow_root=a.allow_root,
-                log_file=a.log_file,
-            )
+            pid = start_background(**options)
         except ParnetError as e:
             print(f"parnet server: {e}", file=sys.stderr)
             return 1
@@ -106,15 +107,7 @@ def _server(argv: list[str]) -> int:
         return 0
     from .server.daemon import Daemon
 
-    d = Daemon(
-        use_tls=not a.no_tls,
-        auth_file=a.auth_file,
-        cmd_port=a.cmd_port,
-        data_port=a.data_port,
-        bind=a.bind,
-        allow_root=a.allow_root,
-        log_file=a.log_file,
-    )
+    d = Daemon(**options)
     try:
         d.prepare()
     except (ParnetError, OSError) as e:
