@@ -535,37 +535,31 @@ class Worker:
                     if not select.select([r], [], [], owed)[0]:
                         self.pay_notice(force=False)  # output has paused: announce what was sent
                         continue
-                    if self._send_output() is None:
+                    if not self._send_output():
                         return
                 except OSError:
                     return
 
         threading.Thread(target=pump, name="parnet-output", daemon=True).start()
 
-    def _send_output(self) -> int | None:
-        """Sends what the output pipe holds now as OUTPUT frames; returns how many were sent
-        (None: the pipe or the client is gone). The output thread and ``_output_first`` take
-        turns under one lock, so the output keeps its order."""
-        sent = 0
+    def _send_output(self) -> bool:
+        """Sends what the output pipe holds now as OUTPUT frames; False once the pipe or the
+        client is gone. The output thread and ``_output_first`` take turns under one lock,
+        so the output keeps its order."""
         with self._out_lock:
             while True:
                 try:
                     data = os.read(self._out_r, 65536)
                 except (BlockingIOError, InterruptedError):
-                    return sent
+                    return True
                 except OSError:
-                    return None
+                    return False
                 if not data:
-                    return None
+                    return False
                 try:
                     self.tell_client(msg.OUTPUT, data)
                 except OSError:
-                    return None
-                sent += 1
-
-    def _output_before_reply(self) -> None:
-        if self.net is not None and self.net.before_send_to_client is not None:
-            self.net.before_send_to_client()
+                    return False
 
     def _output_first(self) -> None:
         """Before a value or an error report goes to the client: sends what this process
@@ -661,7 +655,7 @@ class Worker:
             raise
         if c.reply_on_cmd:
             assert self.cmd is not None
-            self._output_before_reply()
+            self._output_first()
             self.cmd.send_frame(*msg.encode(msg.Result(req, out)))
         else:
             assert self.net is not None
@@ -695,7 +689,7 @@ class Worker:
         """Sends an ERROR report for ``e`` to the client (``skip``: leading traceback
         entries to leave out, the machinery's own)."""
         rep = msg.ErrorReport.from_exception(e, skip, req)
-        self._output_before_reply()  # what the failing code printed comes first
+        self._output_first()  # what the failing code printed comes first
         log.info("command failed: %s: %s", rep.type, rep.message[:200])
         with contextlib.suppress(OSError, TypeError, ValueError):
             self.tell_client(msg.ERROR, msg.encode(rep)[1])
